@@ -1,0 +1,1 @@
+"""The published language of the activities service: documents, commands, events, subjects, errors."""

@@ -1,0 +1,157 @@
+"""The imperative commands other services send (CONTRACT.md section 3), parsed from JSON bodies.
+
+Parsing turns any wire body into a typed command or a `ValidationError` naming the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pydantic
+
+from events.activity import MAX_BODY_BYTES, SERVER_FIELDS, ActivityFields, is_activity_id
+from events.errors import ValidationError, field_error
+
+
+@dataclass(frozen=True)
+class CreateActivity:
+    """Log a new activity with these client fields (already validated)."""
+
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PatchActivity:
+    """Apply a JSON Merge Patch of client fields."""
+
+    activity_id: str
+    changes: dict[str, Any]
+    expected_version: int | None = None
+
+
+@dataclass(frozen=True)
+class DeleteActivity:
+    activity_id: str
+    expected_version: int | None = None
+
+
+@dataclass(frozen=True)
+class RestoreActivity:
+    activity_id: str
+    expected_version: int | None = None
+
+
+Command = CreateActivity | PatchActivity | DeleteActivity | RestoreActivity
+
+
+def details_of(error: pydantic.ValidationError) -> list[dict[str, str]]:
+    """Pydantic errors as contract details: the dotted field path and a message."""
+    details = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "body"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "is not a field of an Activity"
+        details.append({"field": location, "message": message.removeprefix("Value error, ")})
+    return details
+
+
+def validation_error(error: pydantic.ValidationError) -> ValidationError:
+    details = details_of(error)
+    summary = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
+    return ValidationError(f"invalid activity: {summary}", details)
+
+
+def parse_json_object(body: bytes | str | dict[str, Any]) -> dict[str, Any]:
+    """The body as a JSON object, or a validation error (not JSON, not an object, too large)."""
+    if isinstance(body, dict):
+        return body
+    if len(body) > MAX_BODY_BYTES:
+        raise field_error("body", f"is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise field_error("body", "is not valid UTF-8 JSON") from None
+    if not isinstance(data, dict):
+        raise field_error("body", "must be a JSON object")
+    return data
+
+
+def reject_server_and_unknown_fields(data: dict[str, Any], prefix: str = "") -> None:
+    for name in data:
+        if name in SERVER_FIELDS:
+            raise field_error(prefix + name, "is set by the server and cannot be sent")
+
+
+def validate_fields(data: dict[str, Any]) -> ActivityFields:
+    """Validate a complete set of client fields (a create body or a patched document)."""
+    reject_server_and_unknown_fields(data)
+    try:
+        fields = ActivityFields.model_validate(data)
+    except pydantic.ValidationError as error:
+        raise validation_error(error) from None
+    if not fields.is_linked():
+        raise field_error("account_id", "at least one of account_id, deal_id, contact_id must be set")
+    return fields
+
+
+def _activity_id(data: dict[str, Any]) -> str:
+    value = data.get("id")
+    if not is_activity_id(value):
+        raise field_error("id", "must be an activity id: act_ followed by a 26-character ULID")
+    return str(value)
+
+
+def _expected_version(data: dict[str, Any]) -> int | None:
+    value = data.get("expected_version")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise field_error("expected_version", "must be a positive integer")
+    return value
+
+
+def _only_keys(data: dict[str, Any], allowed: set[str]) -> None:
+    for name in data:
+        if name not in allowed:
+            raise field_error(name, f"is not allowed here; expected only {sorted(allowed)}")
+
+
+def parse_create(body: bytes | str | dict[str, Any]) -> CreateActivity:
+    data = parse_json_object(body)
+    validate_fields(data)
+    return CreateActivity(fields=data)
+
+
+def parse_patch(body: bytes | str | dict[str, Any]) -> PatchActivity:
+    data = parse_json_object(body)
+    _only_keys(data, {"id", "expected_version", "changes"})
+    changes = data.get("changes")
+    if not isinstance(changes, dict):
+        raise field_error("changes", "must be a JSON object (a merge patch of activity fields)")
+    reject_server_and_unknown_fields(changes)
+    for name in changes:
+        if name not in ActivityFields.model_fields:
+            raise field_error(name, "is not a field of an Activity")
+    return PatchActivity(_activity_id(data), changes, _expected_version(data))
+
+
+def parse_delete(body: bytes | str | dict[str, Any]) -> DeleteActivity:
+    data = parse_json_object(body)
+    _only_keys(data, {"id", "expected_version"})
+    return DeleteActivity(_activity_id(data), _expected_version(data))
+
+
+def parse_restore(body: bytes | str | dict[str, Any]) -> RestoreActivity:
+    data = parse_json_object(body)
+    _only_keys(data, {"id", "expected_version"})
+    return RestoreActivity(_activity_id(data), _expected_version(data))
+
+
+def command_fingerprint(name: str, body: dict[str, Any]) -> str:
+    """A stable digest of a command, to tell a retry from a different command with the same key."""
+    canonical = orjson.dumps([name, body], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()

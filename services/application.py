@@ -1,0 +1,395 @@
+"""The write side: an eventsourcing Application over PostgreSQL, group commit and idempotency.
+
+`CommandService.execute(requests)` decides a batch of commands and saves all their events in
+one transaction (group commit). If that transaction conflicts (another process wrote the same
+activity, or the same Idempotency-Key), each command of the batch is retried on its own, so a
+conflicting command alone fails. Idempotency records are written in the same transaction as
+the events, so a retry after a crash never appends twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.persistence import IntegrityError, OperationalError, InterfaceError, StoredEvent
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+from psycopg import Cursor
+from psycopg.rows import DictRow
+from psycopg.sql import SQL, Identifier
+
+from events.activity import activity_id_of, activity_uuid, new_activity_id
+from events.commands import Command, CreateActivity
+from events.errors import ActivitiesError, IdempotencyConflict, InternalError, NotFound, Unavailable
+from services.domain import Activity, Caller, decide
+
+log = logging.getLogger("activities.application")
+
+APP_NAME = "Activities"
+IDEMPOTENCY_TABLE = "activities_idempotency"
+_MAX_SOLO_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class CommandRequest:
+    """One command from one caller, as received on NATS or HTTP."""
+
+    command: Command
+    caller: Caller
+    idempotency_key: str | None = None
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """The activity after the command and the store position of its last event."""
+
+    document: dict[str, Any]
+    position: int
+
+    def envelope(self) -> dict[str, Any]:
+        return {"data": self.document, "meta": {"position": self.position}}
+
+
+Outcome = CommandResult | ActivitiesError
+
+
+class ActivitiesRecorder(PostgresApplicationRecorder):
+    """The events table plus the idempotency table, written in the same transaction."""
+
+    def __init__(self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events") -> None:
+        super().__init__(datastore, events_table_name=events_table_name)
+        schema = Identifier(self.datastore.schema)
+        table = Identifier(IDEMPOTENCY_TABLE)
+        self.sql_create_statements.append(
+            SQL(
+                "CREATE TABLE IF NOT EXISTS {schema}.{table} ("
+                "tenant_id text NOT NULL, key text NOT NULL, fingerprint text NOT NULL, "
+                "originator_id uuid NOT NULL, originator_version bigint NOT NULL, "
+                "created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (tenant_id, key))"
+            ).format(schema=schema, table=table)
+        )
+        self._delete_expired_key = SQL(
+            "DELETE FROM {schema}.{table} WHERE tenant_id = %s AND key = %s AND created_at < now() - make_interval(secs => %s)"
+        ).format(schema=schema, table=table)
+        self._insert_key = SQL(
+            "INSERT INTO {schema}.{table} (tenant_id, key, fingerprint, originator_id, originator_version) "
+            "VALUES (%s, %s, %s, %s, %s)"
+        ).format(schema=schema, table=table)
+        self._select_keys = SQL(
+            "SELECT k.tenant_id, k.key, k.fingerprint, k.originator_id, k.originator_version "
+            "FROM {schema}.{table} k JOIN unnest(%s::text[], %s::text[]) AS q(tenant_id, key) "
+            "ON k.tenant_id = q.tenant_id AND k.key = q.key "
+            "WHERE k.created_at >= now() - make_interval(secs => %s)"
+        ).format(schema=schema, table=table)
+        self._purge_keys = SQL(
+            "DELETE FROM {schema}.{table} WHERE created_at < now() - make_interval(secs => %s)"
+        ).format(schema=schema, table=table)
+        self._select_positions = SQL(
+            "SELECT e.originator_id, e.originator_version, e.notification_id FROM {schema}.{events} e "
+            "JOIN unnest(%s::uuid[], %s::bigint[]) AS q(originator_id, originator_version) "
+            "ON e.originator_id = q.originator_id AND e.originator_version = q.originator_version"
+        ).format(schema=schema, events=Identifier(self.events_table_name))
+        self.idempotency_ttl_s = 24 * 3600.0
+
+    def _insert_events(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
+        for tenant_id, key, fingerprint, originator_id, version in kwargs.get("idempotency", ()):
+            curs.execute(self._delete_expired_key, (tenant_id, key, self.idempotency_ttl_s))
+            curs.execute(self._insert_key, (tenant_id, key, fingerprint, originator_id, version))
+
+    def find_keys(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, UUID, int]]:
+        """Live idempotency records: (tenant, key) -> (fingerprint, originator id, version)."""
+        if not pairs:
+            return {}
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(
+                self._select_keys, ([p[0] for p in pairs], [p[1] for p in pairs], self.idempotency_ttl_s)
+            )
+            return {
+                (row["tenant_id"], row["key"]): (row["fingerprint"], row["originator_id"], row["originator_version"])
+                for row in curs.fetchall()
+            }
+
+    def purge_expired_keys(self) -> int:
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(self._purge_keys, (self.idempotency_ttl_s,))
+            return curs.rowcount
+
+    def positions(self, refs: Sequence[tuple[UUID, int]]) -> dict[tuple[UUID, int], int]:
+        """Global positions (notification ids) of events given by (originator id, version)."""
+        if not refs:
+            return {}
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(self._select_positions, ([r[0] for r in refs], [r[1] for r in refs]))
+            return {
+                (row["originator_id"], row["originator_version"]): row["notification_id"] for row in curs.fetchall()
+            }
+
+
+class ActivitiesApplication(Application):
+    """The event store of activities (table `activities_events`)."""
+
+    name = APP_NAME
+
+    @property
+    def activities_recorder(self) -> ActivitiesRecorder:
+        assert isinstance(self.recorder, ActivitiesRecorder)
+        return self.recorder
+
+    def load(self, originator_id: UUID, version: int | None = None) -> Activity | None:
+        try:
+            activity = self.repository.get(originator_id, version=version)
+        except AggregateNotFoundError:
+            return None
+        assert isinstance(activity, Activity)
+        return activity
+
+
+def application_env(conninfo: dict[str, Any], pool_size: int, cipher_key: str | None = None) -> dict[str, str]:
+    """The eventsourcing environment for a libpq connection (as a dict of its parts)."""
+    env = {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "APPLICATION_RECORDER_TOPIC": "services.application:ActivitiesRecorder",
+        "POSTGRES_DBNAME": str(conninfo.get("dbname") or "postgres"),
+        "POSTGRES_HOST": str(conninfo.get("host") or "127.0.0.1"),
+        "POSTGRES_PORT": str(conninfo.get("port") or "5432"),
+        "POSTGRES_USER": str(conninfo.get("user") or "postgres"),
+        "POSTGRES_PASSWORD": str(conninfo.get("password") or ""),
+        "POSTGRES_POOL_SIZE": str(pool_size),
+        "POSTGRES_MAX_OVERFLOW": "4",
+        "POSTGRES_CONNECT_TIMEOUT": "5",
+        "POSTGRES_LOCK_TIMEOUT": "5",
+        "POSTGRES_PRE_PING": "y",
+        "AGGREGATE_CACHE_MAXSIZE": "10000",
+    }
+    if cipher_key:
+        env["CIPHER_TOPIC"] = "eventsourcing.cipher:AESCipher"
+        env["CIPHER_KEY"] = cipher_key
+    return env
+
+
+@dataclass
+class _Pending:
+    """What a batch has decided so far, before it is saved."""
+
+    aggregates: dict[UUID, Activity] = field(default_factory=dict)
+    refs: dict[int, tuple[UUID, int, bool]] = field(default_factory=dict)  # index -> (id, version, wrote)
+    keys: list[tuple[str, str, str, UUID, int]] = field(default_factory=list)
+
+
+class CommandService:
+    """Decides and saves commands; thread-safe for one batch at a time."""
+
+    def __init__(self, app: ActivitiesApplication, clock: Any = None) -> None:
+        self.app = app
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._lock = threading.Lock()
+
+    # The public entry ---------------------------------------------------------------------
+
+    def execute(self, requests: Sequence[CommandRequest]) -> list[Outcome]:
+        """Outcomes in the order of the requests; the events of the batch are saved together."""
+        with self._lock:
+            try:
+                return self._execute(requests)
+            except (OperationalError, InterfaceError) as exc:
+                log.warning("event store unavailable", extra={"error": str(exc)})
+                error = Unavailable("the event store is unavailable; retry with the same Idempotency-Key")
+                return [error for _ in requests]
+
+    def _execute(self, requests: Sequence[CommandRequest]) -> list[Outcome]:
+        outcomes: list[Outcome | None] = [None] * len(requests)
+        first, later = _split_repeated_keys(requests)
+        self._replay_known_keys(requests, first, outcomes)
+        batch = [i for i in first if outcomes[i] is None]
+        try:
+            self._decide_and_save(requests, batch, outcomes)
+        except IntegrityError:
+            log.info("batch conflicted; retrying its commands one by one", extra={"size": len(batch)})
+            for i in batch:
+                outcomes[i] = None
+            later = sorted(batch + later)
+        for i in later:
+            self._execute_alone(requests, i, outcomes)
+        return [o if o is not None else ActivitiesError("no outcome") for o in outcomes]
+
+    # Steps ----------------------------------------------------------------------------------
+
+    def _execute_alone(self, requests: Sequence[CommandRequest], i: int, outcomes: list[Outcome | None]) -> None:
+        for _ in range(_MAX_SOLO_ATTEMPTS):
+            outcomes[i] = None
+            self._replay_known_keys(requests, [i], outcomes)
+            if outcomes[i] is not None:
+                return
+            try:
+                self._decide_and_save(requests, [i], outcomes)
+                return
+            except IntegrityError:
+                self._evict(requests[i])
+        outcomes[i] = Unavailable("the activity is being changed concurrently; retry")
+
+    def _evict(self, request: CommandRequest) -> None:
+        """Forget a cached activity that lost a race, so the next attempt reads the store."""
+        cache = self.app.repository.cache
+        command = request.command
+        if cache is not None and not isinstance(command, CreateActivity):
+            try:
+                cache.get(activity_uuid(command.activity_id), evict=True)
+            except KeyError:
+                pass
+
+    def _replay_known_keys(
+        self, requests: Sequence[CommandRequest], indexes: Sequence[int], outcomes: list[Outcome | None]
+    ) -> None:
+        keyed = [i for i in indexes if requests[i].idempotency_key]
+        if not keyed:
+            return
+        pairs = [(requests[i].caller.tenant_id, str(requests[i].idempotency_key)) for i in keyed]
+        known = self.app.activities_recorder.find_keys(pairs)
+        for i, pair in zip(keyed, pairs, strict=True):
+            if pair not in known:
+                continue
+            fingerprint, originator_id, version = known[pair]
+            if fingerprint != requests[i].fingerprint:
+                outcomes[i] = IdempotencyConflict(
+                    "this Idempotency-Key was used with a different command or body; use a new key"
+                )
+            else:
+                outcomes[i] = self._result_at(originator_id, version)
+
+    def _result_at(self, originator_id: UUID, version: int) -> CommandResult:
+        activity = self.app.load(originator_id, version=version)
+        if activity is None:
+            raise NotFound(f"activity {activity_id_of(originator_id)} not found")
+        position = self.app.activities_recorder.positions([(originator_id, version)])[(originator_id, version)]
+        return CommandResult(activity.document, position)
+
+    def _decide_and_save(
+        self, requests: Sequence[CommandRequest], indexes: Sequence[int], outcomes: list[Outcome | None]
+    ) -> None:
+        now = self._clock()
+        pending = _Pending()
+        for i in indexes:
+            try:
+                self._decide_one(requests[i], i, pending, now)
+            except ActivitiesError as error:
+                outcomes[i] = error
+        recordings = self.app.save(*pending.aggregates.values(), idempotency=pending.keys)
+        written = {(r.domain_event.originator_id, r.domain_event.originator_version): r.notification.id for r in recordings}
+        unwritten = [(ref[0], ref[1]) for ref in pending.refs.values() if (ref[0], ref[1]) not in written]
+        positions = {**self.app.activities_recorder.positions(unwritten), **written}
+        documents = {
+            (e.originator_id, e.originator_version): e.document for r in recordings for e in [r.domain_event]
+        }
+        for i, (originator_id, version, _) in pending.refs.items():
+            document = documents.get((originator_id, version)) or self._document_at(pending, originator_id, version)
+            outcomes[i] = CommandResult(document, positions[(originator_id, version)])
+
+    def _document_at(self, pending: _Pending, originator_id: UUID, version: int) -> dict[str, Any]:
+        activity = pending.aggregates.get(originator_id)
+        if activity is not None and activity.version == version:
+            return activity.document
+        loaded = self.app.load(originator_id, version=version)
+        assert loaded is not None
+        return loaded.document
+
+    def _decide_one(self, request: CommandRequest, i: int, pending: _Pending, now: datetime) -> None:
+        command = request.command
+        if isinstance(command, CreateActivity):
+            activity_id = new_activity_id()
+            decision = decide(None, command, request.caller, now, activity_id)
+            assert decision is not None
+            activity = Activity.log(activity_uuid(activity_id), decision, now)
+            wrote = True
+        else:
+            originator_id = activity_uuid(command.activity_id)
+            activity = pending.aggregates.get(originator_id) or self.app.load(originator_id)  # type: ignore[assignment]
+            decision = decide(activity.document if activity else None, command, request.caller, now)
+            if decision is not None:
+                activity.record(decision, now)
+            wrote = decision is not None
+        pending.aggregates[activity.id] = activity
+        pending.refs[i] = (activity.id, activity.version, wrote)
+        if request.idempotency_key and wrote:
+            pending.keys.append(
+                (request.caller.tenant_id, request.idempotency_key, request.fingerprint, activity.id, activity.version)
+            )
+
+
+def _split_repeated_keys(requests: Sequence[CommandRequest]) -> tuple[list[int], list[int]]:
+    """Requests whose (tenant, key) already appeared earlier in the batch run after it, alone."""
+    seen: set[tuple[str, str]] = set()
+    first: list[int] = []
+    later: list[int] = []
+    for i, request in enumerate(requests):
+        if request.idempotency_key:
+            pair = (request.caller.tenant_id, request.idempotency_key)
+            if pair in seen:
+                later.append(i)
+                continue
+            seen.add(pair)
+        first.append(i)
+    return first, later
+
+
+class CommandBatcher:
+    """Group commit: requests that arrive while a batch is being saved form the next batch.
+
+    There is no artificial wait: under light load a batch holds one command and commits at once;
+    under heavy load batches grow up to `max_size`, which is where the throughput comes from.
+    Replies resolve only after the batch's transaction has committed.
+    """
+
+    def __init__(self, service: CommandService, executor: Any, max_size: int = 200) -> None:
+        self._service = service
+        self._executor = executor
+        self._max_size = max_size
+        self._queue: asyncio.Queue[tuple[CommandRequest, asyncio.Future[Outcome]]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0  # counters for metrics and the benchmark
+        self.commands = 0
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="command-batcher")
+
+    async def stop(self) -> None:
+        """Finish what is queued, then stop."""
+        while not self._queue.empty():
+            await asyncio.sleep(0.01)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def submit(self, request: CommandRequest) -> Outcome:
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((request, future))
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._max_size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            requests = [request for request, _ in batch]
+            try:
+                outcomes = await loop.run_in_executor(self._executor, self._service.execute, requests)
+            except Exception as exc:  # a bug: every waiter still gets exactly one reply
+                log.exception("command batch failed")
+                outcomes = [InternalError(f"internal error: {exc}") for _ in batch]
+            self.batches += 1
+            self.commands += len(batch)
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if not future.done():
+                    future.set_result(outcome)

@@ -1,0 +1,96 @@
+"""The `activities` console script."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+
+from services.auth import mint_token
+from services.bootstrap import ROLES, Runtime, dev_secret
+from services.config import Settings
+from services.logs import configure_logging
+
+
+def _roles(value: str) -> tuple[str, ...]:
+    roles = tuple(part.strip() for part in value.split(",") if part.strip())
+    unknown = [role for role in roles if role not in ROLES]
+    if unknown or not roles:
+        raise argparse.ArgumentTypeError(f"roles are a comma-separated subset of {','.join(ROLES)}")
+    return roles
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="activities",
+        description="The event-sourced CRM activities service. Settings come from ACTIVITIES_* variables.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the service (commands, projector, relay, http)")
+    serve.add_argument(
+        "--role",
+        type=_roles,
+        default=ROLES,
+        help=f"comma-separated roles to run in this process (default: all of {','.join(ROLES)})",
+    )
+
+    token = commands.add_parser("token", help="print a development JWT signed with the configured HS256 secret")
+    token.add_argument("--tenant", required=True, help="tenant_id claim")
+    token.add_argument("--sub", required=True, help="sub claim (the person or service)")
+    token.add_argument("--app", default=None, help="app_id claim (integration API keys)")
+    token.add_argument("--ttl", type=int, default=24 * 3600, help="seconds until it expires (default one day)")
+    return parser
+
+
+async def _serve(settings: Settings, roles: tuple[str, ...]) -> None:
+    runtime = Runtime(settings, roles)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await runtime.start()
+        _banner(settings, runtime)
+        await stop.wait()
+    finally:
+        print("activities: shutting down", file=sys.stderr, flush=True)
+        await runtime.stop()
+
+
+def _banner(settings: Settings, runtime: Runtime) -> None:
+    endpoints = runtime.endpoints
+    lines = [
+        f"activities: serving roles {','.join(runtime.roles)}",
+        f"  NATS:       {endpoints['nats_url']}  (subjects {settings.subject_prefix}.cmd.*)",
+        f"  HTTP:       {endpoints.get('http_url') or '-'}",
+        f"  PostgreSQL: {endpoints['database_url']}",
+        f"  endpoints:  {settings.data_dir / 'endpoints.json'}",
+    ]
+    if not settings.jwt_secret and not settings.jwt_public_key:
+        lines.append("  dev mode: tokens are signed with a secret generated into the data dir; get one with")
+        lines.append("            activities token --tenant acme --sub usr-1")
+    print("\n".join(lines), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings()
+    if args.command == "serve":
+        configure_logging(settings.log_level)
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_serve(settings, args.role))
+        return 0
+    if args.command == "token":
+        secret = settings.jwt_secret or dev_secret(settings.data_dir)
+        print(
+            mint_token(secret, args.tenant, args.sub, args.app, args.ttl, settings.jwt_issuer, settings.jwt_audience)
+        )
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

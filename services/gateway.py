@@ -1,0 +1,92 @@
+"""The one entry for commands, shared by the NATS subscribers and the HTTP write routes.
+
+It turns raw input (body, Authorization, Idempotency-Key) into a `CommandRequest`, submits it
+to the group-commit batcher and returns the reply envelope. Every failure becomes an envelope:
+exactly one reply per request, whatever was sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from events.commands import (
+    Command,
+    command_fingerprint,
+    parse_create,
+    parse_delete,
+    parse_json_object,
+    parse_patch,
+    parse_restore,
+)
+from events.errors import ActivitiesError, InternalError, field_error
+from services.application import CommandBatcher, CommandRequest, CommandResult
+from services.auth import TokenVerifier
+
+log = logging.getLogger("activities.gateway")
+
+PARSERS = {
+    "create": parse_create,
+    "patch": parse_patch,
+    "delete": parse_delete,
+    "restore": parse_restore,
+}
+
+
+def check_idempotency_key(key: str | None) -> str | None:
+    """1-200 printable ASCII characters, or absent."""
+    if key is None or key == "":
+        return None
+    if len(key) > 200 or not all(" " <= ch <= "~" for ch in key):
+        raise field_error("Idempotency-Key", "must be 1-200 printable ASCII characters")
+    return key
+
+
+class CommandGateway:
+    """Authenticates, parses and submits commands; maps every outcome to the reply envelope."""
+
+    def __init__(self, verifier: TokenVerifier, batcher: CommandBatcher) -> None:
+        self._verifier = verifier
+        self._batcher = batcher
+
+    async def handle(
+        self,
+        name: str,
+        body: bytes | str | dict[str, Any],
+        authorization: str | None,
+        idempotency_key: str | None = None,
+    ) -> tuple[int, dict[str, Any]]:
+        """(HTTP-style status, envelope) of one command."""
+        try:
+            caller = self._verifier.verify(authorization)
+            key = check_idempotency_key(idempotency_key)
+            data = parse_json_object(body)
+            command: Command = PARSERS[name](data)
+            request = CommandRequest(command, caller, key, command_fingerprint(name, data) if key else "")
+            outcome = await self._batcher.submit(request)
+        except ActivitiesError as error:
+            outcome = error
+        except Exception:
+            correlation_id = uuid.uuid4().hex
+            log.exception("command failed", extra={"correlation_id": correlation_id, "command": name})
+            outcome = InternalError(f"internal error; correlation id {correlation_id}")
+        if isinstance(outcome, CommandResult):
+            return (201 if name == "create" else 200), outcome.envelope()
+        return outcome.http_status, outcome.to_envelope()
+
+    async def handle_message(self, name: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        """The NATS entry: the token and the key come from message headers."""
+        return await self.handle(name, body, header(headers, "Authorization"), header(headers, "Idempotency-Key"))
+
+
+def header(headers: dict[str, str], name: str) -> str | None:
+    """A header by name, ignoring case (NATS headers are case-sensitive, HTTP's are not)."""
+    value = headers.get(name)
+    if value is not None:
+        return value
+    lowered = name.lower()
+    for key, candidate in headers.items():
+        if key.lower() == lowered:
+            return candidate
+    return None
