@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError, OperationalError, InterfaceError, StoredEvent
@@ -340,6 +340,13 @@ def _split_repeated_keys(requests: Sequence[CommandRequest]) -> tuple[list[int],
     return first, later
 
 
+def internal_error(what: str) -> InternalError:
+    """Log the current exception with a fresh correlation id and return the error to reply with."""
+    correlation_id = uuid4().hex
+    log.exception(what, extra={"correlation_id": correlation_id})
+    return InternalError(f"internal error; correlation id {correlation_id}")
+
+
 class CommandBatcher:
     """Group commit: requests that arrive while a batch is being saved form the next batch.
 
@@ -385,9 +392,9 @@ class CommandBatcher:
             requests = [request for request, _ in batch]
             try:
                 outcomes = await loop.run_in_executor(self._executor, self._service.execute, requests)
-            except Exception as exc:  # a bug: every waiter still gets exactly one reply
-                log.exception("command batch failed")
-                outcomes = [InternalError(f"internal error: {exc}") for _ in batch]
+            except Exception:  # a bug: every waiter still gets exactly one reply
+                error = internal_error("command batch failed")
+                outcomes = [error for _ in batch]
             self.batches += 1
             self.commands += len(batch)
             for (_, future), outcome in zip(batch, outcomes, strict=True):

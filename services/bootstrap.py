@@ -148,7 +148,13 @@ class Runtime:
         await loop.run_in_executor(None, check_database, self.servers.database_url)
         self.app = await loop.run_in_executor(None, build_application, settings, self.servers.database_url)
         verifier = token_verifier(settings)
-        self.broker = NatsBroker(self.servers.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=1)
+        self.broker = NatsBroker(
+            self.servers.nats_url,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            logger=logging.getLogger("activities.nats"),
+            log_level=logging.DEBUG,  # per-message access logs only when debugging
+        )
         service = CommandService(self.app)
         self.batcher = CommandBatcher(service, self.executor, settings.batch_max_size)
         gateway = CommandGateway(verifier, self.batcher)
@@ -156,6 +162,7 @@ class Runtime:
             self.components.append(CommandsRole(self.broker, self.subjects, gateway, settings.command_concurrency))
         self.batcher.start()
         await self.broker.start()
+        await self.broker.connection.flush()  # the server knows our subscriptions before we say we serve
         for component in self.components:
             await component.start()
         self.endpoints = {

@@ -8,7 +8,6 @@ exactly one reply per request, whatever was sent.
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import Any
 
 from events.commands import (
@@ -20,8 +19,8 @@ from events.commands import (
     parse_patch,
     parse_restore,
 )
-from events.errors import ActivitiesError, InternalError, field_error
-from services.application import CommandBatcher, CommandRequest, CommandResult
+from events.errors import ActivitiesError, field_error
+from services.application import CommandBatcher, CommandRequest, CommandResult, internal_error
 from services.auth import TokenVerifier
 
 log = logging.getLogger("activities.gateway")
@@ -68,9 +67,7 @@ class CommandGateway:
         except ActivitiesError as error:
             outcome = error
         except Exception:
-            correlation_id = uuid.uuid4().hex
-            log.exception("command failed", extra={"correlation_id": correlation_id, "command": name})
-            outcome = InternalError(f"internal error; correlation id {correlation_id}")
+            outcome = internal_error(f"command {name} failed")
         if isinstance(outcome, CommandResult):
             return (201 if name == "create" else 200), outcome.envelope()
         return outcome.http_status, outcome.to_envelope()
