@@ -23,6 +23,7 @@ from faststream.nats import NatsBroker
 from psycopg.conninfo import conninfo_to_dict
 
 from events.subjects import Subjects
+from projections.relay import Relay
 from services.application import ActivitiesApplication, CommandBatcher, CommandService, application_env
 from services.auth import TokenVerifier
 from services.config import Settings
@@ -64,7 +65,7 @@ def resolve_servers(settings: Settings) -> Servers:
         log.info("embedded PostgreSQL ready", extra={"database_url": database_url})
     nats_url = settings.nats_url
     if not nats_url:
-        nats = EmbeddedNats(settings.data_dir / "nats")
+        nats = EmbeddedNats(settings.data_dir / "nats", port=settings.embedded_nats_port or None)
         nats_url = nats.start()
         embedded.append(nats)
         log.info("embedded NATS ready", extra={"nats_url": nats_url})
@@ -160,6 +161,10 @@ class Runtime:
         gateway = CommandGateway(verifier, self.batcher)
         if "commands" in self.roles:
             self.components.append(CommandsRole(self.broker, self.subjects, gateway, settings.command_concurrency))
+        if "relay" in self.roles:  # independent of NATS commands: reads the store, publishes to JetStream
+            self.components.append(
+                Relay(self.app, settings, self.servers.nats_url, self.servers.database_url, self.executor)
+            )
         self.batcher.start()
         await self.broker.start()
         await self.broker.connection.flush()  # the server knows our subscriptions before we say we serve

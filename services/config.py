@@ -18,6 +18,7 @@ class Settings(BaseSettings):
         default=None, description="libpq URL of PostgreSQL; unset starts an embedded server in the data dir"
     )
     nats_url: str | None = Field(default=None, description="NATS URL; unset starts an embedded nats-server with JetStream")
+    embedded_nats_port: int = Field(default=4222, description="port of the embedded NATS; taken or 0 picks a free one")
     data_dir: Path = Field(default=Path(".activities-data"), description="where embedded servers and dev secrets live")
     subject_prefix: str = Field(default="crm.activities", description="prefix of every NATS subject")
 
