@@ -22,6 +22,7 @@ from uuid import UUID, uuid4
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError, OperationalError, InterfaceError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+from eventsourcing.utils import Environment
 from psycopg import Cursor
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
@@ -139,6 +140,10 @@ class ActivitiesApplication(Application):
 
     name = APP_NAME
 
+    def construct_env(self, name: str, env: Any = None) -> Environment:
+        """Only the given settings: Settings is the one reader of the process environment."""
+        return Environment(name, dict(env or {}))
+
     @property
     def activities_recorder(self) -> ActivitiesRecorder:
         assert isinstance(self.recorder, ActivitiesRecorder)
@@ -171,7 +176,7 @@ def application_env(conninfo: dict[str, Any], pool_size: int, cipher_key: str | 
         "AGGREGATE_CACHE_MAXSIZE": "10000",
     }
     if cipher_key:
-        env["CIPHER_TOPIC"] = "eventsourcing.cipher:AESCipher"
+        env["CIPHER_TOPIC"] = "eventsourcing.cryptography:AESCipher"
         env["CIPHER_KEY"] = cipher_key
     return env
 
