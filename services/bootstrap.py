@@ -22,14 +22,15 @@ import psycopg
 from faststream.nats import NatsBroker
 from psycopg.conninfo import conninfo_to_dict
 
-from events.subjects import Subjects
+from events.subjects import COMMAND_NAMES, Subjects
 from projections.relay import Relay
 from services.application import ActivitiesApplication, CommandBatcher, CommandService, application_env
 from services.auth import TokenVerifier
 from services.config import Settings
 from services.embedded import EmbeddedNats, EmbeddedPostgres
 from services.gateway import CommandGateway
-from services.nats_app import register_commands
+from services.nats_app import RequestServer
+from services.read_side import read_side_components
 
 log = logging.getLogger("activities.bootstrap")
 
@@ -112,16 +113,20 @@ def check_database(database_url: str) -> None:
 
 
 class CommandsRole:
-    """NATS command subscribers in front of the group-commit batcher."""
+    """NATS command subscribers (queue group `activities`) in front of the group-commit batcher."""
 
     def __init__(self, broker: NatsBroker, subjects: Subjects, gateway: CommandGateway, concurrency: int) -> None:
-        register_commands(broker, subjects, gateway.handle_message, concurrency)
+        self._broker = broker
+        self._subjects = subjects
+        self._server = RequestServer(gateway.handle_message, concurrency)
 
     async def start(self) -> None:
-        return None
+        for name in COMMAND_NAMES:
+            await self._server.serve(self._broker.connection, self._subjects.command(name), name)
+        await self._broker.connection.flush()
 
     async def stop(self) -> None:
-        return None
+        await self._server.drain()
 
 
 class Runtime:
@@ -165,6 +170,7 @@ class Runtime:
             self.components.append(
                 Relay(self.app, settings, self.servers.nats_url, self.servers.database_url, self.executor)
             )
+        self.components += read_side_components(self, verifier, gateway)  # projector, http (+ NATS queries)
         self.batcher.start()
         await self.broker.start()
         await self.broker.connection.flush()  # the server knows our subscriptions before we say we serve
@@ -186,12 +192,12 @@ class Runtime:
 
     async def stop(self) -> None:
         """Graceful: stop taking requests, answer those in flight, stop the parts, then the servers."""
-        if self.broker is not None:
-            await self.broker.stop()
-        if self.batcher is not None:
-            await self.batcher.stop()
         for component in reversed(self.components):
             await component.stop()
+        if self.batcher is not None:
+            await self.batcher.stop()
+        if self.broker is not None:
+            await self.broker.stop()
         if self.app is not None:
             self.app.close()
         self.executor.shutdown(wait=True)
