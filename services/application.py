@@ -22,7 +22,7 @@ from uuid import UUID, uuid4
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError, OperationalError, InterfaceError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
-from eventsourcing.utils import Environment
+from eventsourcing.utils import Environment, retry
 from psycopg import Cursor
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
@@ -100,6 +100,20 @@ class ActivitiesRecorder(PostgresApplicationRecorder):
             "ON e.originator_id = q.originator_id AND e.originator_version = q.originator_version"
         ).format(schema=schema, events=Identifier(self.events_table_name))
         self.idempotency_ttl_s = 24 * 3600.0
+
+    @retry((InterfaceError, OperationalError), max_attempts=3, wait=0.2)
+    def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
+        """The library's insert, in a plain transaction instead of a psycopg pipeline.
+
+        A pipeline sending a large batch deadlocks over a unix socket (both ends wait on
+        ClientRead; psycopg issue 685's family), which is how the embedded server is reached.
+        """
+        with self.datastore.get_connection() as conn, conn.transaction(), conn.cursor() as curs:
+            self._insert_events(curs, stored_events, **kwargs)
+            if not stored_events:
+                return []
+            self._insert_stored_events(curs, stored_events, **kwargs)
+            return self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
 
     def _insert_events(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
         for tenant_id, key, fingerprint, originator_id, version in kwargs.get("idempotency", ()):

@@ -218,3 +218,13 @@ async def test_idempotent_retry_after_a_service_restart(
         assert stored_events(second_runtime) == 1
     finally:
         await second_runtime.stop()
+
+
+async def test_large_batches_of_large_documents_commit(request_command: Requester, runtime: Runtime) -> None:
+    """A batch of big documents once deadlocked psycopg's pipeline over the embedded server's unix socket."""
+    description = "lorem ipsum " * 8000  # ~96 KB each
+    replies = await asyncio.gather(
+        *(request_command("create", {**LINK, "description": description}) for _ in range(60))
+    )
+    assert all(r["data"]["description"] == description for r in replies)
+    assert stored_events(runtime) == 60
