@@ -97,16 +97,16 @@ def bench_servers(root: Path) -> Iterator[BenchServers]:
 
 def service_env(database_url: str, nats_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACTIVITIES_")}
-    env.update(
-        ACTIVITIES_DATABASE_URL=database_url,
-        ACTIVITIES_NATS_URL=nats_url,
-        ACTIVITIES_DATA_DIR=str(data_dir),
-        ACTIVITIES_JWT_SECRET=SECRET,
-        ACTIVITIES_HTTP_PORT="0",
-        ACTIVITIES_LOG_LEVEL="WARNING",
-        ACTIVITIES_SUBJECT_PREFIX="crm.activities",
-        **extra,
-    )
+    env.update({
+        "ACTIVITIES_DATABASE_URL": database_url,
+        "ACTIVITIES_NATS_URL": nats_url,
+        "ACTIVITIES_DATA_DIR": str(data_dir),
+        "ACTIVITIES_JWT_SECRET": SECRET,
+        "ACTIVITIES_HTTP_PORT": "0",
+        "ACTIVITIES_LOG_LEVEL": "WARNING",
+        "ACTIVITIES_SUBJECT_PREFIX": "crm.activities",
+    })
+    env.update(extra)
     return env
 
 

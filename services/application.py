@@ -184,7 +184,7 @@ def application_env(conninfo: dict[str, Any], pool_size: int, cipher_key: str | 
         "POSTGRES_PASSWORD": str(conninfo.get("password") or ""),
         "POSTGRES_POOL_SIZE": str(pool_size),
         "POSTGRES_MAX_OVERFLOW": "4",
-        "POSTGRES_CONNECT_TIMEOUT": "5",
+        "POSTGRES_CONNECT_TIMEOUT": "2",
         "POSTGRES_LOCK_TIMEOUT": "5",
         "POSTGRES_PRE_PING": "y",
         "AGGREGATE_CACHE_MAXSIZE": "10000",
@@ -374,10 +374,11 @@ class CommandBatcher:
     Replies resolve only after the batch's transaction has committed.
     """
 
-    def __init__(self, service: CommandService, executor: Any, max_size: int = 200) -> None:
+    def __init__(self, service: CommandService, executor: Any, max_size: int = 200, timeout_s: float = 5.0) -> None:
         self._service = service
         self._executor = executor
         self._max_size = max_size
+        self._timeout_s = timeout_s
         self._queue: asyncio.Queue[tuple[CommandRequest, asyncio.Future[Outcome]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.batches = 0  # counters for metrics and the benchmark
@@ -398,9 +399,19 @@ class CommandBatcher:
             self._task = None
 
     async def submit(self, request: CommandRequest) -> Outcome:
+        """The outcome once its batch committed, or `unavailable` when the store does not answer in time.
+
+        A command that timed out may still commit later; the client's retry with the same
+        Idempotency-Key then gets the original reply.
+        """
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((request, future))
-        return await future
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self._timeout_s)
+        except TimeoutError:
+            return Unavailable(
+                f"the event store did not answer within {self._timeout_s:g} s; retry with the same Idempotency-Key"
+            )
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -162,7 +162,7 @@ class Runtime:
             log_level=logging.DEBUG,  # per-message access logs only when debugging
         )
         service = CommandService(self.app)
-        self.batcher = CommandBatcher(service, self.executor, settings.batch_max_size)
+        self.batcher = CommandBatcher(service, self.executor, settings.batch_max_size, settings.request_timeout_s)
         gateway = CommandGateway(verifier, self.batcher)
         if "commands" in self.roles:
             self.components.append(CommandsRole(self.broker, self.subjects, gateway, settings.command_concurrency))

@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=8, description="PostgreSQL connections per process")
     command_concurrency: int = Field(default=512, description="NATS requests handled at once per subject")
     idempotency_ttl_hours: float = Field(default=24.0, description="how long an Idempotency-Key is remembered")
-    request_timeout_s: float = Field(default=10.0, description="longest a command may wait for the store")
+    request_timeout_s: float = Field(default=5.0, description="longest a command waits for the store before `unavailable`")
 
     log_level: str = Field(default="INFO", description="log level of the JSON logs")
     cipher_key: str | None = Field(default=None, description="AES key (base64) to encrypt stored event payloads")

