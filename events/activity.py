@@ -270,6 +270,7 @@ class ActivityLogged(AggregateCreated):
     changes: dict[str, Any]
     actor: str
     schema_version: int
+    traceparent: str | None = None
 
     def apply(self, aggregate: Any) -> None:
         aggregate.document = self.document
@@ -282,6 +283,7 @@ class ActivityPatched(AggregateEvent):
     changes: dict[str, Any]
     actor: str
     schema_version: int
+    traceparent: str | None = None
 
     def apply(self, aggregate: Any) -> None:
         aggregate.document = self.document
@@ -294,6 +296,7 @@ class ActivityDeleted(AggregateEvent):
     changes: dict[str, Any]
     actor: str
     schema_version: int
+    traceparent: str | None = None
 
     def apply(self, aggregate: Any) -> None:
         aggregate.document = self.document
@@ -306,6 +309,7 @@ class ActivityRestored(AggregateEvent):
     changes: dict[str, Any]
     actor: str
     schema_version: int
+    traceparent: str | None = None
 
     def apply(self, aggregate: Any) -> None:
         aggregate.document = self.document
@@ -319,6 +323,16 @@ EVENT_KINDS: Final[dict[str, str]] = {
     "ActivityDeleted": "deleted",
     "ActivityRestored": "restored",
 }
+
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+def valid_traceparent(value: str | None) -> str | None:
+    """A W3C traceparent header value, or None when absent or malformed (the spec says ignore it)."""
+    if value and _TRACEPARENT.match(value.strip()):
+        return value.strip()
+    return None
 
 
 def event_type_name(event: ActivityEvent) -> str:

@@ -47,6 +47,7 @@ class CommandRequest:
     caller: Caller
     idempotency_key: str | None = None
     fingerprint: str = ""
+    traceparent: str | None = None  # W3C trace context, stored on the event and published with it
 
 
 @dataclass(frozen=True)
@@ -326,14 +327,14 @@ class CommandService:
             activity_id = new_activity_id()
             decision = decide(None, command, request.caller, now, activity_id)
             assert decision is not None
-            activity = Activity.log(activity_uuid(activity_id), decision, now)
+            activity = Activity.log(activity_uuid(activity_id), decision, now, request.traceparent)
             wrote = True
         else:
             originator_id = activity_uuid(command.activity_id)
             activity = pending.aggregates.get(originator_id) or self.app.load(originator_id)  # type: ignore[assignment]
             decision = decide(activity.document if activity else None, command, request.caller, now)
             if decision is not None:
-                activity.record(decision, now)
+                activity.record(decision, now, request.traceparent)
             wrote = decision is not None
         pending.aggregates[activity.id] = activity
         pending.refs[i] = (activity.id, activity.version, wrote)

@@ -65,7 +65,7 @@ class Activity(Aggregate):
         self.document = document
 
     @classmethod
-    def log(cls, originator_id: UUID, decision: Decision, now: datetime) -> Activity:
+    def log(cls, originator_id: UUID, decision: Decision, now: datetime, traceparent: str | None = None) -> Activity:
         return cls._create(
             ActivityLogged,
             id=originator_id,
@@ -74,9 +74,10 @@ class Activity(Aggregate):
             changes=decision.changes,
             actor=decision.actor,
             schema_version=SCHEMA_VERSION,
+            traceparent=traceparent,
         )
 
-    def record(self, decision: Decision, now: datetime) -> None:
+    def record(self, decision: Decision, now: datetime, traceparent: str | None = None) -> None:
         self.trigger_event(
             decision.event_class,
             timestamp=now,
@@ -84,6 +85,7 @@ class Activity(Aggregate):
             changes=decision.changes,
             actor=decision.actor,
             schema_version=SCHEMA_VERSION,
+            traceparent=traceparent,
         )
 
 

@@ -19,6 +19,7 @@ from events.commands import (
     parse_patch,
     parse_restore,
 )
+from events.activity import valid_traceparent
 from events.errors import ActivitiesError, field_error
 from services.application import CommandBatcher, CommandRequest, CommandResult, internal_error
 from services.auth import TokenVerifier
@@ -55,6 +56,7 @@ class CommandGateway:
         body: bytes | str | dict[str, Any],
         authorization: str | None,
         idempotency_key: str | None = None,
+        traceparent: str | None = None,
     ) -> tuple[int, dict[str, Any]]:
         """(HTTP-style status, envelope) of one command."""
         try:
@@ -62,7 +64,8 @@ class CommandGateway:
             key = check_idempotency_key(idempotency_key)
             data = parse_json_object(body)
             command: Command = PARSERS[name](data)
-            request = CommandRequest(command, caller, key, command_fingerprint(name, data) if key else "")
+            fingerprint = command_fingerprint(name, data) if key else ""
+            request = CommandRequest(command, caller, key, fingerprint, valid_traceparent(traceparent))
             outcome = await self._batcher.submit(request)
         except ActivitiesError as error:
             outcome = error
@@ -74,7 +77,13 @@ class CommandGateway:
 
     async def handle_message(self, name: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
         """The NATS entry: the token and the key come from message headers."""
-        return await self.handle(name, body, header(headers, "Authorization"), header(headers, "Idempotency-Key"))
+        return await self.handle(
+            name,
+            body,
+            header(headers, "Authorization"),
+            header(headers, "Idempotency-Key"),
+            header(headers, "traceparent"),
+        )
 
 
 def header(headers: dict[str, str], name: str) -> str | None:

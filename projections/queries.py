@@ -1,0 +1,540 @@
+"""SQL over the read model: parameter parsing, keyset cursors and statement building.
+
+Everything here is pure (no I/O), so filters, sorts and cursors are unit-tested without a
+database: `parse_list_query` / `parse_get_query` turn wire parameters into typed queries or a
+`validation_error`; `build_list_sql` / `build_get_sql` turn a query and a caller into one SQL
+statement and its parameters; `CursorCodec` signs and checks the opaque `next_cursor`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final, get_args
+
+import orjson
+from psycopg import sql
+
+from events.activity import ActivityKind, format_datetime, is_activity_id, parse_datetime
+from events.errors import field_error
+from services.domain import Caller
+
+READ_MODEL_TABLE: Final = "activities"
+TRACKING_TABLE: Final = "activities_projection_tracking"
+
+SORT_FIELDS: Final = ("activity_date", "created_at", "updated_at", "due_date")
+NOT_NULL_SORT_FIELDS: Final = frozenset({"created_at", "updated_at"})
+DEFAULT_SORT: Final = "-activity_date"
+DEFAULT_LIMIT: Final = 50
+MAX_LIMIT: Final = 200
+
+SINGLE_PARAMS: Final = (
+    "account_id",
+    "deal_id",
+    "contact_id",
+    "owner_id",
+    "status",
+    "activity_date_from",
+    "activity_date_to",
+    "updated_since",
+    "include_deleted",
+    "sort",
+    "limit",
+    "cursor",
+    "min_position",
+)
+REPEATABLE_PARAMS: Final = ("type", "tag")
+LIST_PARAMS: Final = frozenset(SINGLE_PARAMS + REPEATABLE_PARAMS)
+GET_PARAMS: Final = frozenset({"id", "include_deleted", "version", "min_position"})
+ACTIVITY_KINDS: Final = frozenset(get_args(ActivityKind))
+
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+Params = dict[str, list[Any]]
+"""Wire parameters, each name with its values (HTTP query strings repeat names; JSON does not)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed queries
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sort:
+    """A sort key and its direction; ties are broken by id in the same direction."""
+
+    field: str = "activity_date"
+    descending: bool = True
+
+    @property
+    def wire(self) -> str:
+        return ("-" if self.descending else "") + self.field
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    """The list parameters of CONTRACT.md section 5, validated."""
+
+    account_id: str | None = None
+    deal_id: str | None = None
+    contact_id: str | None = None
+    owner_id: str | None = None
+    types: tuple[str, ...] = ()
+    status: str | None = None
+    tags: tuple[str, ...] = ()
+    activity_date_from: datetime | None = None
+    activity_date_to: datetime | None = None
+    updated_since: datetime | None = None
+    include_deleted: bool = False
+    sort: Sort = Sort()
+    limit: int = DEFAULT_LIMIT
+    cursor: str | None = None
+    min_position: int | None = None
+
+    def binding(self) -> dict[str, Any]:
+        """What a cursor is bound to: the filters and the sort (not the limit, which may change)."""
+
+        def stamp(value: datetime | None) -> str | None:
+            return None if value is None else format_datetime(value)
+
+        return {
+            "account_id": self.account_id,
+            "deal_id": self.deal_id,
+            "contact_id": self.contact_id,
+            "owner_id": self.owner_id,
+            "types": sorted(set(self.types)),
+            "status": self.status,
+            "tags": sorted(set(self.tags)),
+            "activity_date_from": stamp(self.activity_date_from),
+            "activity_date_to": stamp(self.activity_date_to),
+            "updated_since": stamp(self.updated_since),
+            "include_deleted": self.include_deleted,
+            "sort": self.sort.wire,
+        }
+
+
+@dataclass(frozen=True)
+class GetQuery:
+    """One activity by id, optionally as it was at a version."""
+
+    id: str
+    include_deleted: bool = False
+    version: int | None = None
+    min_position: int | None = None
+
+
+@dataclass(frozen=True)
+class Keyset:
+    """Where a page ended: the sort value of its last row (None when that row has none) and its id."""
+
+    value: str | None
+    id: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing wire parameters
+# ---------------------------------------------------------------------------------------------
+
+
+def params_from_pairs(pairs: Iterable[tuple[str, str]]) -> Params:
+    """HTTP query string items (names may repeat) as Params."""
+    params: Params = {}
+    for name, value in pairs:
+        params.setdefault(name, []).append(value)
+    return params
+
+
+def params_from_json(body: Mapping[str, Any]) -> Params:
+    """A NATS JSON body as Params: a list value stands for a repeated parameter."""
+    params: Params = {}
+    for name, value in body.items():
+        if value is None:
+            continue
+        params[name] = list(value) if isinstance(value, list) else [value]
+    return params
+
+
+def _check_names(params: Params, allowed: frozenset[str]) -> None:
+    for name in params:
+        if name not in allowed:
+            raise field_error(name, f"is not a parameter; expected some of {sorted(allowed)}")
+
+
+def _single(params: Params, name: str) -> Any:
+    values = params.get(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise field_error(name, "may be given only once")
+    return values[0]
+
+
+def _text(params: Params, name: str) -> str | None:
+    value = _single(params, name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > 500:
+        raise field_error(name, "must be a non-empty string")
+    return value
+
+
+def parse_bool(name: str, value: Any) -> bool:
+    """true/false as JSON booleans or as the strings of a query string."""
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "0"):
+        return False
+    raise field_error(name, "must be true or false")
+
+
+def parse_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    """An integer within bounds, from JSON or from a query-string digit string."""
+    if isinstance(value, bool):
+        raise field_error(name, "must be an integer")
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,18}", value):
+        value = int(value)
+    if not isinstance(value, int):
+        raise field_error(name, "must be an integer")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+        raise field_error(name, f"must be {bound}")
+    return value
+
+
+def _optional_int(params: Params, name: str, minimum: int, maximum: int | None = None) -> int | None:
+    value = _single(params, name)
+    return None if value is None else parse_int(name, value, minimum, maximum)
+
+
+def _datetime(params: Params, name: str) -> datetime | None:
+    value = _single(params, name)
+    if value is None:
+        return None
+    try:
+        return parse_datetime(value)
+    except ValueError as exc:
+        raise field_error(name, str(exc)) from None
+
+
+def parse_sort(value: Any) -> Sort:
+    if value is None:
+        value = DEFAULT_SORT
+    if not isinstance(value, str):
+        raise field_error("sort", "must be a string")
+    descending = value.startswith("-")
+    name = value[1:] if descending else value
+    if name not in SORT_FIELDS:
+        choices = ", ".join(f"{f} or -{f}" for f in SORT_FIELDS)
+        raise field_error("sort", f"must be one of {choices}")
+    return Sort(name, descending)
+
+
+def _strings(params: Params, name: str) -> tuple[str, ...]:
+    values = params.get(name) or []
+    for value in values:
+        if not isinstance(value, str) or not value:
+            raise field_error(name, "must be non-empty strings")
+    return tuple(dict.fromkeys(values))
+
+
+def parse_list_query(params: Params) -> ListQuery:
+    """Validated list parameters; an unknown, repeated or malformed parameter is a validation_error."""
+    _check_names(params, LIST_PARAMS)
+    types = _strings(params, "type")
+    for kind in types:
+        if kind not in ACTIVITY_KINDS:
+            raise field_error("type", f"must be one of {sorted(ACTIVITY_KINDS)}")
+    return ListQuery(
+        account_id=_text(params, "account_id"),
+        deal_id=_text(params, "deal_id"),
+        contact_id=_text(params, "contact_id"),
+        owner_id=_text(params, "owner_id"),
+        types=types,
+        status=_text(params, "status"),
+        tags=_strings(params, "tag"),
+        activity_date_from=_datetime(params, "activity_date_from"),
+        activity_date_to=_datetime(params, "activity_date_to"),
+        updated_since=_datetime(params, "updated_since"),
+        include_deleted=parse_bool("include_deleted", _single(params, "include_deleted")),
+        sort=parse_sort(_single(params, "sort")),
+        limit=_optional_int(params, "limit", 1, MAX_LIMIT) or DEFAULT_LIMIT,
+        cursor=_text(params, "cursor"),
+        min_position=_optional_int(params, "min_position", 0),
+    )
+
+
+def parse_get_query(params: Params) -> GetQuery:
+    """Validated get parameters (`id`, `include_deleted`, `version`, `min_position`)."""
+    _check_names(params, GET_PARAMS)
+    activity_id = _single(params, "id")
+    if not is_activity_id(activity_id):
+        raise field_error("id", "must be an activity id: act_ followed by a 26-character ULID")
+    return GetQuery(
+        id=str(activity_id),
+        include_deleted=parse_bool("include_deleted", _single(params, "include_deleted")),
+        version=_optional_int(params, "version", 1),
+        min_position=_optional_int(params, "min_position", 0),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Cursors
+# ---------------------------------------------------------------------------------------------
+
+
+def derive_cursor_key(secret: str) -> bytes:
+    """The cursor signing key, derived from the JWT secret (so every instance agrees on it)."""
+    return hmac.new(secret.encode(), b"activities/list-cursor/v1", hashlib.sha256).digest()
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _b64decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class CursorCodec:
+    """Opaque, signed keyset cursors: base64 of JSON plus an HMAC over it and what it is bound to.
+
+    The binding (tenant, app, filters, sort) is not stored in the cursor; it is part of the
+    signed message, so a cursor replayed by another tenant or app, or with other filters, or
+    edited in any way, fails the signature check and is a validation_error.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def _signature(self, payload: bytes, query: ListQuery, caller: Caller) -> bytes:
+        binding = orjson.dumps([caller.tenant_id, caller.app_id, query.binding()], option=orjson.OPT_SORT_KEYS)
+        return hmac.new(self._key, binding + b"\n" + payload, hashlib.sha256).digest()[:18]
+
+    def encode(self, keyset: Keyset, query: ListQuery, caller: Caller) -> str:
+        payload = orjson.dumps({"v": 1, "k": [keyset.value, keyset.id]})
+        return _b64encode(payload) + "." + _b64encode(self._signature(payload, query, caller))
+
+    def decode(self, cursor: str, query: ListQuery, caller: Caller) -> Keyset:
+        invalid = field_error("cursor", "is not a cursor of this list; start again without it")
+        try:
+            encoded_payload, encoded_signature = cursor.split(".")
+            payload = _b64decode(encoded_payload)
+            signature = _b64decode(encoded_signature)
+        except (ValueError, binascii.Error):
+            raise invalid from None
+        if not hmac.compare_digest(signature, self._signature(payload, query, caller)):
+            raise invalid
+        try:
+            data = orjson.loads(payload)
+            value, last_id = data["k"]
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise invalid from None
+        if not isinstance(last_id, str) or not (value is None or isinstance(value, str)):
+            raise invalid
+        return Keyset(value, last_id)
+
+
+def keyset_of(row: Mapping[str, Any], sort: Sort) -> Keyset:
+    """The keyset of a result row (its sort value as an ISO string)."""
+    value = row["sort_value"]
+    if isinstance(value, datetime):
+        value = value.isoformat()
+    return Keyset(value, row["id"])
+
+
+# ---------------------------------------------------------------------------------------------
+# SQL
+# ---------------------------------------------------------------------------------------------
+
+
+def table_identifier(name: str) -> sql.Identifier:
+    """A read-model table name, checked (it is also used to derive index names)."""
+    if not _IDENTIFIER.match(name):
+        raise ValueError(f"not a plain table name: {name!r}")
+    return sql.Identifier(name)
+
+
+def _scope(caller: Caller) -> tuple[list[sql.Composable], list[Any]]:
+    """The tenant / app rule of CONTRACT.md section 2, on every read."""
+    where: list[sql.Composable] = [sql.SQL("tenant_id = %s")]
+    params: list[Any] = [caller.tenant_id]
+    if caller.app_id is not None:
+        where.append(sql.SQL("app_id = %s"))
+        params.append(caller.app_id)
+    return where, params
+
+
+def _order(sort: Sort) -> sql.Composable:
+    column = sql.Identifier(sort.field)
+    if sort.descending:
+        return sql.SQL("{} DESC NULLS LAST, id DESC").format(column)
+    # NOT NULL columns: ASC NULLS FIRST is the same order and is the backward scan of the DESC index.
+    nulls = sql.SQL("NULLS FIRST" if sort.field in NOT_NULL_SORT_FIELDS else "NULLS LAST")
+    return sql.SQL("{} ASC {}, id ASC").format(column, nulls)
+
+
+def _after(sort: Sort, keyset: Keyset) -> tuple[sql.Composable, list[Any]]:
+    """Rows strictly after the keyset in the sort order, NULL sort values last in both directions."""
+    column = sql.Identifier(sort.field)
+    op = sql.SQL("<" if sort.descending else ">")
+    if keyset.value is None:
+        return sql.SQL("({} IS NULL AND id {} %s)").format(column, op), [keyset.id]
+    nullable = sort.field not in NOT_NULL_SORT_FIELDS
+    tail = sql.SQL(" OR {} IS NULL").format(column) if nullable else sql.SQL("")
+    condition = sql.SQL("(({}, id) {} (%s::timestamptz, %s){})").format(column, op, tail)
+    return condition, [keyset.value, keyset.id]
+
+
+def list_filters(query: ListQuery) -> tuple[list[sql.Composable], list[Any]]:
+    """The WHERE terms of the list filters (without scope and keyset)."""
+    where: list[sql.Composable] = []
+    params: list[Any] = []
+    for name in ("account_id", "deal_id", "owner_id", "status"):
+        value = getattr(query, name)
+        if value is not None:
+            where.append(sql.SQL("{} = %s").format(sql.Identifier(name)))
+            params.append(value)
+    if query.contact_id is not None:
+        where.append(sql.SQL("(contact_id = %s OR contact_ids @> ARRAY[%s]::text[])"))
+        params += [query.contact_id, query.contact_id]
+    if query.types:
+        where.append(sql.SQL("type = ANY(%s::text[])"))
+        params.append(list(query.types))
+    if query.tags:
+        where.append(sql.SQL("tags @> %s::text[]"))
+        params.append(list(query.tags))
+    if query.activity_date_from is not None:
+        where.append(sql.SQL("activity_date >= %s"))
+        params.append(query.activity_date_from)
+    if query.activity_date_to is not None:
+        where.append(sql.SQL("activity_date <= %s"))
+        params.append(query.activity_date_to)
+    if query.updated_since is not None:
+        where.append(sql.SQL("updated_at >= %s"))
+        params.append(query.updated_since)
+    if not query.include_deleted:
+        where.append(sql.SQL("NOT is_deleted"))
+    return where, params
+
+
+def build_list_sql(
+    table: str, query: ListQuery, caller: Caller, after: Keyset | None = None
+) -> tuple[sql.Composed, list[Any]]:
+    """One page (limit + 1 rows, to know whether there is a next page) as (statement, params).
+
+    Rows have `id`, `sort_value` and `document`.
+    """
+    where, params = _scope(caller)
+    filters, filter_params = list_filters(query)
+    where += filters
+    params += filter_params
+    if after is not None:
+        condition, after_params = _after(query.sort, after)
+        where.append(condition)
+        params += after_params
+    statement = sql.SQL(
+        "SELECT id, {sort} AS sort_value, document FROM {table} WHERE {where} ORDER BY {order} LIMIT %s"
+    ).format(
+        sort=sql.Identifier(query.sort.field),
+        table=table_identifier(table),
+        where=sql.SQL(" AND ").join(where),
+        order=_order(query.sort),
+    )
+    params.append(query.limit + 1)
+    return statement, params
+
+
+def build_get_sql(table: str, activity_id: str, caller: Caller) -> tuple[sql.Composed, list[Any]]:
+    """The current document of one activity visible to the caller (no row: not found)."""
+    where, params = _scope(caller)
+    statement = sql.SQL("SELECT document FROM {table} WHERE id = %s AND {where}").format(
+        table=table_identifier(table), where=sql.SQL(" AND ").join(where)
+    )
+    return statement, [activity_id, *params]
+
+
+def build_position_sql(tracking_table: str, application_name: str) -> tuple[sql.Composed, list[Any]]:
+    """How far the read model has applied the log (no row: nothing yet, position 0)."""
+    statement = sql.SQL("SELECT notification_id FROM {} WHERE application_name = %s").format(
+        table_identifier(tracking_table)
+    )
+    return statement, [application_name]
+
+
+def build_history_sql(events_table: str) -> sql.Composed:
+    """An activity's stored events, oldest first, with their global positions."""
+    return sql.SQL(
+        "SELECT notification_id, originator_id, originator_version, topic, state FROM {} "
+        "WHERE originator_id = %s ORDER BY originator_version"
+    ).format(table_identifier(events_table))
+
+
+# Columns of the read model, each computed from the document JSON `d` (one element of a JSON
+# array of documents, expanded in SQL: one parameter, no per-row adaptation in Python).
+_ROW_COLUMNS: Final = (
+    ("id", "d->>'id'"),
+    ("tenant_id", "d->>'tenant_id'"),
+    ("app_id", "d->>'app_id'"),
+    ("account_id", "d->>'account_id'"),
+    ("deal_id", "d->>'deal_id'"),
+    ("contact_id", "d->>'contact_id'"),
+    ("contact_ids", "ARRAY(SELECT jsonb_array_elements_text(COALESCE(d->'contact_ids', '[]'::jsonb)))"),
+    ("owner_id", "d->>'owner_id'"),
+    ("type", "d->>'type'"),
+    ("status", "d->>'status'"),
+    ("tags", "ARRAY(SELECT jsonb_array_elements_text(COALESCE(d->'tags', '[]'::jsonb)))"),
+    ("activity_date", "(d->>'activity_date')::timestamptz"),
+    ("due_date", "(d->>'due_date')::timestamptz"),
+    ("created_at", "(d->>'created_at')::timestamptz"),
+    ("updated_at", "(d->>'updated_at')::timestamptz"),
+    ("is_deleted", "(d->>'is_deleted')::boolean"),
+    ("version", "(d->>'version')::integer"),
+    ("position", "(p.value)::bigint"),
+    ("document", "d"),
+)
+ROW_COLUMN_NAMES: Final = tuple(name for name, _ in _ROW_COLUMNS)
+
+
+def build_upsert_sql(table: str) -> sql.Composed:
+    """Upsert many documents (param 1: JSON array of documents, param 2: JSON array of positions).
+
+    A row is replaced only by a newer version, so applying an event twice, or an older one
+    after a newer one, changes nothing.
+    """
+    ident = table_identifier(table)
+    names = sql.SQL(", ").join(sql.Identifier(name) for name, _ in _ROW_COLUMNS)
+    values = sql.SQL(", ").join(sql.SQL(expression) for _, expression in _ROW_COLUMNS)
+    updates = sql.SQL(", ").join(
+        sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(name)) for name, _ in _ROW_COLUMNS if name != "id"
+    )
+    return sql.SQL(
+        "INSERT INTO {table} ({names}) "
+        "SELECT {values} FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS x(d, n) "
+        "JOIN jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS p(value, n) ON p.n = x.n "
+        "ON CONFLICT (id) DO UPDATE SET {updates} WHERE {table}.version < EXCLUDED.version"
+    ).format(table=ident, names=names, values=values, updates=updates)
+
+
+def schema_statements(template: str, table: str) -> list[str]:
+    """The DDL of schema.sql for a table name: `{table}` and `{table}_suffix` become identifiers."""
+    table_identifier(table)
+
+    def identifier(match: re.Match[str]) -> str:
+        name = table + match.group(1)
+        if not _IDENTIFIER.match(name):
+            raise ValueError(f"derived identifier too long or invalid: {name!r}")
+        return f'"{name}"'
+
+    lines = [line for line in template.splitlines() if not line.lstrip().startswith("--")]
+    text = re.sub(r"\{table\}(\w*)", identifier, "\n".join(lines))
+    return [statement.strip() for statement in text.split(";") if statement.strip()]

@@ -1,0 +1,419 @@
+"""The read model: a projection of the event store's log into the `activities` table.
+
+Every event carries the whole document after it, so the projection is an upsert of the document
+by id, guarded by version, and needs no state of its own. Rows and the tracking position are
+written in one transaction (exactly once: a batch either lands with its position or not at all),
+many events per transaction for throughput.
+
+`Projector` runs the projection inside the service: a processing thread reads pages of the log
+after its tracked position, woken by LISTEN/NOTIFY (its own supervised connection) and by a short
+poll as a fallback; any database error makes it back off and resume from the tracked position.
+`rebuild` builds a fresh copy aside while the old one keeps serving, then switches in one
+transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+import psycopg
+from eventsourcing.persistence import IntegrityError, Notification, Tracking
+from eventsourcing.postgres import PostgresDatastore, PostgresTrackingRecorder
+from eventsourcing.projection import Projection
+from psycopg import Cursor, sql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import DictRow
+
+from projections.queries import (
+    READ_MODEL_TABLE,
+    TRACKING_TABLE,
+    build_position_sql,
+    build_upsert_sql,
+    schema_statements,
+    table_identifier,
+)
+
+if TYPE_CHECKING:
+    from services.application import ActivitiesApplication
+
+log = logging.getLogger("activities.read_model")
+
+BATCH_SIZE: Final = 500
+"""Events applied per transaction at most (one page of the log)."""
+
+POLL_INTERVAL_S: Final = 0.5
+"""Fallback poll when no NOTIFY arrives (e.g. while the LISTEN connection is being re-made)."""
+
+REBUILD_SUFFIX: Final = "_rebuild"
+
+
+def schema_template() -> str:
+    return resources.files("projections").joinpath("schema.sql").read_text()
+
+
+def read_model_datastore(database_url: str, pool_size: int = 2) -> PostgresDatastore:
+    """A small connection pool of the read model's own (separate from the command path's)."""
+    parts = conninfo_to_dict(database_url)
+    return PostgresDatastore(
+        dbname=str(parts.get("dbname") or "postgres"),
+        host=str(parts.get("host") or "127.0.0.1"),
+        port=str(parts.get("port") or "5432"),
+        user=str(parts.get("user") or "postgres"),
+        password=str(parts.get("password") or ""),
+        pool_size=pool_size,
+        max_overflow=2,
+        connect_timeout=5,
+        pre_ping=True,
+        lock_timeout=30,
+    )
+
+
+@dataclass(frozen=True)
+class Row:
+    """The latest document of one activity in a batch and the log position of its event."""
+
+    document: dict[str, Any]
+    position: int
+
+
+class ReadModelRecorder(PostgresTrackingRecorder):
+    """The read-model table and the tracking table, written in one transaction."""
+
+    def __init__(self, datastore: PostgresDatastore, table: str = READ_MODEL_TABLE) -> None:
+        super().__init__(datastore, tracking_table_name=TRACKING_TABLE)
+        self.table = table
+        for statement in schema_statements(schema_template(), table):
+            self.sql_create_statements.append(sql.SQL(statement))  # type: ignore[arg-type]
+        self._upsert = build_upsert_sql(table)
+
+    def upsert(self, curs: Cursor[DictRow], rows: Sequence[Row]) -> None:
+        """Upsert documents (newer versions only) inside the caller's transaction."""
+        if rows:
+            documents = orjson.dumps([row.document for row in rows]).decode()
+            positions = orjson.dumps([row.position for row in rows]).decode()
+            curs.execute(self._upsert, (documents, positions))
+
+    def apply(self, rows: Sequence[Row], tracking: Tracking) -> None:
+        """Rows and the position they bring the model to, in one transaction."""
+        with self.datastore.transaction(commit=True) as curs:
+            self.upsert(curs, rows)
+            self._insert_tracking(curs, tracking)
+
+    def position(self, application_name: str) -> int:
+        return self.max_tracking_id(application_name) or 0
+
+
+def latest_rows(events: Sequence[tuple[Any, int]]) -> list[Row]:
+    """One row per activity: the document of its highest version in the batch."""
+    latest: dict[str, Row] = {}
+    for event, position in events:
+        document = event.document
+        current = latest.get(document["id"])
+        if current is None or current.document["version"] < document["version"]:
+            latest[document["id"]] = Row(document, position)
+    return list(latest.values())
+
+
+class ActivitiesProjection(Projection[ReadModelRecorder]):
+    """Projects the activity events into the read model; batches are the fast path."""
+
+    name = "activities"
+    topics = ()
+
+    def process_event(self, domain_event: Any, tracking: Tracking) -> None:
+        """One event (the eventsourcing ProjectionRunner's entry)."""
+        self.view.apply(latest_rows([(domain_event, tracking.notification_id)]), tracking)
+
+    def process_batch(self, events: Sequence[tuple[Any, int]], tracking: Tracking) -> None:
+        """Many events in one transaction, tracked at the last position of the page."""
+        self.view.apply(latest_rows(events), tracking)
+
+
+def read_page(app: ActivitiesApplication, after: int, limit: int, stop: int | None = None) -> list[Notification]:
+    """The notifications of the log after a position (the library caps its own log reader at 10)."""
+    return list(app.recorder.select_notifications(after + 1, limit, stop=stop))
+
+
+def to_events(app: ActivitiesApplication, notifications: Sequence[Notification]) -> list[tuple[Any, int]]:
+    return [(app.mapper.to_domain_event(n), n.id) for n in notifications]
+
+
+# ---------------------------------------------------------------------------------------------
+# The supervised runner
+# ---------------------------------------------------------------------------------------------
+
+
+class Projector:
+    """Runs the projection in background threads; a Component of the `projector` role.
+
+    `position` is the last position applied by this process; listeners are called (from the
+    processing thread) each time it advances, so in-process readers waiting for a position
+    wake at once instead of polling.
+    """
+
+    def __init__(
+        self,
+        app: ActivitiesApplication,
+        database_url: str,
+        *,
+        table: str = READ_MODEL_TABLE,
+        batch_size: int = BATCH_SIZE,
+        poll_interval: float = POLL_INTERVAL_S,
+    ) -> None:
+        self.app = app
+        self.database_url = database_url
+        self.table = table
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.application_name = app.name
+        self.position = 0
+        self.restarts = 0
+        self._listeners: list[Callable[[int], None]] = []
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._datastore: PostgresDatastore | None = None
+
+    def add_listener(self, listener: Callable[[int], None]) -> None:
+        self._listeners.append(listener)
+
+    async def start(self) -> None:
+        self._stopping.clear()
+        self._threads = [
+            threading.Thread(target=self._process_forever, name="projector", daemon=True),
+            threading.Thread(target=self._listen_forever, name="projector-listen", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    async def stop(self) -> None:
+        import asyncio
+
+        self._stopping.set()
+        self._wake.set()
+        loop = asyncio.get_running_loop()
+        for thread in self._threads:
+            await loop.run_in_executor(None, thread.join, 10)
+        if self._datastore is not None:
+            self._datastore.close()
+
+    # processing ---------------------------------------------------------------------------
+
+    def _process_forever(self) -> None:
+        backoff = 0.1
+        while not self._stopping.is_set():
+            try:
+                if self._datastore is None:
+                    self._datastore = read_model_datastore(self.database_url)
+                recorder = ReadModelRecorder(self._datastore, self.table)
+                recorder.create_table()
+                projection = ActivitiesProjection(recorder)
+                self._advance(recorder.position(self.application_name))
+                backoff = 0.1
+                self._run(recorder, projection)
+            except Exception as exc:  # supervised: any failure backs off and resumes from tracking
+                if self._stopping.is_set():
+                    return
+                self.restarts += 1
+                log.warning("projector failed; resuming from its tracked position", extra={"error": str(exc)})
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _run(self, recorder: ReadModelRecorder, projection: ActivitiesProjection) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            applied = self.step(recorder, projection)
+            if applied == 0:
+                self._wake.wait(self.poll_interval)
+
+    def step(self, recorder: ReadModelRecorder, projection: ActivitiesProjection) -> int:
+        """Apply one page of the log; the number of events applied."""
+        notifications = read_page(self.app, self.position, self.batch_size)
+        if not notifications:
+            return 0
+        last = notifications[-1].id
+        try:
+            projection.process_batch(to_events(self.app, notifications), Tracking(self.application_name, last))
+        except IntegrityError:
+            # Another projector got there first: its rows are as good as ours. Re-read its position.
+            self._advance(recorder.position(self.application_name))
+            return len(notifications)
+        self._advance(last)
+        return len(notifications)
+
+    def _advance(self, position: int) -> None:
+        self.position = position
+        for listener in self._listeners:
+            try:
+                listener(position)
+            except Exception:  # a listener must never stop the projection
+                log.exception("position listener failed")
+
+    # waking -------------------------------------------------------------------------------
+
+    def _listen_forever(self) -> None:
+        channel = sql.SQL("LISTEN {}").format(sql.Identifier(self.app.recorder.channel_name))  # type: ignore[attr-defined]
+        backoff = 0.1
+        while not self._stopping.is_set():
+            try:
+                with psycopg.connect(self.database_url, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(channel)
+                    self._wake.set()  # anything written while we were not listening
+                    backoff = 0.1
+                    while not self._stopping.is_set():
+                        for _ in conn.notifies(timeout=0.5, stop_after=1):
+                            self._wake.set()
+            except Exception as exc:
+                if self._stopping.is_set():
+                    return
+                log.info("projector LISTEN connection lost; reconnecting", extra={"error": str(exc)})
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Status and rebuild
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Status:
+    """How far the read model is behind the log."""
+
+    position: int
+    log_position: int
+    rows: int
+
+    @property
+    def lag(self) -> int:
+        return max(self.log_position - self.position, 0)
+
+
+def status(app: ActivitiesApplication, datastore: PostgresDatastore, table: str = READ_MODEL_TABLE) -> Status:
+    recorder = ReadModelRecorder(datastore, table)
+    recorder.create_table()
+    with datastore.transaction(commit=False) as curs:
+        curs.execute(sql.SQL("SELECT count(*) AS n FROM {}").format(table_identifier(table)))
+        row = curs.fetchone()
+    rows = int(row["n"]) if row else 0
+    return Status(recorder.position(app.name), app.recorder.max_notification_id() or 0, rows)
+
+
+def _drop_table(curs: Cursor[DictRow], table: str) -> None:
+    curs.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table_identifier(table)))
+
+
+def _set_tracking(curs: Cursor[DictRow], name: str, position: int) -> None:
+    curs.execute(
+        sql.SQL(
+            "INSERT INTO {} (application_name, notification_id) VALUES (%s, %s) "
+            "ON CONFLICT (application_name) DO UPDATE SET notification_id = EXCLUDED.notification_id"
+        ).format(table_identifier(TRACKING_TABLE)),
+        (name, position),
+    )
+
+
+def _delete_tracking(curs: Cursor[DictRow], name: str) -> None:
+    curs.execute(
+        sql.SQL("DELETE FROM {} WHERE application_name = %s").format(table_identifier(TRACKING_TABLE)), (name,)
+    )
+
+
+def _table_exists(curs: Cursor[DictRow], table: str) -> bool:
+    curs.execute("SELECT to_regclass(%s) IS NOT NULL AS present", (f'public."{table}"',))
+    row = curs.fetchone()
+    return bool(row and row["present"])
+
+
+def rebuild(
+    app: ActivitiesApplication,
+    datastore: PostgresDatastore,
+    progress: Callable[[int, int], None] = lambda done, total: None,
+    table: str = READ_MODEL_TABLE,
+    batch_size: int = 2000,
+) -> int:
+    """Build the read model again from the whole log, aside, then switch it in; the final position.
+
+    The live table keeps serving (and the live projector keeps applying) while the copy is built
+    under `<table>_rebuild` with its own tracking row. The switch is one transaction: it locks the
+    live table (waiting for the projector's batch in flight), brings the copy to exactly the live
+    position, drops the live table and renames the copy and its indexes in its place.
+    """
+    aside = table + REBUILD_SUFFIX
+    aside_name = app.name + REBUILD_SUFFIX
+    with datastore.transaction(commit=True) as curs:
+        _drop_table(curs, aside)
+    recorder = ReadModelRecorder(datastore, aside)
+    recorder.create_table()
+    with datastore.transaction(commit=True) as curs:
+        _delete_tracking(curs, aside_name)
+    position = 0
+    total = app.recorder.max_notification_id() or 0
+    progress(0, total)
+    while True:
+        notifications = read_page(app, position, batch_size)
+        if not notifications:
+            break
+        recorder.apply(latest_rows(to_events(app, notifications)), Tracking(aside_name, notifications[-1].id))
+        position = notifications[-1].id
+        total = max(total, position)
+        progress(position, total)
+    return _switch(app, datastore, recorder, table, aside, aside_name, position, batch_size)
+
+
+def _switch(
+    app: ActivitiesApplication,
+    datastore: PostgresDatastore,
+    recorder: ReadModelRecorder,
+    table: str,
+    aside: str,
+    aside_name: str,
+    position: int,
+    batch_size: int,
+) -> int:
+    live = table_identifier(table)
+    with datastore.transaction(commit=True) as curs:
+        curs.execute("SET LOCAL lock_timeout = '30s'")
+        if _table_exists(curs, table):
+            curs.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(live))
+        statement, params = build_position_sql(TRACKING_TABLE, app.name)
+        curs.execute(statement + sql.SQL(" FOR UPDATE"), params)
+        row = curs.fetchone()
+        live_position = int(row["notification_id"]) if row and row["notification_id"] is not None else 0
+        while position < live_position:  # catch the copy up to exactly where the live one is
+            notifications = read_page(app, position, batch_size, stop=live_position)
+            if not notifications:
+                break
+            recorder.upsert(curs, latest_rows(to_events(app, notifications)))
+            position = notifications[-1].id
+        final = max(position, live_position)
+        _drop_table(curs, table)
+        curs.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(table_identifier(aside), live))
+        curs.execute("SELECT indexname FROM pg_indexes WHERE schemaname = 'public' AND tablename = %s", (table,))
+        for (index_name,) in [(r["indexname"],) for r in curs.fetchall()]:
+            if index_name.startswith(aside):
+                renamed = table + index_name[len(aside) :]
+                curs.execute(
+                    sql.SQL("ALTER INDEX {} RENAME TO {}").format(sql.Identifier(index_name), sql.Identifier(renamed))
+                )
+        _set_tracking(curs, app.name, final)
+        _delete_tracking(curs, aside_name)
+    log.info("read model rebuilt and switched", extra={"position": final})
+    return final
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
+    """Poll a predicate until it holds or the timeout passes (for tools and tests)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,308 @@
+"""FastAPI adapters: the query endpoint and the HTTP write gateway (CONTRACT.md section 5).
+
+Routes are thin: they collect the path, query string, headers and raw body, call the same
+gateways as the NATS subjects (`QueryGateway`, `CommandGateway`) and turn the envelope into a
+response with the contract's status code. Query parameters are declared for the OpenAPI
+document, but validated by the gateway so that HTTP and NATS answer alike.
+
+`HttpRole` is the `http` role's component: it serves this app with uvicorn inside the service's
+own asyncio loop, and it also registers the NATS query subscribers (the read side of a process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Annotated, Any
+
+import orjson
+import uvicorn
+from fastapi import FastAPI, Header, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from events.activity import ActivityFields
+from events.commands import parse_json_object
+from events.errors import ActivitiesError, NotFound, ValidationError, field_error
+from events.subjects import QUERY_NAMES
+from projections.queries import CursorCodec, derive_cursor_key, params_from_pairs
+from services.asyncapi import add_asyncapi_route
+from services.gateway import CommandGateway
+from services.nats_app import register_queries
+from services.queries import EventStoreReads, QueryGateway, ReadModel
+
+if TYPE_CHECKING:
+    from services.auth import TokenVerifier
+    from services.bootstrap import Runtime
+
+log = logging.getLogger("activities.http")
+
+BASE = "/api/v1/crm/activities"
+_IF_MATCH = re.compile(r'^\s*(?:W/)?"?([0-9]{1,18})"?\s*$')
+
+Authorization = Annotated[str | None, Header(description="Bearer <JWT>")]
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", description="1-200 printable characters")]
+IfMatch = Annotated[str | None, Header(alias="If-Match", description='"<version>": fail with 412 unless current')]
+ActivityId = Annotated[str, Path(description="act_ followed by a 26-character ULID")]
+
+ACTIVITY_BODY = {
+    "requestBody": {"content": {"application/json": {"schema": ActivityFields.model_json_schema()}}, "required": True}
+}
+PATCH_BODY = {
+    "requestBody": {
+        "content": {
+            "application/merge-patch+json": {"schema": {"type": "object", "description": "RFC 7396 merge patch"}}
+        },
+        "required": True,
+    }
+}
+
+
+def json_response(status: int, envelope: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    all_headers = dict(headers or {})
+    if status == 401:
+        all_headers["WWW-Authenticate"] = "Bearer"
+    return Response(orjson.dumps(envelope), status_code=status, media_type="application/json", headers=all_headers)
+
+
+def etag_headers(status: int, envelope: dict[str, Any]) -> dict[str, str]:
+    data = envelope.get("data")
+    if status < 300 and isinstance(data, dict) and "version" in data:
+        return {"ETag": f'"{data["version"]}"'}
+    return {}
+
+
+def parse_if_match(value: str | None) -> int | None:
+    """`If-Match: "<version>"` as an expected version; `*` or absent means any version."""
+    if value is None or value.strip() in ("", "*"):
+        return None
+    match = _IF_MATCH.match(value)
+    if not match:
+        raise field_error("If-Match", 'must be "<version>", e.g. "3"')
+    return int(match.group(1))
+
+
+def error_response(error: ActivitiesError) -> Response:
+    return json_response(error.http_status, error.to_envelope())
+
+
+def create_http_app(queries: QueryGateway, commands: CommandGateway) -> FastAPI:
+    """The FastAPI application over the two gateways (no state of its own)."""
+    app = FastAPI(
+        title="activities",
+        version="1",
+        description="CRM activities: queries from the read model, writes to the event store (CONTRACT.md).",
+    )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            return error_response(NotFound("no such route"))
+        error = ValidationError(str(exc.detail))
+        return json_response(exc.status_code, error.to_envelope())
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        details = [
+            {"field": str(error["loc"][-1]) if error.get("loc") else "request", "message": str(error.get("msg", ""))}
+            for error in exc.errors()
+        ]
+        return error_response(ValidationError("invalid request", details))
+
+    @app.get(BASE, summary="List activities", tags=["queries"])
+    async def list_activities(
+        request: Request,
+        authorization: Authorization = None,
+        account_id: str | None = None,
+        deal_id: str | None = None,
+        contact_id: Annotated[str | None, Query(description="matches contact_id or an element of contact_ids")] = None,
+        owner_id: str | None = None,
+        type: Annotated[list[str] | None, Query(description="repeatable")] = None,
+        status: str | None = None,
+        tag: Annotated[list[str] | None, Query(description="repeatable; all must match")] = None,
+        activity_date_from: str | None = None,
+        activity_date_to: str | None = None,
+        updated_since: str | None = None,
+        include_deleted: Annotated[str | None, Query(description="true to include deleted activities")] = None,
+        sort: Annotated[
+            str | None, Query(description="activity_date, created_at, updated_at, due_date; - for descending")
+        ] = None,
+        limit: Annotated[str | None, Query(description="1-200, default 50")] = None,
+        cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+        min_position: Annotated[str | None, Query(description="wait until the read model has this position")] = None,
+    ) -> Response:
+        status_code, envelope = await queries.list(params_from_pairs(request.query_params.multi_items()), authorization)
+        return json_response(status_code, envelope)
+
+    @app.get(BASE + "/{activity_id}", summary="Get one activity", tags=["queries"])
+    async def get_activity(
+        request: Request,
+        activity_id: ActivityId,
+        authorization: Authorization = None,
+        version: Annotated[str | None, Query(description="the activity as it was at this version")] = None,
+        include_deleted: Annotated[str | None, Query(description="true to read a deleted activity")] = None,
+        min_position: Annotated[str | None, Query(description="wait until the read model has this position")] = None,
+    ) -> Response:
+        params = params_from_pairs(request.query_params.multi_items())
+        if "id" in params:
+            return error_response(field_error("id", "is taken from the path"))
+        params["id"] = [activity_id]
+        status_code, envelope = await queries.get(params, authorization)
+        return json_response(status_code, envelope, etag_headers(status_code, envelope))
+
+    @app.get(BASE + "/{activity_id}/events", summary="An activity's event history, oldest first", tags=["queries"])
+    async def activity_events(
+        request: Request,
+        activity_id: ActivityId,
+        authorization: Authorization = None,
+        min_position: Annotated[str | None, Query(description="wait until the read model has this position")] = None,
+    ) -> Response:
+        params = params_from_pairs(request.query_params.multi_items())
+        for name in params:
+            if name != "min_position":
+                return error_response(field_error(name, "is not a parameter; expected only min_position"))
+        status_code, envelope = await queries.history(activity_id, params, authorization)
+        return json_response(status_code, envelope)
+
+    @app.post(BASE, summary="Create an activity", tags=["commands"], status_code=201, openapi_extra=ACTIVITY_BODY)
+    async def create_activity(
+        request: Request, authorization: Authorization = None, idempotency_key: IdempotencyKey = None
+    ) -> Response:
+        status_code, envelope = await commands.handle("create", await request.body(), authorization, idempotency_key)
+        return json_response(status_code, envelope, etag_headers(status_code, envelope))
+
+    async def change(
+        name: str,
+        activity_id: str,
+        body: dict[str, Any],
+        authorization: str | None,
+        idempotency_key: str | None,
+        if_match: str | None,
+    ) -> Response:
+        try:
+            expected = parse_if_match(if_match)
+        except ActivitiesError as error:
+            return error_response(error)
+        command: dict[str, Any] = {"id": activity_id, **body}
+        if expected is not None:
+            command["expected_version"] = expected
+        status_code, envelope = await commands.handle(name, command, authorization, idempotency_key)
+        if status_code == 409 and expected is not None and envelope["error"]["code"] == "version_conflict":
+            status_code = 412
+        return json_response(status_code, envelope, etag_headers(status_code, envelope))
+
+    @app.patch(BASE + "/{activity_id}", summary="Apply a JSON merge patch", tags=["commands"], openapi_extra=PATCH_BODY)
+    async def patch_activity(
+        request: Request,
+        activity_id: ActivityId,
+        authorization: Authorization = None,
+        idempotency_key: IdempotencyKey = None,
+        if_match: IfMatch = None,
+    ) -> Response:
+        try:
+            changes = parse_json_object(await request.body())
+        except ActivitiesError as error:
+            return error_response(error)
+        return await change("patch", activity_id, {"changes": changes}, authorization, idempotency_key, if_match)
+
+    @app.delete(BASE + "/{activity_id}", summary="Soft-delete an activity", tags=["commands"])
+    async def delete_activity(
+        activity_id: ActivityId,
+        authorization: Authorization = None,
+        idempotency_key: IdempotencyKey = None,
+        if_match: IfMatch = None,
+    ) -> Response:
+        return await change("delete", activity_id, {}, authorization, idempotency_key, if_match)
+
+    @app.post(BASE + "/{activity_id}/restore", summary="Restore a soft-deleted activity", tags=["commands"])
+    async def restore_activity(
+        activity_id: ActivityId,
+        authorization: Authorization = None,
+        idempotency_key: IdempotencyKey = None,
+        if_match: IfMatch = None,
+    ) -> Response:
+        return await change("restore", activity_id, {}, authorization, idempotency_key, if_match)
+
+    return app
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside the service's loop: signals belong to the composition root, not to uvicorn."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def query_gateway(runtime: Runtime, verifier: TokenVerifier) -> QueryGateway:
+    """The query gateway of a runtime (read model pool + event store reads)."""
+    assert runtime.app is not None and runtime.servers is not None
+    settings = runtime.settings
+    read_model = ReadModel(runtime.servers.database_url, settings.db_pool_size, runtime.app.name)
+    secret = settings.jwt_secret or settings.jwt_public_key or ""
+    if not secret:
+        from services.bootstrap import dev_secret
+
+        secret = dev_secret(settings.data_dir)
+    return QueryGateway(
+        verifier,
+        read_model,
+        EventStoreReads(runtime.app, runtime.executor),
+        CursorCodec(derive_cursor_key(secret)),
+        settings.consistency_wait_ms,
+    )
+
+
+class HttpRole:
+    """The read side of a process: NATS query subscribers and the HTTP server (queries + writes)."""
+
+    def __init__(self, runtime: Runtime, verifier: TokenVerifier, commands: CommandGateway) -> None:
+        assert runtime.broker is not None
+        self.runtime = runtime
+        self.queries = query_gateway(runtime, verifier)
+        register_queries(
+            runtime.broker,
+            runtime.subjects,
+            self.queries.handle_message,
+            runtime.settings.command_concurrency,
+            QUERY_NAMES,
+        )
+        self.http_app = create_http_app(self.queries, commands)
+        add_asyncapi_route(self.http_app, runtime.settings.subject_prefix)
+        self._server: _EmbeddedServer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        settings = self.runtime.settings
+        self.queries.read_model.bind_loop(asyncio.get_running_loop())
+        await self.queries.read_model.open()
+        config = uvicorn.Config(
+            self.http_app,
+            host=settings.http_host,
+            port=settings.http_port,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+        )
+        server = _EmbeddedServer(config)
+        self._server = server
+        self._task = asyncio.get_running_loop().create_task(server.serve(), name="http")
+        while not server.started:
+            if self._task.done():
+                self._task.result()
+                raise RuntimeError(f"HTTP server did not start on {settings.http_host}:{settings.http_port}")
+            await asyncio.sleep(0.01)
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        self.runtime.endpoints["http_url"] = f"http://{shown}:{port}"
+        log.info("HTTP serving", extra={"http_url": self.runtime.endpoints["http_url"]})
+
+    async def stop(self) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.queries.read_model.close()

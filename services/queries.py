@@ -1,0 +1,309 @@
+"""The query gateway: get, list and history, shared by the NATS query subjects and HTTP.
+
+Lists and current documents come only from the PostgreSQL read model (async psycopg pool);
+old versions (`version=n`) and histories come from the event store (synchronous, through the
+store's thread pool). Every read first honours `min_position` (read-your-writes) and reports
+`meta.position`, the read model's position read before the data, so the data is at least that new.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any, Final
+
+import orjson
+import psycopg
+from eventsourcing.persistence import Notification
+from psycopg.rows import dict_row
+from psycopg.types.json import set_json_loads
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from events.activity import activity_uuid, event_body
+from events.errors import ActivitiesError, Gone, InternalError, NotFound, Unavailable, field_error
+from projections.queries import (
+    READ_MODEL_TABLE,
+    TRACKING_TABLE,
+    CursorCodec,
+    GetQuery,
+    ListQuery,
+    Params,
+    build_get_sql,
+    build_history_sql,
+    build_list_sql,
+    build_position_sql,
+    keyset_of,
+    params_from_json,
+    parse_get_query,
+    parse_list_query,
+)
+from services.application import ActivitiesApplication
+from services.auth import TokenVerifier
+from services.domain import Caller, is_visible
+from services.gateway import header
+
+log = logging.getLogger("activities.queries")
+
+POLL_INTERVAL_S: Final = 0.01
+
+
+class ReadModel:
+    """Async reads of the read-model table and of its tracked position."""
+
+    def __init__(
+        self,
+        database_url: str,
+        pool_size: int,
+        application_name: str,
+        table: str = READ_MODEL_TABLE,
+    ) -> None:
+        self.table = table
+        self.application_name = application_name
+        self._pool = AsyncConnectionPool(
+            database_url,
+            min_size=1,
+            max_size=pool_size,
+            open=False,
+            timeout=5,
+            kwargs={"autocommit": True, "row_factory": dict_row},
+            configure=self._configure,
+            check=AsyncConnectionPool.check_connection,
+        )
+        self._opened = False
+        self._open_lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+
+    @staticmethod
+    async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        set_json_loads(orjson.loads, conn)
+
+    async def open(self) -> None:
+        async with self._open_lock:
+            if not self._opened:
+                await self._pool.open(wait=False)
+                self._opened = True
+
+    async def close(self) -> None:
+        if self._opened:
+            await self._pool.close()
+            self._opened = False
+
+    def notify_position(self, position: int) -> None:
+        """Called from the in-process projector's thread: wake the readers waiting for a position."""
+        try:
+            loop = self._loop
+        except AttributeError:
+            return
+        loop.call_soon_threadsafe(self._changed.set)
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    async def _fetch(self, statement: Any, params: list[Any]) -> tuple[int, list[dict[str, Any]]]:
+        """(position, rows): the position is read first, on the same connection."""
+        await self.open()
+        position_sql, position_params = build_position_sql(TRACKING_TABLE, self.application_name)
+        try:
+            async with self._pool.connection() as conn, conn.cursor() as cur:
+                await cur.execute(position_sql, position_params)
+                row = await cur.fetchone()
+                position = int(row["notification_id"]) if row and row["notification_id"] is not None else 0
+                if statement is None:
+                    return position, []
+                await cur.execute(statement, params)
+                return position, list(await cur.fetchall())
+        except psycopg.errors.UndefinedTable:
+            return 0, []  # the projector has not created the read model yet: nothing is there
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise Unavailable("the read model is unavailable; retry") from exc
+
+    async def position(self) -> int:
+        position, _ = await self._fetch(None, [])
+        return position
+
+    async def wait_for(self, min_position: int | None, timeout_s: float) -> None:
+        """Return once the read model has applied `min_position`, or raise `unavailable`."""
+        if min_position is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._changed.clear()
+            if await self.position() >= min_position:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Unavailable(
+                    f"the read model has not reached position {min_position} yet; retry",
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(POLL_INTERVAL_S, remaining))
+
+    async def get(self, activity_id: str, caller: Caller) -> tuple[int, dict[str, Any] | None]:
+        statement, params = build_get_sql(self.table, activity_id, caller)
+        position, rows = await self._fetch(statement, params)
+        return position, (rows[0]["document"] if rows else None)
+
+    async def page(
+        self, query: ListQuery, caller: Caller, codec: CursorCodec
+    ) -> tuple[int, list[dict[str, Any]], str | None]:
+        """(position, documents, next cursor) of one page."""
+        after = codec.decode(query.cursor, query, caller) if query.cursor else None
+        statement, params = build_list_sql(self.table, query, caller, after)
+        position, rows = await self._fetch(statement, params)
+        next_cursor = None
+        if len(rows) > query.limit:
+            rows = rows[: query.limit]
+            next_cursor = codec.encode(keyset_of(rows[-1], query.sort), query, caller)
+        return position, [row["document"] for row in rows], next_cursor
+
+
+class EventStoreReads:
+    """Old versions and histories, read from the event store on its thread pool."""
+
+    def __init__(self, app: ActivitiesApplication, executor: Executor) -> None:
+        self.app = app
+        self._executor = executor
+
+    async def _run(self, function: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        except (psycopg.OperationalError, OSError) as exc:
+            raise Unavailable("the event store is unavailable; retry") from exc
+
+    def _version(self, activity_id: str, version: int) -> dict[str, Any] | None:
+        activity = self.app.load(activity_uuid(activity_id), version=version)
+        if activity is None or activity.version != version:
+            return None
+        return activity.document
+
+    async def version(self, activity_id: str, version: int) -> dict[str, Any] | None:
+        """The document as it was at a version, or None when there is no such version."""
+        result: dict[str, Any] | None = await self._run(self._version, activity_id, version)
+        return result
+
+    def _history(self, activity_id: str) -> list[tuple[Any, int]]:
+        recorder = self.app.recorder
+        statement = build_history_sql(recorder.events_table_name)  # type: ignore[attr-defined]
+        with recorder.datastore.get_connection() as conn, conn.cursor() as curs:  # type: ignore[attr-defined]
+            curs.execute(statement, (activity_uuid(activity_id),))
+            rows = curs.fetchall()
+        notifications = [
+            Notification(
+                id=row["notification_id"],
+                originator_id=row["originator_id"],
+                originator_version=row["originator_version"],
+                topic=row["topic"],
+                state=bytes(row["state"]),
+            )
+            for row in rows
+        ]
+        return [(self.app.mapper.to_domain_event(n), n.id) for n in notifications]
+
+    async def history(self, activity_id: str) -> list[tuple[Any, int]]:
+        """(event, position) of every stored event of an activity, oldest first."""
+        result: list[tuple[Any, int]] = await self._run(self._history, activity_id)
+        return result
+
+
+Reply = tuple[int, dict[str, Any]]
+
+
+class QueryGateway:
+    """Authenticates, parses and answers queries; every outcome becomes one reply envelope."""
+
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        read_model: ReadModel,
+        store: EventStoreReads,
+        codec: CursorCodec,
+        consistency_wait_ms: int,
+    ) -> None:
+        self._verifier = verifier
+        self.read_model = read_model
+        self._store = store
+        self._codec = codec
+        self._wait_s = consistency_wait_ms / 1000
+
+    async def _guard(self, name: str, work: Callable[[], Any]) -> Reply:
+        try:
+            result: Reply = await work()
+            return result
+        except ActivitiesError as error:
+            return error.http_status, error.to_envelope()
+        except Exception:
+            correlation_id = uuid.uuid4().hex
+            log.exception("query failed", extra={"correlation_id": correlation_id, "query": name})
+            internal = InternalError(f"internal error; correlation id {correlation_id}")
+            return internal.http_status, internal.to_envelope()
+
+    async def get(self, params: Params, authorization: str | None) -> Reply:
+        """One activity: current from the read model, or `version=n` from the store."""
+
+        async def work() -> Reply:
+            caller = self._verifier.verify(authorization)
+            query = parse_get_query(params)
+            await self.read_model.wait_for(query.min_position, self._wait_s)
+            return await self._get(query, caller)
+
+        return await self._guard("get", work)
+
+    async def _get(self, query: GetQuery, caller: Caller) -> Reply:
+        position, document = await self.read_model.get(query.id, caller)
+        if query.version is not None:
+            document = await self._store.version(query.id, query.version)
+            if document is not None and not is_visible(document, caller):
+                document = None
+        if document is None:
+            suffix = f" at version {query.version}" if query.version is not None else ""
+            raise NotFound(f"activity {query.id}{suffix} not found")
+        if document["is_deleted"] and not query.include_deleted:
+            raise Gone(f"activity {query.id} is deleted; restore it, or read it with include_deleted=true")
+        return 200, {"data": document, "meta": {"position": position}}
+
+    async def list(self, params: Params, authorization: str | None) -> Reply:
+        """One page of the caller's activities matching the filters, in the sort order."""
+
+        async def work() -> Reply:
+            caller = self._verifier.verify(authorization)
+            query = parse_list_query(params)
+            await self.read_model.wait_for(query.min_position, self._wait_s)
+            position, documents, next_cursor = await self.read_model.page(query, caller, self._codec)
+            return 200, {"data": documents, "meta": {"next_cursor": next_cursor, "position": position}}
+
+        return await self._guard("list", work)
+
+    async def history(self, activity_id: str, params: Params, authorization: str | None) -> Reply:
+        """An activity's events, oldest first, as CONTRACT.md section 4 bodies."""
+
+        async def work() -> Reply:
+            caller = self._verifier.verify(authorization)
+            query = parse_get_query({**params, "id": [activity_id]})
+            await self.read_model.wait_for(query.min_position, self._wait_s)
+            position = await self.read_model.position()
+            events = await self._store.history(query.id)
+            if not events or not is_visible(events[-1][0].document, caller):
+                raise NotFound(f"activity {activity_id} not found")
+            return 200, {"data": [event_body(e, p) for e, p in events], "meta": {"position": position}}
+
+        return await self._guard("history", work)
+
+    async def handle_message(self, name: str, body: bytes, headers: dict[str, str]) -> Reply:
+        """The NATS entry (`query.get`, `query.list`): the body is a JSON object of parameters."""
+        authorization = header(headers, "Authorization")
+        try:
+            data = orjson.loads(body) if body else {}
+        except orjson.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict):
+            error = field_error("body", "must be a JSON object of query parameters")
+            return error.http_status, error.to_envelope()
+        params = params_from_json(data)
+        if name == "get":
+            return await self.get(params, authorization)
+        return await self.list(params, authorization)
