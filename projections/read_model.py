@@ -203,6 +203,7 @@ class Projector:
             await loop.run_in_executor(None, thread.join, 10)
         if self._datastore is not None:
             self._datastore.close()
+            self._datastore = None  # a restarted projector (a regained leadership) opens a fresh pool
 
     # processing ---------------------------------------------------------------------------
 

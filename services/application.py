@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,7 +38,8 @@ log = logging.getLogger("activities.application")
 
 APP_NAME = "Activities"
 IDEMPOTENCY_TABLE = "activities_idempotency"
-_MAX_SOLO_ATTEMPTS = 5
+_BATCH_ATTEMPTS = 3
+_SOLO_ATTEMPTS = 12
 
 
 @dataclass(frozen=True)
@@ -228,33 +231,35 @@ class CommandService:
     def _execute(self, requests: Sequence[CommandRequest]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(requests)
         first, later = _split_repeated_keys(requests)
-        self._replay_known_keys(requests, first, outcomes)
-        batch = [i for i in first if outcomes[i] is None]
-        try:
-            self._decide_and_save(requests, batch, outcomes)
-        except IntegrityError:
-            log.info("batch conflicted; retrying its commands one by one", extra={"size": len(batch)})
-            for i in batch:
-                outcomes[i] = None
-            later = sorted(batch + later)
+        if not self._attempt(requests, first, outcomes, _BATCH_ATTEMPTS):
+            log.info("batch kept conflicting; retrying its commands one by one", extra={"size": len(first)})
+            later = sorted(first + later)
         for i in later:
-            self._execute_alone(requests, i, outcomes)
-        return [o if o is not None else ActivitiesError("no outcome") for o in outcomes]
+            if not self._attempt(requests, [i], outcomes, _SOLO_ATTEMPTS):
+                outcomes[i] = Unavailable("the activity is being changed concurrently; retry")
+        return [o if o is not None else InternalError("no outcome") for o in outcomes]
 
     # Steps ----------------------------------------------------------------------------------
 
-    def _execute_alone(self, requests: Sequence[CommandRequest], i: int, outcomes: list[Outcome | None]) -> None:
-        for _ in range(_MAX_SOLO_ATTEMPTS):
-            outcomes[i] = None
-            self._replay_known_keys(requests, [i], outcomes)
-            if outcomes[i] is not None:
-                return
+    def _attempt(
+        self, requests: Sequence[CommandRequest], indexes: list[int], outcomes: list[Outcome | None], attempts: int
+    ) -> bool:
+        """Decide and save `indexes` in one transaction; on a write conflict (another process wrote
+        one of the activities, or the same key, since we read it) read again and retry, with jitter."""
+        for attempt in range(attempts):
+            for i in indexes:
+                outcomes[i] = None
+            self._replay_known_keys(requests, indexes, outcomes)
             try:
-                self._decide_and_save(requests, [i], outcomes)
-                return
+                self._decide_and_save(requests, [i for i in indexes if outcomes[i] is None], outcomes)
+                return True
             except IntegrityError:
-                self._evict(requests[i])
-        outcomes[i] = Unavailable("the activity is being changed concurrently; retry")
+                for i in indexes:
+                    self._evict(requests[i])
+                time.sleep(random.uniform(0, 0.002 * 2**attempt))
+        for i in indexes:
+            outcomes[i] = None
+        return False
 
     def _evict(self, request: CommandRequest) -> None:
         """Forget a cached activity that lost a race, so the next attempt reads the store."""

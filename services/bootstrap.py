@@ -29,6 +29,7 @@ from services.auth import TokenVerifier
 from services.config import Settings
 from services.embedded import EmbeddedNats, EmbeddedPostgres
 from services.gateway import CommandGateway
+from services.leadership import SingleActive
 from services.nats_app import RequestServer
 from services.read_side import read_side_components
 
@@ -167,9 +168,8 @@ class Runtime:
         if "commands" in self.roles:
             self.components.append(CommandsRole(self.broker, self.subjects, gateway, settings.command_concurrency))
         if "relay" in self.roles:  # independent of NATS commands: reads the store, publishes to JetStream
-            self.components.append(
-                Relay(self.app, settings, self.servers.nats_url, self.servers.database_url, self.executor)
-            )
+            relay = Relay(self.app, settings, self.servers.nats_url, self.servers.database_url, self.executor)
+            self.components.append(SingleActive(relay, self.servers.database_url, "activities:relay"))
         self.components += read_side_components(self, verifier, gateway)  # projector, http (+ NATS queries)
         self.batcher.start()
         await self.broker.start()

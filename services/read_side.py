@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from projections.read_model import Projector
 from services.http_app import HttpRole
+from services.leadership import SingleActive
 
 if TYPE_CHECKING:
     from services.auth import TokenVerifier
@@ -26,7 +27,7 @@ def read_side_components(runtime: Runtime, verifier: TokenVerifier, commands: Co
     projector: Projector | None = None
     if "projector" in runtime.roles:
         projector = Projector(runtime.app, runtime.servers.database_url)
-        components.append(projector)
+        components.append(SingleActive(projector, runtime.servers.database_url, "activities:projector"))
     if "http" in runtime.roles:
         http = HttpRole(runtime, verifier, commands)
         if projector is not None:

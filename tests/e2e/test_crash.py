@@ -5,10 +5,6 @@ command, the read model equals a replay of the store, and the stream holds each 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,50 +17,11 @@ import pytest
 from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
 
 from services.config import Settings
+from tests.e2e.processes import ServiceProcess
 
 pytestmark = pytest.mark.slow
 
-ACTIVITIES = str(Path(sys.executable).parent / "activities")
 OPERATIONS = 1000  # each one create and one patch: 2,000 commands
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACTIVITIES_")}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"ACTIVITIES_{name.upper()}"] = str(value)
-    env["ACTIVITIES_LOG_LEVEL"] = "WARNING"
-    return env
-
-
-class ServiceProcess:
-    """`activities serve` as users run it, restartable."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        endpoints = self.settings.data_dir / "endpoints.json"
-        endpoints.unlink(missing_ok=True)
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
-        log = (self.settings.data_dir / "service.log").open("ab")
-        self.process = subprocess.Popen([ACTIVITIES, "serve"], env=settings_env(self.settings), stdout=log, stderr=log)
-        deadline = time.monotonic() + 60
-        while not endpoints.exists():
-            assert self.process.poll() is None, "the service exited; see service.log"
-            assert time.monotonic() < deadline, "the service did not start"
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(30)
 
 
 async def until_answered(nc: Any, subject: str, body: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:

@@ -14,14 +14,22 @@ import pytest
 from psycopg.rows import dict_row
 
 from projections.read_model import Projector
+from services.leadership import SingleActive
 from services.bootstrap import Runtime
 from services.cli import main
 
 Send = Callable[..., Any]
 
 
+def active_projector(runtime: Runtime) -> SingleActive:
+    """The projector role's wrapper: one active projector per store (advisory lock)."""
+    return next(c for c in runtime.components if isinstance(c, SingleActive) and c.name == "activities:projector")
+
+
 def projector_of(runtime: Runtime) -> Projector:
-    return next(c for c in runtime.components if isinstance(c, Projector))
+    inner = active_projector(runtime).inner
+    assert isinstance(inner, Projector)
+    return inner
 
 
 def db(runtime: Runtime) -> psycopg.Connection[dict[str, Any]]:
@@ -130,8 +138,7 @@ async def test_projector_resumes_from_its_tracked_position_exactly_once(
         assert {row["id"]: row for row in rows(runtime)} == table
     finally:
         await resumed.stop()
-        runtime.components.remove(projector)
-        runtime.components.append(resumed)  # stopped twice is harmless; keep the runtime's shape
+        active_projector(runtime).inner = resumed  # stopped twice is harmless; keep the runtime's shape
 
 
 async def test_projector_and_reads_survive_dropped_connections(runtime: Runtime, request_command: Send) -> None:

@@ -23,9 +23,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest_asyncio.fixture
-async def own_postgres(tmp_path: Path) -> AsyncIterator[EmbeddedPostgres]:
-    """A PostgreSQL of this test's own, so that it can be stopped."""
-    server = EmbeddedPostgres(tmp_path / "pg", fsync=False)
+async def own_postgres(test_root: Path) -> AsyncIterator[EmbeddedPostgres]:
+    """A PostgreSQL of this test's own, so that it can be stopped (outside pytest's 0700 tmp dirs)."""
+    server = EmbeddedPostgres(test_root / f"pg-{uuid.uuid4().hex[:8]}", fsync=False)
     await asyncio.get_running_loop().run_in_executor(None, server.start)
     yield server
     server.stop()
