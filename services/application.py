@@ -380,7 +380,15 @@ class CommandBatcher:
     Replies resolve only after the batch's transaction has committed.
     """
 
-    def __init__(self, service: CommandService, executor: Any, max_size: int = 200, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        service: CommandService,
+        executor: Any,
+        max_size: int = 200,
+        timeout_s: float = 5.0,
+        on_batch: Any = None,
+    ) -> None:
+        self._on_batch = on_batch or (lambda size: None)  # e.g. the batch-size histogram
         self._service = service
         self._executor = executor
         self._max_size = max_size
@@ -433,6 +441,7 @@ class CommandBatcher:
                 outcomes = [error for _ in batch]
             self.batches += 1
             self.commands += len(batch)
+            self._on_batch(len(batch))
             for (_, future), outcome in zip(batch, outcomes, strict=True):
                 if not future.done():
                     future.set_result(outcome)

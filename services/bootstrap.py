@@ -30,6 +30,7 @@ from services.config import Settings
 from services.embedded import EmbeddedNats, EmbeddedPostgres
 from services.gateway import CommandGateway
 from services.leadership import SingleActive
+from services.metrics import Metrics, Operations
 from services.nats_app import RequestServer
 from services.read_side import read_side_components
 
@@ -146,6 +147,8 @@ class Runtime:
         self.broker: NatsBroker | None = None
         self.batcher: CommandBatcher | None = None
         self.components: list[Component] = []
+        self.metrics = Metrics()
+        self.operations: Operations | None = None
         self.endpoints: dict[str, Any] = {}
 
     async def start(self) -> None:
@@ -163,8 +166,13 @@ class Runtime:
             log_level=logging.DEBUG,  # per-message access logs only when debugging
         )
         service = CommandService(self.app)
-        self.batcher = CommandBatcher(service, self.executor, settings.batch_max_size, settings.request_timeout_s)
-        gateway = CommandGateway(verifier, self.batcher)
+        self.batcher = CommandBatcher(
+            service, self.executor, settings.batch_max_size, settings.request_timeout_s, self.metrics.batch_size.observe
+        )
+        gateway = CommandGateway(verifier, self.batcher, self.metrics)
+        self.operations = Operations(self.metrics, self.servers.database_url, self.app.name)
+        self.operations.pools["event_store"] = self.app.activities_recorder.datastore.pool
+        self.operations.nats_connected = self._nats_connected
         if "commands" in self.roles:
             self.components.append(CommandsRole(self.broker, self.subjects, gateway, settings.command_concurrency))
         if "relay" in self.roles:  # independent of NATS commands: reads the store, publishes to JetStream
@@ -182,6 +190,12 @@ class Runtime:
             "database_url": self.servers.database_url,
         }
         self._write_endpoints()
+
+    def _nats_connected(self) -> bool:
+        try:
+            return self.broker is not None and bool(self.broker.connection.is_connected)
+        except Exception:  # not connected yet
+            return False
 
     def _write_endpoints(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)

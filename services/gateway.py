@@ -8,6 +8,7 @@ exactly one reply per request, whatever was sent.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from events.commands import (
@@ -23,6 +24,7 @@ from events.activity import valid_traceparent
 from events.errors import ActivitiesError, field_error
 from services.application import CommandBatcher, CommandRequest, CommandResult, internal_error
 from services.auth import TokenVerifier
+from services.metrics import Metrics
 
 log = logging.getLogger("activities.gateway")
 
@@ -46,9 +48,10 @@ def check_idempotency_key(key: str | None) -> str | None:
 class CommandGateway:
     """Authenticates, parses and submits commands; maps every outcome to the reply envelope."""
 
-    def __init__(self, verifier: TokenVerifier, batcher: CommandBatcher) -> None:
+    def __init__(self, verifier: TokenVerifier, batcher: CommandBatcher, metrics: Metrics | None = None) -> None:
         self._verifier = verifier
         self._batcher = batcher
+        self._metrics = metrics or Metrics()
 
     async def handle(
         self,
@@ -59,6 +62,7 @@ class CommandGateway:
         traceparent: str | None = None,
     ) -> tuple[int, dict[str, Any]]:
         """(HTTP-style status, envelope) of one command."""
+        started = time.perf_counter()
         try:
             caller = self._verifier.verify(authorization)
             key = check_idempotency_key(idempotency_key)
@@ -72,7 +76,9 @@ class CommandGateway:
         except Exception:
             outcome = internal_error(f"command {name} failed")
         if isinstance(outcome, CommandResult):
+            self._metrics.command_done(name, "ok", started)
             return (201 if name == "create" else 200), outcome.envelope()
+        self._metrics.command_done(name, outcome.code, started)
         return outcome.http_status, outcome.to_envelope()
 
     async def handle_message(self, name: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -22,6 +23,7 @@ import orjson
 import uvicorn
 from fastapi import FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from events.activity import ActivityFields
@@ -31,12 +33,13 @@ from events.subjects import QUERY_NAMES
 from projections.queries import CursorCodec, derive_cursor_key, params_from_pairs
 from services.asyncapi import add_asyncapi_route
 from services.gateway import CommandGateway
-from services.nats_app import register_queries
+from services.nats_app import RequestServer
 from services.queries import EventStoreReads, QueryGateway, ReadModel
 
 if TYPE_CHECKING:
     from services.auth import TokenVerifier
     from services.bootstrap import Runtime
+    from services.metrics import Operations
 
 log = logging.getLogger("activities.http")
 
@@ -171,7 +174,9 @@ def create_http_app(queries: QueryGateway, commands: CommandGateway) -> FastAPI:
     async def create_activity(
         request: Request, authorization: Authorization = None, idempotency_key: IdempotencyKey = None
     ) -> Response:
-        status_code, envelope = await commands.handle("create", await request.body(), authorization, idempotency_key)
+        status_code, envelope = await commands.handle(
+            "create", await request.body(), authorization, idempotency_key, request.headers.get("traceparent")
+        )
         return json_response(status_code, envelope, etag_headers(status_code, envelope))
 
     async def change(
@@ -229,6 +234,34 @@ def create_http_app(queries: QueryGateway, commands: CommandGateway) -> FastAPI:
     return app
 
 
+def add_operations_routes(app: FastAPI, operations: Operations) -> None:
+    """/metrics (Prometheus), /healthz (the process answers), /readyz (database, NATS, lag)."""
+    metrics = operations.metrics
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next: Any) -> Response:
+        started = time.perf_counter()
+        response: Response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.http_requests.labels(request.method, path, str(response.status_code)).inc()
+        metrics.http_seconds.labels(request.method, path).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(await operations.scrape(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz", tags=["operations"], summary="The process is alive")
+    async def healthz() -> Response:
+        return json_response(200, {"status": "ok"})
+
+    @app.get("/readyz", tags=["operations"], summary="Ready to serve: database, NATS and projection lag")
+    async def readyz() -> Response:
+        ready, checks = await operations.readiness()
+        return json_response(200 if ready else 503, {"status": "ready" if ready else "not ready", "checks": checks})
+
+
 class _EmbeddedServer(uvicorn.Server):
     """uvicorn inside the service's loop: signals belong to the composition root, not to uvicorn."""
 
@@ -263,15 +296,12 @@ class HttpRole:
         assert runtime.broker is not None
         self.runtime = runtime
         self.queries = query_gateway(runtime, verifier)
-        register_queries(
-            runtime.broker,
-            runtime.subjects,
-            self.queries.handle_message,
-            runtime.settings.command_concurrency,
-            QUERY_NAMES,
-        )
+        self._nats_queries = RequestServer(self.queries.handle_message, runtime.settings.command_concurrency)
         self.http_app = create_http_app(self.queries, commands)
         add_asyncapi_route(self.http_app, runtime.settings.subject_prefix)
+        if runtime.operations is not None:
+            runtime.operations.pools["read_model"] = self.queries.read_model.pool
+            add_operations_routes(self.http_app, runtime.operations)
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -279,6 +309,11 @@ class HttpRole:
         settings = self.runtime.settings
         self.queries.read_model.bind_loop(asyncio.get_running_loop())
         await self.queries.read_model.open()
+        assert self.runtime.broker is not None
+        connection = self.runtime.broker.connection
+        for name in QUERY_NAMES:
+            await self._nats_queries.serve(connection, self.runtime.subjects.query(name), name)
+        await connection.flush()
         config = uvicorn.Config(
             self.http_app,
             host=settings.http_host,
@@ -301,6 +336,7 @@ class HttpRole:
         log.info("HTTP serving", extra={"http_url": self.runtime.endpoints["http_url"]})
 
     async def stop(self) -> None:
+        await self._nats_queries.drain()
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
             with contextlib.suppress(asyncio.CancelledError):

@@ -1,7 +1,7 @@
-"""FastStream NATS adapters: each subscriber reads the raw message, calls a gateway, replies.
+"""NATS request/reply adapter: each request is read raw, handed to a gateway, and answered.
 
-No rules and no SQL here. Bodies are read raw (not through FastStream's decoder) so that a body
-that is not JSON still gets the contract's `validation_error` reply instead of a timeout.
+No rules and no SQL here. Bodies are read raw (not through a decoder) so that a body that is not
+JSON still gets the contract's `validation_error` reply instead of a timeout.
 """
 
 from __future__ import annotations
@@ -12,59 +12,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from faststream.nats import NatsBroker, NatsMessage, NatsResponse
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from events.subjects import COMMAND_NAMES, COMMAND_QUEUE, Subjects
+from events.subjects import COMMAND_QUEUE
+from services.application import internal_error
 
 Handler = Callable[[str, bytes, dict[str, str]], Awaitable[tuple[int, dict[str, Any]]]]
 
 JSON_HEADERS = {"Content-Type": "application/json"}
-
-
-def reply(envelope: dict[str, Any]) -> NatsResponse:
-    return NatsResponse(body=orjson.dumps(envelope), headers=JSON_HEADERS)
-
-
-def _subscriber(name: str, handler: Handler) -> Callable[[NatsMessage], Awaitable[NatsResponse]]:
-    async def handle(message: NatsMessage) -> NatsResponse:
-        _, envelope = await handler(name, message.body, message.headers or {})
-        return reply(envelope)
-
-    handle.__name__ = f"handle_{name}"
-    return handle
-
-
-COMMAND_DOCS = {
-    "create": "Log a new activity. Body: the client-settable fields of an Activity.",
-    "patch": 'Apply a JSON Merge Patch: {"id", "expected_version"?, "changes"}.',
-    "delete": 'Soft-delete an activity: {"id", "expected_version"?}.',
-    "restore": 'Restore a soft-deleted activity: {"id", "expected_version"?}.',
-}
-
-
-def register_commands(broker: NatsBroker, subjects: Subjects, handler: Handler, concurrency: int) -> None:
-    """One subscriber per command subject, in the shared queue group."""
-    for name in COMMAND_NAMES:
-        broker.subscriber(
-            subjects.command(name),
-            queue=COMMAND_QUEUE,
-            max_workers=concurrency,
-            title=subjects.command(name),
-            description=COMMAND_DOCS[name],
-        )(_subscriber(name, handler))
-
-
-def register_queries(
-    broker: NatsBroker, subjects: Subjects, handler: Handler, concurrency: int, names: tuple[str, ...]
-) -> None:
-    """One subscriber per query subject, in the shared queue group."""
-    for name in names:
-        broker.subscriber(
-            subjects.query(name), queue=COMMAND_QUEUE, max_workers=concurrency, title=subjects.query(name)
-        )(_subscriber(name, handler))
 
 
 class RequestServer:
@@ -73,7 +30,8 @@ class RequestServer:
     Measured on this machine, FastStream's per-message pipeline (context, logging middleware,
     dependency injection) cost about 400 µs of CPU per command, three quarters of the service's
     CPU per create; the hot request subjects therefore use the broker's nats-py connection
-    directly. They are still declared to FastStream (`register_commands`) for the AsyncAPI document.
+    directly. FastStream still owns the connection (the runtime's `NatsBroker`) and documents the
+    subjects (services/asyncapi.py builds the AsyncAPI document from a documentation-only broker).
     """
 
     def __init__(self, handler: Handler, concurrency: int) -> None:
@@ -93,7 +51,10 @@ class RequestServer:
 
     async def _respond(self, connection: NatsClient, name: str, message: Msg) -> None:
         try:
-            _, envelope = await self._handler(name, message.data, message.headers or {})
+            try:
+                _, envelope = await self._handler(name, message.data, message.headers or {})
+            except Exception:  # a bug in a gateway: still exactly one reply
+                envelope = internal_error(f"request {name} failed").to_envelope()
             if message.reply:
                 await connection.publish(message.reply, orjson.dumps(envelope), headers=JSON_HEADERS)
         finally:

@@ -82,6 +82,10 @@ class ReadModel:
     async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
         set_json_loads(orjson.loads, conn)
 
+    @property
+    def pool(self) -> AsyncConnectionPool[Any]:
+        return self._pool
+
     async def open(self) -> None:
         async with self._open_lock:
             if not self._opened:

@@ -1,0 +1,480 @@
+"""The tracked relay: every stored event, in log order, to JetStream (CONTRACT.md section 4).
+
+The event store is the source of truth; the relay only reads it. It keeps its own position
+(the last notification id it knows to be on the stream) in `activities_relay_tracking`, reads
+the log after it a page at a time, publishes the page with many acks in flight, and records the
+new position only once every message up to it is acknowledged. A crash between a publish and
+the recording therefore republishes, and the stream's duplicate window (`Nats-Msg-Id:
+<activity_id>:<version>`) drops the repeats: at least once on the wire, exactly once on the stream.
+
+Order. Messages on one NATS connection reach the server in publish order, but with acks in flight
+a lost message can be followed by later ones that are stored (nats-py flushes its reconnect
+buffer after a drop), and republishing the lost one would then store it after them. To make
+that impossible every message after the first of a publishing session carries
+`Nats-Expected-Last-Msg-Id` = the id of the message before it, so the server refuses anything
+that does not directly follow its predecessor: the stream is always a prefix of the log, in log
+order (hence also in version order per activity). The server checks duplicates before that
+expectation (checked against nats-server 2.15), so republishing a stored tail still acks as
+duplicates. A session starts again, without the expectation, after any failure.
+
+Failure. NATS down or slow: acks time out, the relay backs off (capped), reconnects and
+resumes from its position; commands are untouched because they never wait for the relay.
+PostgreSQL down: reads and the tracking write fail, the relay backs off and retries. It wakes on
+the store's LISTEN/NOTIFY channel and also polls, so a lost LISTEN connection only adds latency.
+
+The relay assumes it is the only publisher to the stream and that one relay runs per stream
+(see README: one active relay; standbys).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, Final
+
+import nats
+import orjson
+import psycopg
+from eventsourcing.persistence import Notification
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.api import PubAck, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+from psycopg.sql import SQL, Identifier
+
+from events.activity import EVENT_KINDS, ActivityEvent, event_body, event_type_name
+from events.subjects import Subjects
+from services.application import ActivitiesApplication
+from services.config import Settings
+
+log = logging.getLogger("activities.relay")
+
+TRACKING_TABLE: Final = "activities_relay_tracking"
+RELAY_NAME: Final = "jetstream"
+MIN_DUPLICATE_WINDOW_S: Final = 120.0
+
+MSG_ID: Final = "Nats-Msg-Id"
+EXPECTED_LAST_MSG_ID: Final = "Nats-Expected-Last-Msg-Id"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure parts: the stream's configuration and each outgoing message
+# ---------------------------------------------------------------------------------------------
+
+
+def stream_config(settings: Settings) -> StreamConfig:
+    """The stream the contract asks for: all events, file storage, a dedup window of >= 2 minutes."""
+    return StreamConfig(
+        name=settings.stream_name,
+        subjects=[Subjects(settings.subject_prefix).all_events],
+        retention=RetentionPolicy(settings.stream_retention),
+        storage=StorageType.FILE,
+        num_replicas=settings.stream_replicas,
+        duplicate_window=max(settings.stream_duplicate_window_s, MIN_DUPLICATE_WINDOW_S),
+        description="Activity events (CONTRACT.md section 4), published by the activities relay",
+    )
+
+
+def config_changes(current: StreamConfig, wanted: StreamConfig) -> dict[str, Any]:
+    """The fields of `wanted` the relay owns that differ in `current` (empty: nothing to update)."""
+    owned = ("subjects", "retention", "num_replicas", "duplicate_window")
+    return {name: getattr(wanted, name) for name in owned if getattr(current, name) != getattr(wanted, name)}
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One event as a JetStream message, with the log position it came from."""
+
+    position: int
+    subject: str
+    msg_id: str
+    headers: dict[str, str]
+    payload: bytes
+
+
+def outgoing(subjects: Subjects, event: ActivityEvent, position: int) -> Outgoing:
+    """The contract's subject, headers and body of a stored event."""
+    body = event_body(event, position)
+    type_name = event_type_name(event)
+    activity_id = str(body["activity_id"])
+    version = int(body["version"])
+    msg_id = f"{activity_id}:{version}"
+    headers = {
+        MSG_ID: msg_id,
+        "Activity-Id": activity_id,
+        "Activity-Version": str(version),
+        "Event-Type": type_name,
+        "Content-Type": "application/json",
+    }
+    if getattr(event, "traceparent", None):  # the W3C trace context of the command that caused it
+        headers["traceparent"] = str(event.traceparent)
+    subject = subjects.event(str(body["tenant_id"]), EVENT_KINDS[type_name])
+    return Outgoing(position, subject, msg_id, headers, orjson.dumps(body))
+
+
+def chained_headers(message: Outgoing, previous_msg_id: str | None) -> dict[str, str]:
+    """The headers to send: the message's own, plus the expectation that it follows `previous_msg_id`."""
+    if previous_msg_id is None:
+        return dict(message.headers)
+    return {**message.headers, EXPECTED_LAST_MSG_ID: previous_msg_id}
+
+
+@dataclass
+class Backoff:
+    """Capped exponential back-off between failed attempts."""
+
+    initial_s: float = 0.1
+    max_s: float = 5.0
+    current_s: float = 0.0
+
+    def next(self) -> float:
+        self.current_s = min(self.max_s, self.current_s * 2 if self.current_s else self.initial_s)
+        return self.current_s
+
+    def reset(self) -> None:
+        self.current_s = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL: the log and the relay's position (synchronous; called through a thread pool)
+# ---------------------------------------------------------------------------------------------
+
+
+class RelayStore:
+    """Reads the event store's log and keeps the relay's position next to it."""
+
+    def __init__(self, app: ActivitiesApplication, subjects: Subjects, name: str = RELAY_NAME) -> None:
+        self.app = app
+        self.subjects = subjects
+        self.name = name
+        datastore = app.activities_recorder.datastore
+        table = SQL("{}.{}").format(Identifier(datastore.schema), Identifier(TRACKING_TABLE))
+        self._create = SQL(
+            "CREATE TABLE IF NOT EXISTS {table} (name text PRIMARY KEY, position bigint NOT NULL, "
+            "updated_at timestamptz NOT NULL DEFAULT now())"
+        ).format(table=table)
+        self._select = SQL("SELECT position FROM {table} WHERE name = %s").format(table=table)
+        # GREATEST: a position never goes back, even if an old relay saves late.
+        self._upsert = SQL(
+            "INSERT INTO {table} AS t (name, position) VALUES (%s, %s) ON CONFLICT (name) DO UPDATE "
+            "SET position = GREATEST(t.position, EXCLUDED.position), updated_at = now()"
+        ).format(table=table)
+
+    def ensure_table(self) -> None:
+        with self.app.activities_recorder.datastore.transaction(commit=True) as curs:
+            curs.execute(self._create)
+
+    def load_position(self) -> int:
+        """The last position known to be on the stream (0: nothing yet)."""
+        self.ensure_table()
+        with self.app.activities_recorder.datastore.transaction(commit=False) as curs:
+            curs.execute(self._select, (self.name,))
+            row = curs.fetchone()
+        return int(row["position"]) if row else 0
+
+    def save_position(self, position: int) -> None:
+        with self.app.activities_recorder.datastore.transaction(commit=True) as curs:
+            curs.execute(self._upsert, (self.name, position))
+
+    def read(self, after: int, limit: int) -> list[Outgoing]:
+        """The next `limit` events after a position, as messages, in log order."""
+        notifications: Sequence[Notification] = self.app.recorder.select_notifications(
+            after, limit, inclusive_of_start=False
+        )
+        mapper = self.app.mapper
+        return [outgoing(self.subjects, mapper.to_domain_event(n), n.id) for n in notifications]  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# NATS: the stream and one publishing session
+# ---------------------------------------------------------------------------------------------
+
+
+async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
+    """Create the stream, or bring the fields the relay owns up to date."""
+    assert wanted.name is not None
+    try:
+        info = await js.stream_info(wanted.name)
+    except NotFoundError:
+        await js.add_stream(wanted)
+        log.info("created stream", extra={"stream": wanted.name})
+        return
+    changes = config_changes(info.config, wanted)
+    if info.config.storage != wanted.storage:
+        log.warning(
+            "stream storage differs from the contract's file storage; not changed", extra={"stream": wanted.name}
+        )
+    if changes:
+        await js.update_stream(dataclasses.replace(info.config, **changes))
+        log.info("updated stream", extra={"stream": wanted.name, "fields": sorted(changes)})
+
+
+class PublishInterrupted(Exception):
+    """Only a prefix of a page was acknowledged; the rest is published again later."""
+
+
+@dataclass
+class RelayStats:
+    """Counters, for tests, metrics and the benchmark."""
+
+    position: int = 0
+    published: int = 0
+    duplicates: int = 0
+    failures: int = 0
+    last_error: str | None = None
+
+
+@dataclass
+class PublishOutcome:
+    """How many leading messages of a page were acknowledged, and why the rest were not."""
+
+    acked: int
+    duplicates: int
+    error: BaseException | None = None
+
+
+async def publish_in_order(
+    js: JetStreamContext, messages: Sequence[Outgoing], previous_msg_id: str | None, ack_timeout_s: float
+) -> PublishOutcome:
+    """Publish a page with every ack in flight at once, each chained to its predecessor.
+
+    Returns the length of the acknowledged prefix: a message counts only if every message
+    before it in the page was acknowledged too.
+    """
+    futures: list[asyncio.Future[PubAck]] = []
+    error: BaseException | None = None
+    try:
+        for message in messages:
+            future = await js.publish_async(
+                message.subject,
+                message.payload,
+                wait_stall=ack_timeout_s,
+                headers=chained_headers(message, previous_msg_id),
+            )
+            futures.append(future)
+            previous_msg_id = message.msg_id
+    except Exception as exc:  # not connected, buffer full, stalled: what was sent may still be acked
+        error = exc
+    if futures:
+        _, pending = await asyncio.wait(futures, timeout=ack_timeout_s)
+        for future in pending:
+            future.cancel()  # frees nats-py's pending slot; a late ack is ignored
+    acked = duplicates = 0
+    for future in futures:
+        if future.cancelled():
+            error = error or TimeoutError(f"no ack within {ack_timeout_s}s")
+            break
+        failure = future.exception()
+        if failure is not None:
+            error = failure
+            break
+        acked += 1
+        duplicates += bool(future.result().duplicate)
+    return PublishOutcome(acked, duplicates, error)
+
+
+# ---------------------------------------------------------------------------------------------
+# The component
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RelayOptions:
+    """Tuning of the relay; the defaults suit the contract's guarantees and the benchmark."""
+
+    page_size: int = 1000
+    ack_timeout_s: float = 5.0
+    poll_interval_s: float = 1.0
+    max_backoff_s: float = 5.0
+    stop_timeout_s: float = 10.0
+    nats_reconnect_wait_s: float = 0.5
+
+
+class Relay:
+    """The `relay` role: publishes the event store's log to JetStream from a tracked position."""
+
+    def __init__(
+        self,
+        app: ActivitiesApplication,
+        settings: Settings,
+        nats_url: str,
+        database_url: str,
+        executor: Executor,
+        options: RelayOptions | None = None,
+    ) -> None:
+        self.settings = settings
+        self.subjects = Subjects(settings.subject_prefix)
+        self.store = RelayStore(app, self.subjects)
+        self.nats_url = nats_url
+        self.database_url = database_url
+        self.channel = app.activities_recorder.channel_name
+        self.executor = executor
+        self.options = options or RelayOptions()
+        self.stats = RelayStats()
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self._stream_ready = False
+        self._position: int | None = None
+        self._chain_tail: str | None = None  # msg id the next publish must follow, in this session
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # Lifecycle ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start relaying in the background; never blocks on NATS or PostgreSQL being up."""
+        self._stopping = False
+        self._position = None  # read again: another instance may have moved it while this one stood by
+        self._chain_tail = None
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._run(), name="relay"),
+            loop.create_task(self._listen(), name="relay-listen"),
+        ]
+
+    async def stop(self) -> None:
+        """Graceful: finish the page in flight (its acks and its position), then disconnect."""
+        self._stopping = True
+        self._wake.set()
+        run, others = (self._tasks[0], self._tasks[1:]) if self._tasks else (None, [])
+        for task in others:
+            task.cancel()
+        if run is not None and self._nc is None:
+            run.cancel()  # still waiting for NATS: there is nothing in flight to finish
+        elif run is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(run), self.options.stop_timeout_s)
+            except TimeoutError:
+                run.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run
+        for task in others:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+            self._nc = self._js = None
+            self._stream_ready = False
+
+    # The loop -----------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = Backoff(max_s=self.options.max_backoff_s)
+        while not self._stopping:
+            self._wake.clear()  # before reading, so a NOTIFY during the read is not lost
+            try:
+                moved = await self.step()
+                backoff.reset()
+            except Exception as exc:
+                self._chain_tail = None
+                self.stats.failures += 1
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                delay = backoff.next()
+                log.warning("relay interrupted; retrying", extra={"error": self.stats.last_error, "retry_in_s": delay})
+                await self._sleep(delay)
+                continue
+            if not moved:
+                await self._sleep(self.options.poll_interval_s)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Wait for a NOTIFY, a stop, or the time to pass."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    async def _in_thread(self, function: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+
+    async def step(self) -> bool:
+        """Publish the next page and record its position; False when the log is at its end."""
+        js = await self._jetstream()
+        if self._position is None:
+            self._position = self.stats.position = await self._in_thread(self.store.load_position)
+        page: list[Outgoing] = await self._in_thread(self.store.read, self._position, self.options.page_size)
+        if not page:
+            return False
+        outcome = await publish_in_order(js, page, self._chain_tail, self.options.ack_timeout_s)
+        self.stats.published += outcome.acked
+        self.stats.duplicates += outcome.duplicates
+        if outcome.acked:
+            last = page[outcome.acked - 1]
+            self._chain_tail = last.msg_id
+            await self.record(last.position)
+        if outcome.error is not None:
+            raise PublishInterrupted(f"{outcome.acked}/{len(page)} acknowledged: {outcome.error!r}")
+        return True
+
+    async def record(self, position: int) -> None:
+        """Save the position (only ever called once everything up to it is acknowledged)."""
+        await self._in_thread(self.store.save_position, position)
+        self._position = self.stats.position = position
+
+    async def publish_page(self) -> int:
+        """Publish the next page without recording the position (what a crash right after a publish leaves).
+
+        For tests and tools; returns the number of messages acknowledged.
+        """
+        js = await self._jetstream()
+        position = self._position if self._position is not None else await self._in_thread(self.store.load_position)
+        page = await self._in_thread(self.store.read, position, self.options.page_size)
+        outcome = await publish_in_order(js, page, None, self.options.ack_timeout_s)
+        if outcome.error is not None:
+            raise PublishInterrupted(repr(outcome.error))
+        return outcome.acked
+
+    # NATS ---------------------------------------------------------------------------------------
+
+    async def _jetstream(self) -> JetStreamContext:
+        if self._nc is None:
+            self._nc = await nats.connect(
+                self.nats_url,
+                name="activities-relay",
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=self.options.nats_reconnect_wait_s,
+                connect_timeout=2,
+                error_cb=self._nats_error,
+                disconnected_cb=self._nats_disconnected,
+                allow_reconnect=True,
+            )
+            self._js = self._nc.jetstream(timeout=self.options.ack_timeout_s)
+        assert self._js is not None
+        if not self._nc.is_connected:
+            raise ConnectionError("NATS is not connected")
+        if not self._stream_ready:
+            await ensure_stream(self._js, stream_config(self.settings))
+            self._stream_ready = True
+        return self._js
+
+    async def _nats_error(self, error: Exception) -> None:
+        log.debug("relay NATS error", extra={"error": repr(error)})
+
+    async def _nats_disconnected(self) -> None:
+        self._chain_tail = None
+        log.info("relay disconnected from NATS")
+
+    # PostgreSQL LISTEN --------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """Wake the loop on every NOTIFY of the events table; reconnect when the connection drops."""
+        backoff = Backoff(max_s=self.options.max_backoff_s)
+        channel = SQL("LISTEN {}").format(Identifier(self.channel))
+        while not self._stopping:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self.database_url, autocommit=True, connect_timeout=5
+                ) as conn:
+                    await conn.execute(channel)
+                    backoff.reset()
+                    self._wake.set()  # catch up on anything written while not listening
+                    async for _ in conn.notifies():
+                        self._wake.set()
+            except (psycopg.Error, OSError) as exc:
+                log.debug("relay LISTEN connection lost", extra={"error": repr(exc)})
+            await asyncio.sleep(backoff.next())

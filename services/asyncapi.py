@@ -1,0 +1,305 @@
+"""The service's AsyncAPI 3.0 document, generated from the subjects and the pydantic models.
+
+FastStream builds the channels, operations and payload schemas from a documentation-only
+`NatsBroker` (never connected) whose subscribers and publishers mirror the real ones: one per
+command and query subject (in the `activities` queue group) and one per event kind. The
+runtime's own subscribers read raw bytes (so a body that is not JSON still gets a
+`validation_error` reply), which is why the typed mirror exists. FastStream does not describe
+request/reply, headers or channel parameters, so those are added to its output here from the
+same models. `asyncapi_document()` is served at `GET /asyncapi.json` by the http role.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any, Final, Literal
+from urllib.parse import unquote
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from faststream.nats import NatsBroker
+from faststream.specification import AsyncAPI
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
+
+from events.activity import ActivityDocument, ActivityFields, EventBody
+from events.subjects import COMMAND_NAMES, COMMAND_QUEUE, QUERY_NAMES, Subjects
+
+ASYNCAPI_PATH: Final = "/asyncapi.json"
+EVENT_KINDS: Final = {
+    "logged": "ActivityLogged: a new activity. `changes` is the initial client document.",
+    "patched": "ActivityPatched: a merge patch was applied. `changes` is the patch as applied.",
+    "deleted": "ActivityDeleted: soft-deleted. `changes` is {}.",
+    "restored": "ActivityRestored: restored after a delete. `changes` is {}.",
+}
+ErrorCode = Literal[
+    "validation_error",
+    "unauthorized",
+    "not_found",
+    "gone",
+    "version_conflict",
+    "idempotency_conflict",
+    "unavailable",
+    "internal",
+]
+
+# ---------------------------------------------------------------------------------------------
+# Wire bodies the events package keeps as dataclasses or parameter parsers (documentation only)
+# ---------------------------------------------------------------------------------------------
+
+
+class PatchActivityBody(BaseModel):
+    """`crm.activities.cmd.patch`: a JSON Merge Patch (RFC 7396) of the client-settable fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=r"^act_[0-9A-HJKMNP-TV-Z]{26}$")
+    expected_version: int | None = Field(default=None, ge=1)
+    changes: dict[str, Any] = Field(description="merge patch of ActivityFields: null clears, objects merge")
+
+
+class ActivityRefBody(BaseModel):
+    """`crm.activities.cmd.delete` and `.restore`: which activity, optionally at which version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=r"^act_[0-9A-HJKMNP-TV-Z]{26}$")
+    expected_version: int | None = Field(default=None, ge=1)
+
+
+class GetActivityBody(BaseModel):
+    """`crm.activities.query.get`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=r"^act_[0-9A-HJKMNP-TV-Z]{26}$")
+    include_deleted: bool = False
+    version: int | None = Field(default=None, ge=1)
+    min_position: int | None = Field(default=None, ge=0)
+
+
+class ListActivitiesBody(BaseModel):
+    """`crm.activities.query.list`: the list parameters of CONTRACT.md section 5 as a JSON object."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    account_id: str | None = None
+    deal_id: str | None = None
+    contact_id: str | None = None
+    owner_id: str | None = None
+    type: list[Literal["call", "email", "meeting", "note", "task"]] | None = None
+    status: str | None = None
+    tag: list[str] | None = None
+    activity_date_from: str | None = Field(default=None, description="RFC 3339 date-time, inclusive")
+    activity_date_to: str | None = Field(default=None, description="RFC 3339 date-time, inclusive")
+    updated_since: str | None = Field(default=None, description="RFC 3339 date-time, inclusive")
+    include_deleted: bool = False
+    sort: str = Field(default="-activity_date", description="activity_date|created_at|updated_at|due_date, - for desc")
+    limit: int = Field(default=50, ge=1, le=200)
+    cursor: str | None = None
+    min_position: int | None = Field(default=None, ge=0)
+
+
+class Meta(BaseModel):
+    """`meta` of a reply with one activity."""
+
+    position: int
+
+
+class ListMeta(BaseModel):
+    """`meta` of a list reply."""
+
+    next_cursor: str | None
+    position: int
+
+
+class ActivityReply(BaseModel):
+    """Success: the activity after the command (or as read)."""
+
+    data: ActivityDocument
+    meta: Meta
+
+
+class ActivityListReply(BaseModel):
+    """Success of a list: one page."""
+
+    data: list[ActivityDocument]
+    meta: ListMeta
+
+
+class ErrorDetail(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    code: ErrorCode
+    message: str
+    details: list[ErrorDetail] = Field(default_factory=list)
+    current_version: int | None = Field(default=None, description="only with version_conflict")
+
+
+class ErrorReply(BaseModel):
+    """Failure: one of the contract's error codes."""
+
+    error: ErrorBody
+
+
+REQUESTS: Final[dict[str, type[BaseModel]]] = {
+    "create": ActivityFields,
+    "patch": PatchActivityBody,
+    "delete": ActivityRefBody,
+    "restore": ActivityRefBody,
+    "get": GetActivityBody,
+    "list": ListActivitiesBody,
+}
+REPLIES: Final[dict[str, type[BaseModel]]] = {
+    "create": ActivityReply,
+    "patch": ActivityReply,
+    "delete": ActivityReply,
+    "restore": ActivityReply,
+    "get": ActivityReply,
+    "list": ActivityListReply,
+}
+DESCRIPTIONS: Final = {
+    "create": "Log a new activity. Body: the client-settable fields of an Activity.",
+    "patch": "Apply a JSON Merge Patch to an activity; a patch that changes nothing appends nothing.",
+    "delete": "Soft-delete an activity (a no-op when already deleted).",
+    "restore": "Restore a soft-deleted activity (a no-op when live).",
+    "get": "One activity; `version` gives it as it was; `min_position` waits for the read model.",
+    "list": "A page of activities matching the filters, from the read model; follow `next_cursor`.",
+}
+
+AUTHORIZATION: Final = {"type": "string", "pattern": "^Bearer .+", "description": "Bearer <JWT>"}
+IDEMPOTENCY_KEY: Final = {"type": "string", "minLength": 1, "maxLength": 200, "description": "replay-safe key"}
+REQUEST_HEADERS: Final = {
+    "type": "object",
+    "required": ["Authorization"],
+    "properties": {"Authorization": AUTHORIZATION},
+}
+COMMAND_HEADERS: Final = {
+    "type": "object",
+    "required": ["Authorization"],
+    "properties": {"Authorization": AUTHORIZATION, "Idempotency-Key": IDEMPOTENCY_KEY},
+}
+EVENT_HEADERS: Final = {
+    "type": "object",
+    "required": ["Nats-Msg-Id", "Activity-Id", "Activity-Version", "Event-Type"],
+    "properties": {
+        "Nats-Msg-Id": {"type": "string", "description": "<activity_id>:<version>, the dedup id"},
+        "Activity-Id": {"type": "string"},
+        "Activity-Version": {"type": "string", "pattern": "^[0-9]+$"},
+        "Event-Type": {
+            "type": "string",
+            "enum": ["ActivityLogged", "ActivityPatched", "ActivityDeleted", "ActivityRestored"],
+        },
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
+
+
+def _documented(model: type[BaseModel]) -> Callable[..., Coroutine[Any, Any, None]]:
+    """A handler whose signature tells FastStream the payload model (it is never called)."""
+
+    async def handler(body: Any) -> None:
+        return None
+
+    handler.__annotations__ = {"body": model, "return": None}
+    return handler
+
+
+def documentation_broker(subjects: Subjects) -> NatsBroker:
+    """A never-connected broker mirroring every subject the service serves and publishes."""
+    broker = NatsBroker("nats://localhost:4222")
+    names = [("cmd", name) for name in COMMAND_NAMES] + [("query", name) for name in QUERY_NAMES]
+    for kind, name in names:
+        subject = subjects.command(name) if kind == "cmd" else subjects.query(name)
+        broker.subscriber(subject, queue=COMMAND_QUEUE, title=subject, description=DESCRIPTIONS[name])(
+            _documented(REQUESTS[name])
+        )
+    for kind, description in EVENT_KINDS.items():
+        subject = subjects.event("{tenant_id}", kind)
+        broker.publisher(subject, title=subject, schema=EventBody, description=description)
+    return broker
+
+
+def _schemas(models: list[type[BaseModel]]) -> dict[str, Any]:
+    """JSON schemas of models (and the models they use) keyed by name, referring to each other."""
+    _, defs = models_json_schema(
+        [(model, "serialization") for model in models], ref_template="#/components/schemas/{model}"
+    )
+    return dict(defs.get("$defs", {}))
+
+
+def _ref_name(reference: dict[str, str]) -> str:
+    """The component name a `$ref` points at (FastStream percent-escapes `{` and `}`)."""
+    return unquote(reference["$ref"].rsplit("/", 1)[-1])
+
+
+def _add_replies_and_headers(document: dict[str, Any], subjects: Subjects) -> None:
+    """Describe request/reply, headers and the tenant parameter, which FastStream leaves out."""
+    components = document.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    messages = components.setdefault("messages", {})
+    schemas.update(_schemas([*set(REPLIES.values()), ErrorReply]))
+    for name in (*COMMAND_NAMES, *QUERY_NAMES):
+        subject = subjects.command(name) if name in COMMAND_NAMES else subjects.query(name)
+        reply = REPLIES[name].__name__
+        messages[f"{subject}:Reply"] = {
+            "title": f"{subject}:Reply",
+            "contentType": "application/json",
+            "payload": {
+                "oneOf": [{"$ref": f"#/components/schemas/{reply}"}, {"$ref": "#/components/schemas/ErrorReply"}]
+            },
+        }
+        for message in document["channels"][subject]["messages"].values():
+            target = messages[_ref_name(message)]
+            target["headers"] = COMMAND_HEADERS if name in COMMAND_NAMES else REQUEST_HEADERS
+        document["operations"][subject]["reply"] = {
+            "address": {"location": "$message.header#/reply_to", "description": "the requester's inbox"},
+            "messages": [{"$ref": f"#/components/messages/{subject}:Reply"}],
+        }
+    for kind in EVENT_KINDS:
+        subject = subjects.event("{tenant_id}", kind)
+        channel = document["channels"][subject]
+        channel["parameters"] = {"tenant_id": {"description": "tenant_id of the activity (JWT claim)"}}
+        for message in channel["messages"].values():
+            target = messages[_ref_name(message)]
+            target["headers"] = EVENT_HEADERS
+            target.pop("correlationId", None)  # events are not replies to anything
+
+
+def asyncapi_document(prefix: str = "crm.activities", version: str = "1") -> dict[str, Any]:
+    """The AsyncAPI 3.0 document of the service for a subject prefix, as JSON-ready data."""
+    subjects = Subjects(prefix)
+    broker = documentation_broker(subjects)
+    specification = AsyncAPI(
+        broker,
+        title="activities",
+        version=version,
+        description=(
+            "CRM activities over NATS: commands and queries (request/reply, queue group "
+            f"`{COMMAND_QUEUE}`) and events on the JetStream stream over `{subjects.all_events}`. "
+            "Every request carries `Authorization: Bearer <JWT>`. See CONTRACT.md."
+        ),
+    ).to_specification()
+    document: dict[str, Any] = specification.to_jsonable()
+    document.pop("servers", None)  # where NATS runs is deployment, not contract
+    for channel in document["channels"].values():
+        channel.pop("servers", None)
+    _add_replies_and_headers(document, subjects)
+    return document
+
+
+def add_asyncapi_route(app: FastAPI, prefix: str) -> None:
+    """Serve the document at `GET /asyncapi.json` (open, like `/openapi.json`)."""
+    document = asyncapi_document(prefix)
+
+    async def asyncapi_json() -> JSONResponse:
+        return JSONResponse(document)
+
+    app.add_api_route(ASYNCAPI_PATH, asyncapi_json, methods=["GET"], include_in_schema=False)
