@@ -179,8 +179,8 @@ def _text(params: Params, name: str) -> str | None:
     value = _single(params, name)
     if value is None:
         return None
-    if not isinstance(value, str) or not value or len(value) > 500:
-        raise field_error(name, "must be a non-empty string")
+    if not isinstance(value, str) or not value or len(value) > 500 or "\x00" in value:
+        raise field_error(name, "must be a non-empty string without NUL characters")
     return value
 
 
@@ -242,8 +242,8 @@ def parse_sort(value: Any) -> Sort:
 def _strings(params: Params, name: str) -> tuple[str, ...]:
     values = params.get(name) or []
     for value in values:
-        if not isinstance(value, str) or not value:
-            raise field_error(name, "must be non-empty strings")
+        if not isinstance(value, str) or not value or "\x00" in value:
+            raise field_error(name, "must be non-empty strings without NUL characters")
     return tuple(dict.fromkeys(values))
 
 

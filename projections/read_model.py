@@ -54,6 +54,39 @@ POLL_INTERVAL_S: Final = 0.5
 REBUILD_SUFFIX: Final = "_rebuild"
 
 
+READER_ROLE: Final = "activities_reader"
+SCHEMA_LOCK: Final = 7_146_501_221  # advisory lock key of read-model schema changes
+
+
+def ensure_reader_role(datastore: PostgresDatastore, table: str) -> None:
+    """The NOLOGIN role read-model queries run as, so row-level security binds them even when the
+    service connects as a superuser (superusers bypass RLS, roles they switch to do not).
+    Skipped, with a log line, where the service's user may not create roles."""
+    try:
+        with datastore.transaction(commit=True) as curs:
+            curs.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (READER_ROLE,))
+            if curs.fetchone() is None:
+                curs.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(READER_ROLE)))
+        with datastore.transaction(commit=True) as curs:
+            curs.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(sql.Identifier(READER_ROLE)))
+            for name in (table, TRACKING_TABLE):
+                curs.execute(
+                    sql.SQL("GRANT SELECT ON {} TO {}").format(table_identifier(name), sql.Identifier(READER_ROLE))
+                )
+    except Exception as exc:  # e.g. no CREATEROLE: RLS still binds a non-superuser owner (FORCE)
+        log.warning("read-model reader role not set up", extra={"error": str(exc)})
+
+
+def prepare_read_model(database_url: str) -> None:
+    """Create the read model's tables, policies and reader role if missing (idempotent), so that
+    query connections can take the reader role before the projector has run."""
+    datastore = read_model_datastore(database_url, pool_size=1)
+    try:
+        ReadModelRecorder(datastore).create_table()
+    finally:
+        datastore.close()
+
+
 def schema_template() -> str:
     return resources.files("projections").joinpath("schema.sql").read_text()
 
@@ -92,6 +125,17 @@ class ReadModelRecorder(PostgresTrackingRecorder):
         for statement in schema_statements(schema_template(), table):
             self.sql_create_statements.append(sql.SQL(statement))  # type: ignore[arg-type]
         self._upsert = build_upsert_sql(table)
+
+    def create_table(self) -> None:
+        """Idempotent. Serialised by an advisory lock: two processes creating the schema at once
+        collide in pg_type, and their DROP/CREATE POLICY statements deadlock on the table."""
+        with self.datastore.get_connection() as conn:
+            conn.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
+            try:
+                super().create_table()
+                ensure_reader_role(self.datastore, self.table)
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
 
     def upsert(self, curs: Cursor[DictRow], rows: Sequence[Row]) -> None:
         """Upsert documents (newer versions only) inside the caller's transaction."""

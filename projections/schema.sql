@@ -66,3 +66,19 @@ CREATE INDEX IF NOT EXISTS {table}_owner
 
 CREATE INDEX IF NOT EXISTS {table}_contact_ids ON {table} USING gin (contact_ids);
 CREATE INDEX IF NOT EXISTS {table}_tags ON {table} USING gin (tags);
+
+-- Row-level security: a second wall behind the tenant and app filters every query carries.
+-- Read-model query connections set `activities.reader = on` (and, where the role exists, run as
+-- activities_reader, so that the rule also binds a superuser connection); each query transaction
+-- then sets `activities.tenant_id` / `activities.app_id` to the caller's. A reader query that
+-- forgets its tenant filter sees only the caller's rows, and one that forgets to set the caller
+-- sees nothing. Writers (the projector, rebuild) do not set `activities.reader` and see all rows.
+ALTER TABLE {table} ENABLE ROW LEVEL SECURITY;
+ALTER TABLE {table} FORCE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS {table}_scope ON {table};
+CREATE POLICY {table}_scope ON {table} USING (
+    current_setting('activities.reader', true) IS DISTINCT FROM 'on'
+    OR (tenant_id = current_setting('activities.tenant_id', true)
+        AND (coalesce(current_setting('activities.app_id', true), '') = ''
+             OR app_id = current_setting('activities.app_id', true)))
+);

@@ -10,6 +10,8 @@ import sys
 
 from services.auth import mint_token
 from services.bootstrap import ROLES, Runtime, dev_secret
+from services.cli_client import CLIENT_COMMANDS, add_client_commands, run_client_command
+from services.cli_projections import add_projection_commands, run_projection_command
 from services.config import Settings
 from services.logs import configure_logging
 
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--sub", required=True, help="sub claim (the person or service)")
     token.add_argument("--app", default=None, help="app_id claim (integration API keys)")
     token.add_argument("--ttl", type=int, default=24 * 3600, help="seconds until it expires (default one day)")
+    add_client_commands(commands)  # create, get, list, history, tail (services/cli_client.py)
+    add_projection_commands(commands)  # projections status|rebuild (services/cli_projections.py)
     return parser
 
 
@@ -89,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             mint_token(secret, args.tenant, args.sub, args.app, args.ttl, settings.jwt_issuer, settings.jwt_audience)
         )
         return 0
+    if args.command in CLIENT_COMMANDS:
+        return run_client_command(args, settings)
+    if args.command == "projections":
+        return run_projection_command(args, settings)
     return 2
 
 

@@ -31,6 +31,7 @@ from events.commands import parse_json_object
 from events.errors import ActivitiesError, NotFound, ValidationError, field_error
 from events.subjects import QUERY_NAMES
 from projections.queries import CursorCodec, derive_cursor_key, params_from_pairs
+from projections.read_model import prepare_read_model
 from services.asyncapi import add_asyncapi_route
 from services.gateway import CommandGateway
 from services.nats_app import RequestServer
@@ -307,7 +308,10 @@ class HttpRole:
 
     async def start(self) -> None:
         settings = self.runtime.settings
-        self.queries.read_model.bind_loop(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        assert self.runtime.servers is not None
+        await loop.run_in_executor(self.runtime.executor, prepare_read_model, self.runtime.servers.database_url)
+        self.queries.read_model.bind_loop(loop)
         await self.queries.read_model.open()
         assert self.runtime.broker is not None
         connection = self.runtime.broker.connection

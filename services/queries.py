@@ -20,6 +20,7 @@ from typing import Any, Final
 import orjson
 import psycopg
 from eventsourcing.persistence import Notification
+from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -42,6 +43,7 @@ from projections.queries import (
     parse_get_query,
     parse_list_query,
 )
+from projections.read_model import READER_ROLE
 from services.application import ActivitiesApplication
 from services.auth import TokenVerifier
 from services.domain import Caller, is_visible
@@ -50,6 +52,7 @@ from services.gateway import header
 log = logging.getLogger("activities.queries")
 
 POLL_INTERVAL_S: Final = 0.01
+SCOPE_SQL: Final = "SELECT set_config('activities.tenant_id', %s, true), set_config('activities.app_id', %s, true)"
 
 
 class ReadModel:
@@ -80,7 +83,13 @@ class ReadModel:
 
     @staticmethod
     async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        """Every read-model connection is a scoped reader (row-level security, schema.sql)."""
         set_json_loads(orjson.loads, conn)
+        await conn.execute("SET activities.reader = 'on'")
+        try:
+            await conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(READER_ROLE)))
+        except psycopg.Error:  # no such role here, or not allowed: the owner is bound by FORCE RLS
+            pass
 
     @property
     def pool(self) -> AsyncConnectionPool[Any]:
@@ -108,12 +117,17 @@ class ReadModel:
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
-    async def _fetch(self, statement: Any, params: list[Any]) -> tuple[int, list[dict[str, Any]]]:
-        """(position, rows): the position is read first, on the same connection."""
+    async def _fetch(
+        self, statement: Any, params: list[Any], caller: Caller | None = None
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """(position, rows): the position is read first, on the same connection, in a transaction
+        scoped to the caller (row-level security sees only the caller's tenant and app)."""
         await self.open()
         position_sql, position_params = build_position_sql(TRACKING_TABLE, self.application_name)
         try:
-            async with self._pool.connection() as conn, conn.cursor() as cur:
+            async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                if caller is not None:
+                    await cur.execute(SCOPE_SQL, (caller.tenant_id, caller.app_id or ""))
                 await cur.execute(position_sql, position_params)
                 row = await cur.fetchone()
                 position = int(row["notification_id"]) if row and row["notification_id"] is not None else 0
@@ -149,7 +163,7 @@ class ReadModel:
 
     async def get(self, activity_id: str, caller: Caller) -> tuple[int, dict[str, Any] | None]:
         statement, params = build_get_sql(self.table, activity_id, caller)
-        position, rows = await self._fetch(statement, params)
+        position, rows = await self._fetch(statement, params, caller)
         return position, (rows[0]["document"] if rows else None)
 
     async def page(
@@ -158,7 +172,7 @@ class ReadModel:
         """(position, documents, next cursor) of one page."""
         after = codec.decode(query.cursor, query, caller) if query.cursor else None
         statement, params = build_list_sql(self.table, query, caller, after)
-        position, rows = await self._fetch(statement, params)
+        position, rows = await self._fetch(statement, params, caller)
         next_cursor = None
         if len(rows) > query.limit:
             rows = rows[: query.limit]

@@ -1,0 +1,331 @@
+"""The people-facing subcommands of `activities`: create, get, list, history, tail.
+
+They use the Python client (services/client.py) against a running service, found through
+`<data dir>/endpoints.json` (written by `activities serve`) unless `--nats-url` / `--http-url`
+say otherwise. The token comes from `--token`, else `ACTIVITIES_TOKEN`, else one is minted for
+`--tenant`/`--sub` when the HS256 secret is known (ACTIVITIES_JWT_SECRET or the dev secret that
+`activities serve` generated into the data dir). Output is a readable table, or JSON with `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final
+
+from events.activity import parse_datetime
+from services.auth import mint_token
+from services.bootstrap import DEV_SECRET_FILE
+from services.client import ActivitiesError, Activity, AsyncClient, Event, StartAt
+from services.config import Settings
+
+CLIENT_COMMANDS: Final = ("create", "get", "list", "history", "tail")
+TOKEN_ENV: Final = "ACTIVITIES_TOKEN"
+LIST_COLUMNS: Final = ("id", "type", "subject", "status", "activity_date", "linked_to", "version", "deleted")
+CELL_WIDTH: Final = 40
+LIST_FILTERS: Final = (
+    "account_id", "deal_id", "contact_id", "owner_id", "status", "type", "tag",
+    "activity_date_from", "activity_date_to", "updated_since", "include_deleted",
+)  # fmt: skip
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------------------------
+
+
+def _connection_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("connection")
+    group.add_argument("--token", default=None, help=f"bearer JWT (default: ${TOKEN_ENV}, or a minted dev token)")
+    group.add_argument("--tenant", default="dev", help="tenant_id of a minted dev token (default: dev)")
+    group.add_argument("--sub", default="usr-cli", help="sub of a minted dev token (default: usr-cli)")
+    group.add_argument("--nats-url", default=None, help="NATS URL (default: from <data dir>/endpoints.json)")
+    group.add_argument("--http-url", default=None, help="HTTP base URL (default: from <data dir>/endpoints.json)")
+    group.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def _field(value: str) -> tuple[str, Any]:
+    name, sep, raw = value.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError("fields are NAME=VALUE")
+    return name.strip(), parse_value(raw)
+
+
+def parse_value(raw: str) -> Any:
+    """A field value: JSON for objects, arrays, quoted strings, true/false/null; anything else a string."""
+    text = raw.strip()
+    if text[:1] in ("{", "[", '"') or text in ("true", "false", "null"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise argparse.ArgumentTypeError(f"not valid JSON: {raw}") from None
+    return raw
+
+
+def _start(value: str) -> StartAt:
+    if value in ("new", "all"):
+        return value  # type: ignore[return-value]
+    if value.isdigit():
+        return int(value)
+    try:
+        return parse_datetime(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"'new', 'all', a stream sequence or an RFC 3339 time ({exc})") from None
+
+
+def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add create/get/list/history/tail to the `activities` parser."""
+    create = commands.add_parser(
+        "create",
+        help="log an activity",
+        description="Log an activity: activities create -f account_id=acc_1 -f type=call -f subject='Intro call'",
+    )
+    create.add_argument(
+        "-f",
+        "--field",
+        dest="fields",
+        action="append",
+        type=_field,
+        default=[],
+        metavar="NAME=VALUE",
+        help='a field; VALUE is JSON when it starts with {, [ or " or is true/false/null (e.g. tags=\'["a"]\')',
+    )
+    _connection_options(create)
+
+    get = commands.add_parser("get", help="show one activity")
+    get.add_argument("id")
+    get.add_argument("--include-deleted", action="store_true", help="show it even when deleted")
+    get.add_argument("--version", type=int, default=None, help="as it was at this version")
+    _connection_options(get)
+
+    list_ = commands.add_parser("list", help="list activities (a table)")
+    for name in ("account_id", "deal_id", "contact_id", "owner_id", "status", "sort", "cursor"):
+        list_.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None)
+    list_.add_argument("--type", dest="type", action="append", default=None, help="repeatable")
+    list_.add_argument("--tag", dest="tag", action="append", default=None, help="repeatable; all must match")
+    list_.add_argument("--from", dest="activity_date_from", default=None, help="activity_date from (RFC 3339)")
+    list_.add_argument("--to", dest="activity_date_to", default=None, help="activity_date to (RFC 3339)")
+    list_.add_argument("--updated-since", dest="updated_since", default=None)
+    list_.add_argument("--include-deleted", action="store_true", default=None)
+    list_.add_argument("--limit", type=int, default=None, help="page size (1-200)")
+    list_.add_argument("--all", action="store_true", help="follow the cursors to the end")
+    _connection_options(list_)
+
+    history = commands.add_parser("history", help="the events of one activity (needs the HTTP endpoint)")
+    history.add_argument("id")
+    _connection_options(history)
+
+    tail = commands.add_parser("tail", help="follow the tenant's events as they happen")
+    tail.add_argument(
+        "--from", dest="start", type=_start, default="new", help="new (default), all, a sequence or a time"
+    )
+    tail.add_argument("--durable", default=None, help="a durable consumer name: resume where it stopped")
+    tail.add_argument("--count", type=int, default=None, help="stop after this many events")
+    tail.add_argument("--idle", type=float, default=None, help="stop after this many seconds without events")
+    _connection_options(tail)
+
+
+# ---------------------------------------------------------------------------------------------
+# Connection
+# ---------------------------------------------------------------------------------------------
+
+
+def load_endpoints(data_dir: Path) -> dict[str, Any]:
+    """`<data dir>/endpoints.json`, or {} when the service never ran here."""
+    path = data_dir / "endpoints.json"
+    if not path.exists():
+        return {}
+    loaded = json.loads(path.read_text())
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def resolve_token(args: argparse.Namespace, settings: Settings) -> str:
+    """--token, $ACTIVITIES_TOKEN, or a dev token minted with the known HS256 secret."""
+    token = args.token or os.environ.get(TOKEN_ENV)
+    if token:
+        return str(token)
+    secret = settings.jwt_secret
+    dev_path = settings.data_dir / DEV_SECRET_FILE
+    if not secret and dev_path.exists():
+        secret = dev_path.read_text().strip()
+    if not secret:
+        raise CliError(f"no token: pass --token or set {TOKEN_ENV} (no HS256 secret is known to mint a dev token)")
+    return mint_token(secret, args.tenant, args.sub, None, 3600, settings.jwt_issuer, settings.jwt_audience)
+
+
+def build_client(args: argparse.Namespace, settings: Settings) -> AsyncClient:
+    endpoints = load_endpoints(settings.data_dir)
+    nats_url = args.nats_url or endpoints.get("nats_url") or settings.nats_url
+    if not nats_url:
+        raise CliError(
+            f"no NATS URL: start the service (activities serve) so that {settings.data_dir / 'endpoints.json'} "
+            "exists, or pass --nats-url"
+        )
+    return AsyncClient(
+        nats_url=nats_url,
+        token=resolve_token(args, settings),
+        http_url=args.http_url or endpoints.get("http_url"),
+        subject_prefix=settings.subject_prefix,
+        stream_name=settings.stream_name,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        text = "-"
+    elif isinstance(value, datetime):
+        text = value.strftime("%Y-%m-%d %H:%M")
+    elif isinstance(value, bool):
+        text = "yes" if value else "no"
+    elif isinstance(value, list | dict):
+        text = json.dumps(value, default=str) if value else "-"
+    else:
+        text = str(value)
+    text = " ".join(text.split())
+    return text if len(text) <= CELL_WIDTH else text[: CELL_WIDTH - 1] + "…"
+
+
+def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    """A plain text table with a header rule."""
+    cells = [[_cell(value) for value in row] for row in rows]
+    widths = [max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def _linked_to(activity: Activity) -> str:
+    for name in ("account_id", "deal_id", "contact_id"):
+        value = getattr(activity, name)
+        if value:
+            return f"{name.removesuffix('_id')}:{value}"
+    return "-"
+
+
+def activity_table(activity: Activity) -> str:
+    """One activity as FIELD / VALUE rows (empty fields left out)."""
+    data = activity.model_dump()
+    first = ("id", "version", "type", "subject", "status")
+    names = [*first, *(name for name in data if name not in first)]
+    rows = [(name, data[name]) for name in names if data[name] not in (None, [], {}, "")]
+    return table(rows, ("field", "value"))
+
+
+def activities_table(activities: Iterable[Activity]) -> str:
+    rows = [
+        (a.id, a.type, a.subject, a.status, a.activity_date, _linked_to(a), a.version, a.is_deleted) for a in activities
+    ]
+    return table(rows, LIST_COLUMNS)
+
+
+EVENT_COLUMNS: Final = ("seq", "occurred_at", "event", "activity_id", "version", "actor", "changes")
+
+
+def event_row(event: Event) -> tuple[Any, ...]:
+    return (
+        event.stream_sequence,
+        event.occurred_at.strftime("%Y-%m-%d %H:%M:%S"),
+        event.kind,
+        event.activity_id,
+        event.version,
+        event.actor,
+        event.changes if event.event_type == "ActivityPatched" else "",
+    )
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, default=str, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+
+async def _run(args: argparse.Namespace, settings: Settings, out: Callable[[str], None]) -> None:
+    async with build_client(args, settings) as client:
+        activities = client.customer.activities
+        if args.command == "create":
+            created = await activities.create(**dict(args.fields))
+            out(_json(created.model_dump(mode="json")) if args.json else activity_table(created))
+        elif args.command == "get":
+            found = await activities.get(args.id, include_deleted=args.include_deleted, version=args.version)
+            out(_json(found.model_dump(mode="json")) if args.json else activity_table(found))
+        elif args.command == "list":
+            names = [*LIST_FILTERS, "sort", "limit"]
+            params = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+            if args.all:
+                rows = [activity async for activity in activities.iterate(**params)]
+                cursor = None
+            else:
+                page = await activities.list(**params, cursor=args.cursor)
+                rows, cursor = page.data, page.next_cursor
+            if args.json:
+                out(_json({"data": [a.model_dump(mode="json") for a in rows], "next_cursor": cursor}))
+            else:
+                out(activities_table(rows))
+                out(f"{len(rows)} activities" + (f"; next page: --cursor {cursor}" if cursor else ""))
+        elif args.command == "history":
+            events = await activities.history(args.id)
+            if args.json:
+                out(_json([event.model_dump(mode="json") for event in events]))
+            else:
+                out(table([event_row(event)[1:] for event in events], EVENT_COLUMNS[1:]))
+        elif args.command == "tail":
+            await _tail(args, client, out)
+
+
+async def _tail(args: argparse.Namespace, client: AsyncClient, out: Callable[[str], None]) -> None:
+    """Print events as they come: a header, then one aligned line per event."""
+    widths = (6, 19, 8, 30, 7, 16)
+    if not args.json:
+        out("  ".join(h.upper().ljust(w) for h, w in zip(EVENT_COLUMNS, (*widths, 0), strict=True)).rstrip())
+    seen = 0
+    subscription = client.customer.activities.subscribe(start=args.start, durable=args.durable, idle_timeout=args.idle)
+    async with subscription as events:
+        async for event in events:
+            if args.json:
+                out(json.dumps({**event.model_dump(mode="json"), "stream_sequence": event.stream_sequence}))
+            else:
+                cells = [_cell(value) for value in event_row(event)]
+                out("  ".join(c.ljust(w) for c, w in zip(cells, (*widths, 0), strict=True)).rstrip())
+            seen += 1
+            if args.count is not None and seen >= args.count:
+                break
+
+
+def run_client_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Run one of CLIENT_COMMANDS; errors are printed as `error: <code>: <message>` with exit code 1."""
+
+    def out(text: str) -> None:
+        print(text, flush=True)
+
+    try:
+        asyncio.run(_run(args, settings, out))
+    except KeyboardInterrupt:
+        return 130
+    except ActivitiesError as error:
+        print(f"error: {error.code}: {error.message}", file=sys.stderr)
+        for detail in error.details:
+            print(f"  {detail.get('field')}: {detail.get('message')}", file=sys.stderr)
+        return 1
+    except CliError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

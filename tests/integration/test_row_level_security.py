@@ -1,0 +1,41 @@
+"""Row-level security on the read model: a second wall behind every query's tenant filter."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from services.bootstrap import Runtime
+from services.domain import Caller
+from services.http_app import HttpRole
+from tests.conftest import Requester
+
+UNFILTERED = "SELECT id, tenant_id, app_id FROM activities"  # a query that forgot its tenant filter
+
+
+def read_model_of(runtime: Runtime):  # type: ignore[no-untyped-def]
+    return next(c for c in runtime.components if isinstance(c, HttpRole)).queries.read_model
+
+
+async def test_a_query_that_forgets_its_tenant_filter_sees_nothing_foreign(
+    request_command: Requester, runtime: Runtime, token: Callable[..., str]
+) -> None:
+    replies = [
+        await request_command("create", {"account_id": "a"}, bearer=token(tenant="acme")),
+        await request_command("create", {"account_id": "a"}, bearer=token(tenant="acme", app="gong")),
+        await request_command("create", {"account_id": "g"}, bearer=token(tenant="globex")),
+    ]
+    read_model = read_model_of(runtime)
+    await read_model.wait_for(max(r["meta"]["position"] for r in replies), 10)
+    ids = {r["data"]["tenant_id"] + (r["data"]["app_id"] or ""): r["data"]["id"] for r in replies}
+
+    _, acme_rows = await read_model._fetch(UNFILTERED, [], Caller("acme", "usr-1"))
+    assert {row["id"] for row in acme_rows} == {ids["acme"], ids["acmegong"]}
+
+    _, app_rows = await read_model._fetch(UNFILTERED, [], Caller("acme", "svc", "gong"))
+    assert {row["id"] for row in app_rows} == {ids["acmegong"]}
+
+    _, globex_rows = await read_model._fetch(UNFILTERED, [], Caller("globex", "usr-2"))
+    assert {row["id"] for row in globex_rows} == {ids["globex"]}
+
+    _, unscoped_rows = await read_model._fetch(UNFILTERED, [])  # forgot to say who is asking: nothing
+    assert unscoped_rows == []
