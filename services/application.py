@@ -18,11 +18,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 from uuid import UUID, uuid4
 
 from eventsourcing.application import AggregateNotFoundError, Application
-from eventsourcing.persistence import IntegrityError, OperationalError, InterfaceError, StoredEvent
+from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from eventsourcing.utils import Environment, retry
 from psycopg import Cursor
@@ -83,7 +83,8 @@ class ActivitiesRecorder(PostgresApplicationRecorder):
             ).format(schema=schema, table=table)
         )
         self._delete_expired_key = SQL(
-            "DELETE FROM {schema}.{table} WHERE tenant_id = %s AND key = %s AND created_at < now() - make_interval(secs => %s)"
+            "DELETE FROM {schema}.{table} "
+            "WHERE tenant_id = %s AND key = %s AND created_at < now() - make_interval(secs => %s)"
         ).format(schema=schema, table=table)
         self._insert_key = SQL(
             "INSERT INTO {schema}.{table} (tenant_id, key, fingerprint, originator_id, originator_version) "
@@ -153,7 +154,7 @@ class ActivitiesRecorder(PostgresApplicationRecorder):
             }
 
 
-class ActivitiesApplication(Application):
+class ActivitiesApplication(Application[UUID]):
     """The event store of activities (table `activities_events`)."""
 
     name = APP_NAME
@@ -169,7 +170,7 @@ class ActivitiesApplication(Application):
 
     def load(self, originator_id: UUID, version: int | None = None) -> Activity | None:
         try:
-            activity = self.repository.get(originator_id, version=version)
+            activity: Any = self.repository.get(originator_id, version=version)
         except AggregateNotFoundError:
             return None
         assert isinstance(activity, Activity)
@@ -266,10 +267,8 @@ class CommandService:
         cache = self.app.repository.cache
         command = request.command
         if cache is not None and not isinstance(command, CreateActivity):
-            try:
+            with contextlib.suppress(KeyError):
                 cache.get(activity_uuid(command.activity_id), evict=True)
-            except KeyError:
-                pass
 
     def _replay_known_keys(
         self, requests: Sequence[CommandRequest], indexes: Sequence[int], outcomes: list[Outcome | None]
@@ -308,11 +307,14 @@ class CommandService:
             except ActivitiesError as error:
                 outcomes[i] = error
         recordings = self.app.save(*pending.aggregates.values(), idempotency=pending.keys)
-        written = {(r.domain_event.originator_id, r.domain_event.originator_version): r.notification.id for r in recordings}
+        written = {
+            (r.domain_event.originator_id, r.domain_event.originator_version): r.notification.id for r in recordings
+        }
         unwritten = [(ref[0], ref[1]) for ref in pending.refs.values() if (ref[0], ref[1]) not in written]
         positions = {**self.app.activities_recorder.positions(unwritten), **written}
         documents = {
-            (e.originator_id, e.originator_version): e.document for r in recordings for e in [r.domain_event]
+            (r.domain_event.originator_id, r.domain_event.originator_version): cast(Any, r.domain_event).document
+            for r in recordings
         }
         for i, (originator_id, version, _) in pending.refs.items():
             document = documents.get((originator_id, version)) or self._document_at(pending, originator_id, version)
@@ -336,8 +338,10 @@ class CommandService:
             wrote = True
         else:
             originator_id = activity_uuid(command.activity_id)
-            activity = pending.aggregates.get(originator_id) or self.app.load(originator_id)  # type: ignore[assignment]
-            decision = decide(activity.document if activity else None, command, request.caller, now)
+            loaded = pending.aggregates.get(originator_id) or self.app.load(originator_id)
+            decision = decide(loaded.document if loaded else None, command, request.caller, now)
+            assert loaded is not None  # decide() raised NotFound otherwise
+            activity = loaded
             if decision is not None:
                 activity.record(decision, now, request.traceparent)
             wrote = decision is not None

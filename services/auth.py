@@ -61,7 +61,7 @@ class TokenVerifier:
         return caller
 
     def _decode(self, token: str) -> dict[str, Any]:
-        options = {"require": ["exp", "sub", "tenant_id"]}
+        options: jwt.types.Options = {"require": ["exp", "sub", "tenant_id"], "verify_aud": self._audience is not None}
         error: Exception | None = None
         for key, algorithms in self._keys:
             try:
@@ -71,7 +71,7 @@ class TokenVerifier:
                     algorithms=algorithms,
                     issuer=self._issuer,
                     audience=self._audience,
-                    options={**options, "verify_aud": self._audience is not None},
+                    options=options,
                 )
             except jwt.InvalidAlgorithmError as exc:
                 error = exc

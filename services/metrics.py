@@ -6,6 +6,7 @@ HTTP middleware); positions, lag and pool usage are read when scraped, from Post
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -66,7 +67,7 @@ class Positions:
 
 async def _scalar(conn: psycopg.AsyncConnection[Any], statement: str, params: tuple[Any, ...] = ()) -> int | None:
     try:
-        row = await (await conn.execute(statement, params)).fetchone()  # type: ignore[arg-type]
+        row = await (await conn.execute(statement, params)).fetchone()
     except psycopg.errors.UndefinedTable:  # that reader has not run against this store yet
         return None
     return None if row is None or row[0] is None else int(row[0])
@@ -111,10 +112,8 @@ class Operations:
         self.nats_connected: Any = lambda: True
 
     async def scrape(self) -> bytes:
-        try:
+        with contextlib.suppress(psycopg.OperationalError):  # positions keep their last value; /readyz says why
             record_positions(self.metrics, await read_positions(self._database_url, self._application_name))
-        except psycopg.OperationalError:
-            pass  # positions stay at their last value; /readyz reports the database
         for name, pool in self.pools.items():
             record_pool(self.metrics, name, pool.get_stats())
         return self.metrics.render()

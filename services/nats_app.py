@@ -64,7 +64,7 @@ class RequestServer:
         """Stop taking requests and answer every request already taken."""
         for subscription in self._subscriptions:
             with contextlib.suppress(Exception):
-                await subscription.drain()  # requests already delivered to us are still handled
+                await subscription.drain()  # type: ignore[no-untyped-call]  # delivered requests still run
         self._subscriptions.clear()
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)

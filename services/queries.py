@@ -86,10 +86,8 @@ class ReadModel:
         """Every read-model connection is a scoped reader (row-level security, schema.sql)."""
         set_json_loads(orjson.loads, conn)
         await conn.execute("SET activities.reader = 'on'")
-        try:
+        with contextlib.suppress(psycopg.Error):  # no such role, or not allowed: FORCE RLS binds the owner
             await conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(READER_ROLE)))
-        except psycopg.Error:  # no such role here, or not allowed: the owner is bound by FORCE RLS
-            pass
 
     @property
     def pool(self) -> AsyncConnectionPool[Any]:
