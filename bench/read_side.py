@@ -124,11 +124,11 @@ def seed_read_model(database_url: str, rows: int) -> None:
             INSERT INTO activities (id, tenant_id, app_id, account_id, deal_id, contact_id, contact_ids, owner_id,
                                     type, status, tags, activity_date, due_date, created_at, updated_at,
                                     is_deleted, version, position, document)
-            SELECT id, 'bench', NULL, 'acc_' || (i % 1000), NULL, NULL, ARRAY[]::text[],
-                   'usr-' || lpad(to_hex(i % 500), 8, '0') || '-0000-4000-8000-000000000000',
-                   (ARRAY['call','email','meeting','note','task'])[1 + i % 5], 'open', ARRAY['bench'],
+            SELECT id, 'bench', NULL, 'acc_' || (i %% 1000), NULL, NULL, ARRAY[]::text[],
+                   'usr-' || lpad(to_hex(i %% 500), 8, '0') || '-0000-4000-8000-000000000000',
+                   (ARRAY['call','email','meeting','note','task'])[1 + i %% 5], 'open', ARRAY['bench'],
                    ts, NULL, ts, ts, false, 1, 0,
-                   jsonb_build_object('id', id, 'tenant_id', 'bench', 'app_id', NULL, 'account_id', 'acc_' || (i % 1000),
+                   jsonb_build_object('id', id, 'tenant_id', 'bench', 'app_id', NULL, 'account_id', 'acc_' || (i %% 1000),
                                       'subject', 'Seeded ' || i, 'version', 1, 'is_deleted', false,
                                       'activity_date', to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'))
             FROM (SELECT i, 'act_' || lpad(upper(to_hex(i)), 26, '0') AS id,

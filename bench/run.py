@@ -258,6 +258,10 @@ def service_commands(servers: BenchServers, root: Path, durations: Durations) ->
             stats = asyncio.run(drive_rate(url, "crm.activities.cmd.create", create_body, rate, durations.latency_s))
             results["latency"][f"{share}%"] = {"target_rate": round(rate, 1), **stats.summary()}
         results["peak_rss_mb"] = round(peak_rss_mb(process.pid), 1)
+        progress("  scale-out: a second command process in the same queue group, 256 in flight")
+        with service(database_url, servers.nats_url, "commands", root / "svc-commands-2"):
+            results["create_256_two_processes"] = asyncio.run(
+                drive(url, "crm.activities.cmd.create", create_body, 256, durations.load_s)).summary()
     return results, max_rate
 
 
@@ -356,6 +360,11 @@ def table(results: dict[str, Any]) -> list[dict[str, str]]:
         rows.append({"measure": f"service creates ({concurrency} in flight)", "value": f"{point['rate_per_s']:.0f}/s",
                      "ratio": f"{ratio(point['rate_per_s'], naive)} naive, {ratio(point['rate_per_s'], limit)} limit",
                      "target": ">= 5x naive"})
+    two = service["create_256_two_processes"]
+    rows.append({"measure": "service creates, two command processes (256 in flight)",
+                 "value": f"{two['rate_per_s']:.0f}/s",
+                 "ratio": ratio(two["rate_per_s"], service["create_256"]["rate_per_s"]) + " one process",
+                 "target": "-"})
     patch = service["patch_64"]
     rows.append({"measure": "service patches (64 in flight)", "value": f"{patch['rate_per_s']:.0f}/s",
                  "ratio": ratio(patch["rate_per_s"], naive) + " naive", "target": "-"})

@@ -33,7 +33,7 @@ EVENT_SCHEMA_VERSION: Final = 1
 MAX_BODY_BYTES: Final = 256 * 1024
 MAX_CUSTOM_FIELDS_DEPTH: Final = 8
 ID_PREFIX: Final = "act_"
-_ACTIVITY_ID = re.compile(r"^act_[0-9A-HJKMNP-TV-Z]{26}$")
+_ACTIVITY_ID = re.compile(r"^act_[0-7][0-9A-HJKMNP-TV-Z]{25}$")  # a ULID starts with 0-7 (128 bits)
 _OWNER_ID = re.compile(r"^usr-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 

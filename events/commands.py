@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import pydantic
 
-from events.activity import MAX_BODY_BYTES, SERVER_FIELDS, ActivityFields, is_activity_id
+from events.activity import MAX_BODY_BYTES, MAX_CUSTOM_FIELDS_DEPTH, SERVER_FIELDS, ActivityFields, is_activity_id
 from events.errors import ValidationError, field_error
 
 
@@ -77,7 +77,39 @@ def parse_json_object(body: bytes | str | dict[str, Any]) -> dict[str, Any]:
         raise field_error("body", "is not valid UTF-8 JSON") from None
     if not isinstance(data, dict):
         raise field_error("body", "must be a JSON object")
+    check_storable(data)
     return data
+
+
+MAX_BODY_DEPTH = MAX_CUSTOM_FIELDS_DEPTH + 8
+"""Deepest JSON a command body may be: custom_fields' limit plus the envelope (`changes`, arrays of objects)."""
+
+
+def check_storable(data: dict[str, Any]) -> None:
+    """Refuse what PostgreSQL cannot store or the service cannot process safely: strings (or keys) with
+    NUL characters (jsonb and text refuse them) and nesting deeper than MAX_BODY_DEPTH (recursion limits).
+    Iterative, not recursive, since the body may be hostile."""
+    stack: list[tuple[Any, int, str]] = [(value, 1, name) for name, value in data.items()]
+    for name in data:
+        if "\x00" in name:
+            raise field_error("body", "holds a key with a NUL character")
+    while stack:
+        item, depth, path = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise field_error(path, "holds a NUL character")
+            continue
+        if isinstance(item, dict):
+            if any("\x00" in key for key in item):
+                raise field_error(path, "holds a key with a NUL character")
+            children: list[tuple[Any, str]] = [(value, f"{path}.{key}") for key, value in item.items()]
+        elif isinstance(item, list):
+            children = [(value, f"{path}.{i}") for i, value in enumerate(item)]
+        else:
+            continue
+        if depth >= MAX_BODY_DEPTH:
+            raise field_error(path.split(".")[0], f"is nested deeper than {MAX_BODY_DEPTH} levels")
+        stack.extend((child, depth + 1, child_path) for child, child_path in children)
 
 
 def reject_server_and_unknown_fields(data: dict[str, Any], prefix: str = "") -> None:
@@ -95,6 +127,8 @@ def validate_fields(data: dict[str, Any]) -> ActivityFields:
         raise validation_error(error) from None
     if not fields.is_linked():
         raise field_error("account_id", "at least one of account_id, deal_id, contact_id must be set")
+    if len(orjson.dumps(data)) > MAX_BODY_BYTES:  # after a patch: an event carries the document twice
+        raise field_error("body", f"the activity would be larger than {MAX_BODY_BYTES} bytes")
     return fields
 
 

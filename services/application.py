@@ -22,7 +22,7 @@ from typing import Any, cast
 from uuid import UUID, uuid4
 
 from eventsourcing.application import AggregateNotFoundError, Application
-from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError, StoredEvent
+from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError, PersistenceError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from eventsourcing.utils import Environment, retry
 from psycopg import Cursor
@@ -306,6 +306,10 @@ class CommandService:
                 self._decide_one(requests[i], i, pending, now)
             except ActivitiesError as error:
                 outcomes[i] = error
+            except PersistenceError:
+                raise  # the store's trouble concerns the whole batch (unavailable, or a conflict to retry)
+            except Exception:  # a bug tripped by one command fails that command only, not its batch
+                outcomes[i] = internal_error("deciding a command failed")
         recordings = self.app.save(*pending.aggregates.values(), idempotency=pending.keys)
         written = {
             (r.domain_event.originator_id, r.domain_event.originator_version): r.notification.id for r in recordings
