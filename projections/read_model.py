@@ -15,9 +15,10 @@ transaction.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
@@ -119,12 +120,22 @@ class Row:
 class ReadModelRecorder(PostgresTrackingRecorder):
     """The read-model table and the tracking table, written in one transaction."""
 
-    def __init__(self, datastore: PostgresDatastore, table: str = READ_MODEL_TABLE) -> None:
+    def __init__(self, datastore: PostgresDatastore, table: str = READ_MODEL_TABLE, with_indexes: bool = True) -> None:
         super().__init__(datastore, tracking_table_name=TRACKING_TABLE)
         self.table = table
+        self.index_statements: list[str] = []
         for statement in schema_statements(schema_template(), table):
-            self.sql_create_statements.append(sql.SQL(statement))  # type: ignore[arg-type]
+            if not with_indexes and statement.upper().startswith("CREATE INDEX"):
+                self.index_statements.append(statement)  # built after a bulk load, which is much faster
+            else:
+                self.sql_create_statements.append(sql.SQL(statement))  # type: ignore[arg-type]
         self._upsert = build_upsert_sql(table)
+
+    def create_indexes(self) -> None:
+        """The secondary indexes left out by `with_indexes=False`."""
+        for statement in self.index_statements:
+            with self.datastore.transaction(commit=True) as curs:
+                curs.execute(sql.SQL(statement))  # type: ignore[arg-type]
 
     def create_table(self) -> None:
         """Idempotent. Serialised by an advisory lock: two processes creating the schema at once
@@ -395,22 +406,44 @@ def rebuild(
     aside_name = app.name + REBUILD_SUFFIX
     with datastore.transaction(commit=True) as curs:
         _drop_table(curs, aside)
-    recorder = ReadModelRecorder(datastore, aside)
+    recorder = ReadModelRecorder(datastore, aside, with_indexes=False)
     recorder.create_table()
     with datastore.transaction(commit=True) as curs:
         _delete_tracking(curs, aside_name)
     position = 0
     total = app.recorder.max_notification_id() or 0
     progress(0, total)
-    while True:
-        notifications = read_page(app, position, batch_size)
-        if not notifications:
-            break
-        recorder.apply(latest_rows(to_events(app, notifications)), Tracking(aside_name, notifications[-1].id))
-        position = notifications[-1].id
+    for rows, last in _decoded_pages(app, batch_size):  # decoding the next page overlaps this write
+        recorder.apply(rows, Tracking(aside_name, last))
+        position = last
         total = max(total, position)
         progress(position, total)
+    recorder.create_indexes()
     return _switch(app, datastore, recorder, table, aside, aside_name, position, batch_size)
+
+
+def _decoded_pages(app: ActivitiesApplication, batch_size: int) -> Iterator[tuple[list[Row], int]]:
+    """(rows, last position) of each page of the whole log, read and decoded one page ahead."""
+    pages: queue.Queue[tuple[list[Row], int] | BaseException | None] = queue.Queue(maxsize=2)
+
+    def produce() -> None:
+        try:
+            position = 0
+            while True:
+                notifications = read_page(app, position, batch_size)
+                if not notifications:
+                    break
+                position = notifications[-1].id
+                pages.put((latest_rows(to_events(app, notifications)), position))
+            pages.put(None)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            pages.put(exc)
+
+    threading.Thread(target=produce, name="rebuild-reader", daemon=True).start()
+    while (item := pages.get()) is not None:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def _switch(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -52,7 +51,9 @@ from services.gateway import header
 log = logging.getLogger("activities.queries")
 
 POLL_INTERVAL_S: Final = 0.01
-SCOPE_SQL: Final = "SELECT set_config('activities.tenant_id', %s, true), set_config('activities.app_id', %s, true)"
+CLEAR_SCOPE_SQL: Final = (
+    "SELECT set_config('activities.tenant_id', '', false), set_config('activities.app_id', '', false)"
+)
 
 
 class ReadModel:
@@ -75,11 +76,21 @@ class ReadModel:
             timeout=5,
             kwargs={"autocommit": True, "row_factory": dict_row},
             configure=self._configure,
+            reset=self._clear_scope,
             check=AsyncConnectionPool.check_connection,
         )
+        position_sql, _ = build_position_sql(TRACKING_TABLE, application_name)
+        self._position_sql = position_sql
+        self._scoped_position_sql = sql.SQL(
+            "SELECT set_config('activities.tenant_id', %s, false), set_config('activities.app_id', %s, false), "
+            "({}) AS notification_id"
+        ).format(position_sql)
         self._opened = False
         self._open_lock = asyncio.Lock()
-        self._changed = asyncio.Event()
+        self._known = 0  # highest position known to be applied (from the projector or a poll)
+        self._advanced = asyncio.Condition()
+        self._poller: asyncio.Task[None] | None = None
+        self._waiters = 0
 
     @staticmethod
     async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -110,7 +121,13 @@ class ReadModel:
             loop = self._loop
         except AttributeError:
             return
-        loop.call_soon_threadsafe(self._changed.set)
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._advance(position)))
+
+    async def _advance(self, position: int) -> None:
+        if position > self._known:
+            self._known = position
+            async with self._advanced:
+                self._advanced.notify_all()
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -118,17 +135,20 @@ class ReadModel:
     async def _fetch(
         self, statement: Any, params: list[Any], caller: Caller | None = None
     ) -> tuple[int, list[dict[str, Any]]]:
-        """(position, rows): the position is read first, on the same connection, in a transaction
-        scoped to the caller (row-level security sees only the caller's tenant and app)."""
+        """(position, rows): the position is read first, on the same connection, in the same
+        statement that scopes the connection to the caller (row-level security then sees only the
+        caller's tenant and app; the pool clears the scope when the connection comes back)."""
         await self.open()
-        position_sql, position_params = build_position_sql(TRACKING_TABLE, self.application_name)
         try:
-            async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                if caller is not None:
-                    await cur.execute(SCOPE_SQL, (caller.tenant_id, caller.app_id or ""))
-                await cur.execute(position_sql, position_params)
+            async with self._pool.connection() as conn, conn.cursor() as cur:
+                if caller is None:
+                    await cur.execute(self._position_sql, [self.application_name])
+                else:
+                    scope = [caller.tenant_id, caller.app_id or "", self.application_name]
+                    await cur.execute(self._scoped_position_sql, scope)
                 row = await cur.fetchone()
                 position = int(row["notification_id"]) if row and row["notification_id"] is not None else 0
+                self._known = max(self._known, position)
                 if statement is None:
                     return position, []
                 await cur.execute(statement, params)
@@ -138,26 +158,40 @@ class ReadModel:
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise Unavailable("the read model is unavailable; retry") from exc
 
+    @staticmethod
+    async def _clear_scope(conn: psycopg.AsyncConnection[Any]) -> None:
+        """Back in the pool, a connection is scoped to nobody: an unscoped query sees no rows."""
+        await conn.execute(CLEAR_SCOPE_SQL)
+
     async def position(self) -> int:
         position, _ = await self._fetch(None, [])
         return position
 
     async def wait_for(self, min_position: int | None, timeout_s: float) -> None:
-        """Return once the read model has applied `min_position`, or raise `unavailable`."""
-        if min_position is None:
+        """Return once the read model has applied `min_position`, or raise `unavailable`.
+
+        Waiters share what is known: the in-process projector announces each position, and one
+        poller (only while someone waits) reads it from PostgreSQL every 10 ms when the projector
+        runs elsewhere, so a thousand waiting reads cost one query per poll, not a thousand.
+        """
+        if min_position is None or self._known >= min_position:
             return
-        deadline = time.monotonic() + timeout_s
-        while True:
-            self._changed.clear()
-            if await self.position() >= min_position:
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise Unavailable(
-                    f"the read model has not reached position {min_position} yet; retry",
-                )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(POLL_INTERVAL_S, remaining))
+        self._waiters += 1
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+        try:
+            async with self._advanced:
+                await asyncio.wait_for(self._advanced.wait_for(lambda: self._known >= min_position), timeout_s)
+        except TimeoutError:
+            raise Unavailable(f"the read model has not reached position {min_position} yet; retry") from None
+        finally:
+            self._waiters -= 1
+
+    async def _poll(self) -> None:
+        while self._waiters > 0:
+            with contextlib.suppress(Unavailable):
+                await self._advance(await self.position())
+            await asyncio.sleep(POLL_INTERVAL_S)
 
     async def get(self, activity_id: str, caller: Caller) -> tuple[int, dict[str, Any] | None]:
         statement, params = build_get_sql(self.table, activity_id, caller)
