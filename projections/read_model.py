@@ -135,7 +135,7 @@ class ReadModelRecorder(PostgresTrackingRecorder):
         """The secondary indexes left out by `with_indexes=False`."""
         for statement in self.index_statements:
             with self.datastore.transaction(commit=True) as curs:
-                curs.execute(sql.SQL(statement))  # type: ignore[arg-type]
+                curs.execute(sql.SQL(statement))
 
     def create_table(self) -> None:
         """Idempotent. Serialised by an advisory lock: two processes creating the schema at once

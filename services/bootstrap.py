@@ -115,19 +115,39 @@ def check_database(database_url: str) -> None:
 
 
 class CommandsRole:
-    """NATS command subscribers (queue group `activities`) in front of the group-commit batcher."""
+    """NATS command subscribers (queue group `activities`) in front of the group-commit batcher,
+    and the hourly purge of expired Idempotency-Keys."""
 
-    def __init__(self, broker: NatsBroker, subjects: Subjects, gateway: CommandGateway, concurrency: int) -> None:
-        self._broker = broker
-        self._subjects = subjects
-        self._server = RequestServer(gateway.handle_message, concurrency)
+    PURGE_EVERY_S = 3600.0
+
+    def __init__(self, runtime: Runtime, gateway: CommandGateway) -> None:
+        assert runtime.broker is not None and runtime.app is not None
+        self._broker = runtime.broker
+        self._subjects = runtime.subjects
+        self._app = runtime.app
+        self._executor = runtime.executor
+        self._server = RequestServer(gateway.handle_message, runtime.settings.command_concurrency)
+        self._purger: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         for name in COMMAND_NAMES:
             await self._server.serve(self._broker.connection, self._subjects.command(name), name)
         await self._broker.connection.flush()
+        self._purger = asyncio.get_running_loop().create_task(self._purge_forever(), name="idempotency-purge")
+
+    async def _purge_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                purged = await loop.run_in_executor(self._executor, self._app.activities_recorder.purge_expired_keys)
+                log.info("expired idempotency keys purged", extra={"purged": purged})
+            except Exception as exc:  # the database is away: next time
+                log.warning("idempotency purge failed", extra={"error": str(exc)})
+            await asyncio.sleep(self.PURGE_EVERY_S)
 
     async def stop(self) -> None:
+        if self._purger is not None:
+            self._purger.cancel()
         await self._server.drain()
 
 
@@ -174,7 +194,7 @@ class Runtime:
         self.operations.pools["event_store"] = self.app.activities_recorder.datastore.pool
         self.operations.nats_connected = self._nats_connected
         if "commands" in self.roles:
-            self.components.append(CommandsRole(self.broker, self.subjects, gateway, settings.command_concurrency))
+            self.components.append(CommandsRole(self, gateway))
         if "relay" in self.roles:  # independent of NATS commands: reads the store, publishes to JetStream
             relay = Relay(self.app, settings, self.servers.nats_url, self.servers.database_url, self.executor)
             self.components.append(SingleActive(relay, self.servers.database_url, "activities:relay"))

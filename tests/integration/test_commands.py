@@ -228,3 +228,26 @@ async def test_large_batches_of_large_documents_commit(request_command: Requeste
     )
     assert all(r["data"]["description"] == description for r in replies)
     assert stored_events(runtime) == 60
+
+
+async def test_idempotency_keys_expire_and_are_purged(
+    make_settings: Callable[..., Settings], nc: Any, token: Callable[..., str]
+) -> None:
+    import orjson
+
+    settings = make_settings(idempotency_ttl_hours=0.5 / 3600)  # half a second
+    runtime = Runtime(settings)
+    await runtime.start()
+    try:
+        headers = {"Authorization": f"Bearer {token()}", "Idempotency-Key": "short-lived"}
+        subject = f"{settings.subject_prefix}.cmd.create"
+        first = orjson.loads((await nc.request(subject, orjson.dumps(LINK), headers=headers, timeout=10)).data)
+        await asyncio.sleep(0.8)
+        other = {"account_id": "acc_2"}
+        second = orjson.loads((await nc.request(subject, orjson.dumps(other), headers=headers, timeout=10)).data)
+        assert second["data"]["id"] != first["data"]["id"]  # the key expired: a new command, not a conflict
+        await asyncio.sleep(0.8)
+        assert runtime.app is not None
+        assert runtime.app.activities_recorder.purge_expired_keys() == 1
+    finally:
+        await runtime.stop()
