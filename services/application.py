@@ -113,6 +113,10 @@ class ActivitiesRecorder(PostgresApplicationRecorder):
             "JOIN unnest(%s::uuid[], %s::bigint[]) AS q(originator_id, originator_version) "
             "ON e.originator_id = q.originator_id AND e.originator_version = q.originator_version"
         ).format(schema=schema, events=Identifier(self.events_table_name))
+        self._insert_arrays = SQL(
+            "INSERT INTO {schema}.{events} (originator_id, originator_version, topic, state) "
+            "SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::text[], %s::bytea[]) RETURNING notification_id"
+        ).format(schema=schema, events=Identifier(self.events_table_name))
         self.idempotency_ttl_s = 24 * 3600.0
 
     @retry((InterfaceError, OperationalError), max_attempts=3, wait=0.2)
@@ -128,6 +132,24 @@ class ActivitiesRecorder(PostgresApplicationRecorder):
                 return []
             self._insert_stored_events(curs, stored_events, **kwargs)
             return self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
+
+    def _insert_stored_events(
+        self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> None:
+        """The library's locked, notifying insert, with four plain arrays in binary instead of an
+        array of composites, whose text adaptation was a fifth of the service's CPU per create."""
+        self._lock_table(curs)
+        self._notify_channel(curs)
+        curs.execute(
+            self._insert_arrays,
+            (
+                [event.originator_id for event in stored_events],
+                [event.originator_version for event in stored_events],
+                [event.topic for event in stored_events],
+                [event.state for event in stored_events],
+            ),
+            binary=True,
+        )
 
     def _insert_events(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
         for tenant_id, key, fingerprint, originator_id, version in kwargs.get("idempotency", ()):

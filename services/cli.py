@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import signal
 import sys
 
@@ -57,11 +58,22 @@ async def _serve(settings: Settings, roles: tuple[str, ...]) -> None:
         loop.add_signal_handler(signum, stop.set)
     try:
         await runtime.start()
+        _tune_garbage_collector()
         _banner(settings, runtime)
         await stop.wait()
     finally:
         print("activities: shutting down", file=sys.stderr, flush=True)
         await runtime.stop()
+
+
+def _tune_garbage_collector() -> None:
+    """Fewer, and shorter, collector pauses: the objects made while starting (modules, pools,
+    schemas) are frozen out of every later collection, and the young generation is collected
+    every 50,000 allocations instead of 700 (the service allocates a lot per request and keeps
+    little of it; full collections over the aggregate cache were the latency tail)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def _banner(settings: Settings, runtime: Runtime) -> None:

@@ -26,6 +26,7 @@ from events.errors import ActivitiesError, field_error
 from services.application import CommandBatcher, CommandRequest, CommandResult, internal_error
 from services.auth import TokenVerifier
 from services.metrics import Metrics
+from services.tracing import command_span
 
 log = logging.getLogger("activities.gateway")
 
@@ -64,18 +65,19 @@ class CommandGateway:
     ) -> tuple[int, dict[str, Any]]:
         """(HTTP-style status, envelope) of one command."""
         started = time.perf_counter()
-        try:
-            caller = self._verifier.verify(authorization)
-            key = check_idempotency_key(idempotency_key)
-            data = parse_json_object(body)
-            command: Command = PARSERS[name](data)
-            fingerprint = command_fingerprint(name, data) if key else ""
-            request = CommandRequest(command, caller, key, fingerprint, valid_traceparent(traceparent))
-            outcome = await self._batcher.submit(request)
-        except ActivitiesError as error:
-            outcome = error
-        except Exception:
-            outcome = internal_error(f"command {name} failed")
+        with command_span(name, valid_traceparent(traceparent)) as trace_context:
+            try:
+                caller = self._verifier.verify(authorization)
+                key = check_idempotency_key(idempotency_key)
+                data = parse_json_object(body)
+                command: Command = PARSERS[name](data)
+                fingerprint = command_fingerprint(name, data) if key else ""
+                request = CommandRequest(command, caller, key, fingerprint, trace_context)
+                outcome = await self._batcher.submit(request)
+            except ActivitiesError as error:
+                outcome = error
+            except Exception:
+                outcome = internal_error(f"command {name} failed")
         if isinstance(outcome, CommandResult):
             self._metrics.command_done(name, "ok", started)
             return (201 if name == "create" else 200), outcome.envelope()

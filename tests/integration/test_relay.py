@@ -25,6 +25,8 @@ from events.activity import CLIENT_FIELDS
 from events.commands import CreateActivity, DeleteActivity, PatchActivity, RestoreActivity
 from projections.relay import Relay, RelayOptions
 from services.application import CommandRequest, CommandResult
+from services.auth import mint_token
+from tests.conftest import JWT_SECRET
 from services.bootstrap import Runtime
 from services.config import Settings
 from services.domain import Caller
@@ -234,13 +236,19 @@ async def test_nats_outage_loses_repeats_and_reorders_nothing(
         await asyncio.to_thread(own_nats.start)
         assert own_nats.url == url
         await asyncio.sleep(1.0)
+        # the service's NATS subscribers came back with the server: a command over NATS is answered
+        bearer = {"Authorization": f"Bearer {mint_token(JWT_SECRET, 'acme', 'usr-1')}"}
+        reply = await client.request(
+            f"{runtime.settings.subject_prefix}.cmd.create", b'{"account_id": "after-outage"}', headers=bearer, timeout=10
+        )
+        assert orjson.loads(reply.data)["data"]["account_id"] == "after-outage"
         appending = False
         await appender
         log = await logged_refs(runtime)
         await wait_for_messages(js, stream, len(log))
         messages = await stream_messages(js, stream)
         assert_once_in_log_order(messages, log)
-        assert len(log) == 4 * (len(appended) + 1)
+        assert len(log) == 4 * (len(appended) + 1) + 1
     finally:
         appending = False
         await client.close()
