@@ -525,6 +525,30 @@ def build_upsert_sql(table: str) -> sql.Composed:
     ).format(table=ident, names=names, values=values, updates=updates)
 
 
+def build_load_from_log_sql(table: str, events_table: str) -> sql.Composed:
+    """Project a range of the log (params: after, up to) straight from the stored events, in SQL.
+
+    The same column expressions and version guard as `build_upsert_sql`, over each activity's
+    latest event in the range; for a rebuild from a plain-JSON log (no cipher) this skips decoding
+    every event in Python. Every event carries the whole document after it (`state->'document'`).
+    """
+    ident = table_identifier(table)
+    names = sql.SQL(", ").join(sql.Identifier(name) for name, _ in _ROW_COLUMNS)
+    values = sql.SQL(", ").join(sql.SQL(expression) for _, expression in _ROW_COLUMNS)
+    updates = sql.SQL(", ").join(
+        sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(name)) for name, _ in _ROW_COLUMNS if name != "id"
+    )
+    return sql.SQL(
+        "INSERT INTO {table} ({names}) "
+        "SELECT {values} FROM ("
+        "  SELECT DISTINCT ON (originator_id) (convert_from(state, 'UTF8')::jsonb)->'document' AS d, "
+        "         to_jsonb(notification_id) AS value "
+        "  FROM {events} WHERE notification_id > %s AND notification_id <= %s "
+        "  ORDER BY originator_id, originator_version DESC) AS p "
+        "ON CONFLICT (id) DO UPDATE SET {updates} WHERE {table}.version < EXCLUDED.version"
+    ).format(table=ident, names=names, values=values, updates=updates, events=table_identifier(events_table))
+
+
 def schema_statements(template: str, table: str) -> list[str]:
     """The DDL of schema.sql for a table name: `{table}` and `{table}_suffix` become identifiers."""
     table_identifier(table)

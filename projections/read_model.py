@@ -35,6 +35,7 @@ from psycopg.rows import DictRow
 from projections.queries import (
     READ_MODEL_TABLE,
     TRACKING_TABLE,
+    build_load_from_log_sql,
     build_position_sql,
     build_upsert_sql,
     schema_statements,
@@ -410,16 +411,42 @@ def rebuild(
     recorder.create_table()
     with datastore.transaction(commit=True) as curs:
         _delete_tracking(curs, aside_name)
-    position = 0
     total = app.recorder.max_notification_id() or 0
     progress(0, total)
-    for rows, last in _decoded_pages(app, batch_size):  # decoding the next page overlaps this write
-        recorder.apply(rows, Tracking(aside_name, last))
-        position = last
-        total = max(total, position)
-        progress(position, total)
+    if app.mapper.cipher is None:  # plain JSON in the log: project it in SQL, range by range
+        position = _load_in_sql(app, datastore, aside, aside_name, total, progress)
+    else:
+        position = 0
+        for rows, last in _decoded_pages(app, batch_size):  # decoding the next page overlaps this write
+            recorder.apply(rows, Tracking(aside_name, last))
+            position = last
+            total = max(total, position)
+            progress(position, total)
     recorder.create_indexes()
     return _switch(app, datastore, recorder, table, aside, aside_name, position, batch_size)
+
+
+def _load_in_sql(
+    app: ActivitiesApplication,
+    datastore: PostgresDatastore,
+    table: str,
+    tracking_name: str,
+    head: int,
+    progress: Callable[[int, int], None],
+    chunk: int = 50_000,
+) -> int:
+    """Load the log up to `head` into `table` in SQL, a chunk of positions per transaction."""
+    events_table = getattr(app.recorder, "events_table_name", "activities_events")
+    statement = build_load_from_log_sql(table, events_table)
+    position = 0
+    while position < head:
+        upto = min(position + chunk, head)
+        with datastore.transaction(commit=True) as curs:
+            curs.execute(statement, (position, upto))
+            _set_tracking(curs, tracking_name, upto)
+        position = upto
+        progress(position, head)
+    return position
 
 
 def _decoded_pages(app: ActivitiesApplication, batch_size: int) -> Iterator[tuple[list[Row], int]]:
