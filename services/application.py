@@ -42,6 +42,7 @@ from events.activity import activity_id_of, activity_uuid, new_activity_id
 from events.commands import Command, CreateActivity
 from events.errors import ActivitiesError, IdempotencyConflict, InternalError, NotFound, Unavailable
 from services.domain import Activity, Caller, decide
+from services.logs import correlation_id
 
 log = logging.getLogger("activities.application")
 
@@ -433,9 +434,13 @@ def _split_repeated_keys(requests: Sequence[CommandRequest]) -> tuple[list[int],
 
 def internal_error(what: str) -> InternalError:
     """Log the current exception with a fresh correlation id and return the error to reply with."""
-    correlation_id = uuid4().hex
-    log.exception(what, extra={"correlation_id": correlation_id})
-    return InternalError(f"internal error; correlation id {correlation_id}")
+    correlation = correlation_id()
+    if correlation is None:  # outside a request (a batch in the store's thread): a fresh one
+        correlation = uuid4().hex
+        log.exception(what, extra={"correlation_id": correlation})
+    else:
+        log.exception(what)  # the log line carries the request's correlation id already
+    return InternalError(f"internal error; correlation id {correlation}")
 
 
 class CommandBatcher:

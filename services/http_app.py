@@ -34,6 +34,7 @@ from projections.queries import CursorCodec, derive_cursor_key, params_from_pair
 from projections.read_model import prepare_read_model
 from services.asyncapi import add_asyncapi_route
 from services.gateway import CommandGateway
+from services.logs import start_request
 from services.nats_app import RequestServer
 from services.queries import EventStoreReads, QueryGateway, ReadModel
 
@@ -241,6 +242,7 @@ def add_operations_routes(app: FastAPI, operations: Operations) -> None:
 
     @app.middleware("http")
     async def measure(request: Request, call_next: Any) -> Response:
+        start_request(request.headers.get("traceparent"))
         started = time.perf_counter()
         response: Response = await call_next(request)
         route = request.scope.get("route")

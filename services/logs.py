@@ -1,4 +1,5 @@
-"""Structured logs: one JSON object per line on stderr, with any `extra=` fields included."""
+"""Structured logs: one JSON object per line on stderr, with any `extra=` fields included, and the
+correlation id of the request being handled (and its trace id, inside a trace)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,26 @@ import json
 import logging
 import sys
 import time
+import uuid
+from contextvars import ContextVar
 
 from services.tracing import current_trace_id
+
+_correlation_id: ContextVar[str | None] = ContextVar("correlation_id", default=None)
+
+
+def start_request(traceparent: str | None = None) -> str:
+    """Give the request being handled (this task) a correlation id: the caller's trace id when it
+    sent a `traceparent`, else a fresh one. Every log line of the request carries it."""
+    trace_id = traceparent.split("-")[1] if traceparent and traceparent.count("-") == 3 else None
+    correlation_id = trace_id or uuid.uuid4().hex
+    _correlation_id.set(correlation_id)
+    return correlation_id
+
+
+def correlation_id() -> str | None:
+    return _correlation_id.get()
+
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
@@ -20,6 +39,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        request = _correlation_id.get()
+        if request:
+            entry["correlation_id"] = request
         trace_id = current_trace_id()
         if trace_id:
             entry["trace_id"] = trace_id  # correlates the lines of one request, and with its trace

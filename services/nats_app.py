@@ -18,6 +18,7 @@ from nats.aio.subscription import Subscription
 
 from events.subjects import COMMAND_QUEUE
 from services.application import internal_error
+from services.logs import start_request
 
 Handler = Callable[[str, bytes, dict[str, str]], Awaitable[tuple[int, dict[str, Any]]]]
 
@@ -51,8 +52,10 @@ class RequestServer:
 
     async def _respond(self, connection: NatsClient, name: str, message: Msg) -> None:
         try:
+            headers = message.headers or {}
+            start_request(headers.get("traceparent"))
             try:
-                _, envelope = await self._handler(name, message.data, message.headers or {})
+                _, envelope = await self._handler(name, message.data, headers)
             except Exception:  # a bug in a gateway: still exactly one reply
                 envelope = internal_error(f"request {name} failed").to_envelope()
             if message.reply:

@@ -71,3 +71,30 @@ async def test_trace_id_of_a_command_is_on_the_published_event(
     assert message.headers["Activity-Id"] == created["data"]["id"]
     assert message.headers["traceparent"] == TRACEPARENT
     await subscription.unsubscribe()
+
+
+async def test_logs_are_json_lines_with_the_request_correlation_id(
+    request_command: Requester, runtime: Runtime, caplog: Any
+) -> None:
+    """An `internal` reply names a correlation id that is on the log line with the traceback."""
+    import json
+    import logging
+
+    import psycopg
+
+    from services.logs import JsonFormatter
+
+    assert runtime.servers is not None
+    with psycopg.connect(runtime.servers.database_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE activities_idempotency RENAME TO activities_idempotency_away")
+    try:
+        with caplog.at_level(logging.ERROR):
+            reply = await request_command("create", {"account_id": "a"}, key="k", headers={"traceparent": TRACEPARENT})
+    finally:
+        with psycopg.connect(runtime.servers.database_url, autocommit=True) as conn:
+            conn.execute("ALTER TABLE activities_idempotency_away RENAME TO activities_idempotency")
+    assert reply["error"]["code"] == "internal"
+    correlation = reply["error"]["message"].rsplit(" ", 1)[-1]
+    lines = [json.loads(JsonFormatter().format(record)) for record in caplog.records]
+    matching = [line for line in lines if line.get("correlation_id") == correlation]
+    assert matching and "exc" in matching[0] and matching[0]["level"] == "error"
