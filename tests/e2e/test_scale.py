@@ -27,7 +27,10 @@ async def wait_for_projection(database_url: str, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         head = query(database_url, "SELECT max(notification_id) FROM activities_events")[0][0]
-        tracked = query(database_url, "SELECT max(notification_id) FROM activities_projection_tracking")
+        try:
+            tracked = query(database_url, "SELECT max(notification_id) FROM activities_projection_tracking")
+        except psycopg.errors.UndefinedTable:  # the projector has not started yet
+            tracked = []
         if tracked and tracked[0][0] is not None and tracked[0][0] >= head:
             return
         await asyncio.sleep(0.1)
