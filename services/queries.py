@@ -124,10 +124,11 @@ class ReadModel:
         loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._advance(position)))
 
     async def _advance(self, position: int) -> None:
-        if position > self._known:
-            self._known = position
-            async with self._advanced:
-                self._advanced.notify_all()
+        """Record a position the read model has reached and let every waiter look again (always:
+        reads also raise `_known` as they pass, without waking anyone)."""
+        self._known = max(self._known, position)
+        async with self._advanced:
+            self._advanced.notify_all()
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
