@@ -529,7 +529,7 @@ def build_load_from_log_sql(table: str, events_table: str) -> sql.Composed:
     """Project a range of the log (params: after, up to) straight from the stored events, in SQL.
 
     The same column expressions and version guard as `build_upsert_sql`, over each activity's
-    latest event in the range; for a rebuild from a plain-JSON log (no cipher) this skips decoding
+    latest event in the range (found on the narrow columns first, so only those states are parsed); for a rebuild from a plain-JSON log (no cipher) this skips decoding
     every event in Python. Every event carries the whole document after it (`state->'document'`).
     """
     ident = table_identifier(table)
@@ -541,10 +541,12 @@ def build_load_from_log_sql(table: str, events_table: str) -> sql.Composed:
     return sql.SQL(
         "INSERT INTO {table} ({names}) "
         "SELECT {values} FROM ("
-        "  SELECT DISTINCT ON (originator_id) (convert_from(state, 'UTF8')::jsonb)->'document' AS d, "
-        "         to_jsonb(notification_id) AS value "
-        "  FROM {events} WHERE notification_id > %s AND notification_id <= %s "
-        "  ORDER BY originator_id, originator_version DESC) AS p "
+        "  SELECT (convert_from(e.state, 'UTF8')::jsonb)->'document' AS d, to_jsonb(e.notification_id) AS value "
+        "  FROM (SELECT DISTINCT ON (originator_id) notification_id FROM {events} "
+        "        WHERE notification_id > %s AND notification_id <= %s "
+        "        ORDER BY originator_id, originator_version DESC) AS latest "
+        "  JOIN {events} AS e ON e.notification_id = latest.notification_id "
+        "  OFFSET 0) AS p "  # OFFSET 0 keeps `d` computed once per row, not once per column
         "ON CONFLICT (id) DO UPDATE SET {updates} WHERE {table}.version < EXCLUDED.version"
     ).format(table=ident, names=names, values=values, updates=updates, events=table_identifier(events_table))
 
