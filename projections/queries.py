@@ -529,8 +529,9 @@ def build_load_from_log_sql(table: str, events_table: str) -> sql.Composed:
     """Project a range of the log (params: after, up to) straight from the stored events, in SQL.
 
     The same column expressions and version guard as `build_upsert_sql`, over each activity's
-    latest event in the range (found on the narrow columns first, so only those states are parsed); for a rebuild from a plain-JSON log (no cipher) this skips decoding
-    every event in Python. Every event carries the whole document after it (`state->'document'`).
+    latest event in the range, found on the narrow columns first so that only those states are
+    parsed. For a rebuild from a plain-JSON log (no cipher) this skips decoding every event in
+    Python. Every event carries the whole document after it (`state->'document'`).
     """
     ident = table_identifier(table)
     names = sql.SQL(", ").join(sql.Identifier(name) for name, _ in _ROW_COLUMNS)
