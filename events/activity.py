@@ -276,43 +276,30 @@ class ActivityLogged(AggregateCreated):
         aggregate.document = self.document
 
 
-class ActivityPatched(AggregateEvent):
+class ActivityChanged(AggregateEvent):
+    """What every event after the first carries (never stored itself: it has no topic of its own).
+    Its fields are ActivityLogged's; each event holds the whole document after it."""
+
+    document: dict[str, Any]
+    changes: dict[str, Any]
+    actor: str
+    schema_version: int
+    traceparent: str | None = None
+
+    def apply(self, aggregate: Any) -> None:
+        aggregate.document = self.document
+
+
+class ActivityPatched(ActivityChanged):
     """A merge patch was applied. `changes` is the merge patch as applied."""
 
-    document: dict[str, Any]
-    changes: dict[str, Any]
-    actor: str
-    schema_version: int
-    traceparent: str | None = None
 
-    def apply(self, aggregate: Any) -> None:
-        aggregate.document = self.document
+class ActivityDeleted(ActivityChanged):
+    """The activity was soft-deleted. `changes` is {}."""
 
 
-class ActivityDeleted(AggregateEvent):
-    """The activity was soft-deleted."""
-
-    document: dict[str, Any]
-    changes: dict[str, Any]
-    actor: str
-    schema_version: int
-    traceparent: str | None = None
-
-    def apply(self, aggregate: Any) -> None:
-        aggregate.document = self.document
-
-
-class ActivityRestored(AggregateEvent):
-    """A soft-deleted activity was restored."""
-
-    document: dict[str, Any]
-    changes: dict[str, Any]
-    actor: str
-    schema_version: int
-    traceparent: str | None = None
-
-    def apply(self, aggregate: Any) -> None:
-        aggregate.document = self.document
+class ActivityRestored(ActivityChanged):
+    """A soft-deleted activity was restored. `changes` is {}."""
 
 
 ActivityEvent = ActivityLogged | ActivityPatched | ActivityDeleted | ActivityRestored

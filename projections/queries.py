@@ -505,24 +505,30 @@ _ROW_COLUMNS: Final = (
 ROW_COLUMN_NAMES: Final = tuple(name for name, _ in _ROW_COLUMNS)
 
 
+def _row_sql(table: str) -> tuple[sql.Composed, sql.Composed, sql.Composed]:
+    """(column names, their expressions over a document `d` and position `p.value`, the updates
+    of an upsert) of the read-model row, shared by the live upsert and the rebuild's load."""
+    names = sql.SQL(", ").join(sql.Identifier(name) for name, _ in _ROW_COLUMNS)
+    values = sql.SQL(", ").join(sql.SQL(expression) for _, expression in _ROW_COLUMNS)
+    updates = sql.SQL(", ").join(
+        sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(name)) for name, _ in _ROW_COLUMNS if name != "id"
+    )
+    return names, values, updates
+
+
 def build_upsert_sql(table: str) -> sql.Composed:
     """Upsert many documents (param 1: JSON array of documents, param 2: JSON array of positions).
 
     A row is replaced only by a newer version, so applying an event twice, or an older one
     after a newer one, changes nothing.
     """
-    ident = table_identifier(table)
-    names = sql.SQL(", ").join(sql.Identifier(name) for name, _ in _ROW_COLUMNS)
-    values = sql.SQL(", ").join(sql.SQL(expression) for _, expression in _ROW_COLUMNS)
-    updates = sql.SQL(", ").join(
-        sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(name)) for name, _ in _ROW_COLUMNS if name != "id"
-    )
+    names, values, updates = _row_sql(table)
     return sql.SQL(
         "INSERT INTO {table} ({names}) "
         "SELECT {values} FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS x(d, n) "
         "JOIN jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS p(value, n) ON p.n = x.n "
         "ON CONFLICT (id) DO UPDATE SET {updates} WHERE {table}.version < EXCLUDED.version"
-    ).format(table=ident, names=names, values=values, updates=updates)
+    ).format(table=table_identifier(table), names=names, values=values, updates=updates)
 
 
 def build_load_from_log_sql(table: str, events_table: str) -> sql.Composed:
@@ -534,11 +540,7 @@ def build_load_from_log_sql(table: str, events_table: str) -> sql.Composed:
     Python. Every event carries the whole document after it (`state->'document'`).
     """
     ident = table_identifier(table)
-    names = sql.SQL(", ").join(sql.Identifier(name) for name, _ in _ROW_COLUMNS)
-    values = sql.SQL(", ").join(sql.SQL(expression) for _, expression in _ROW_COLUMNS)
-    updates = sql.SQL(", ").join(
-        sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(name)) for name, _ in _ROW_COLUMNS if name != "id"
-    )
+    names, values, updates = _row_sql(table)
     return sql.SQL(
         "INSERT INTO {table} ({names}) "
         "SELECT {values} FROM ("
