@@ -532,7 +532,8 @@ def build_upsert_sql(table: str) -> sql.Composed:
 
 
 def build_load_from_log_sql(table: str, events_table: str) -> sql.Composed:
-    """Project a range of the log (params: after, up to) straight from the stored events, in SQL.
+    """Project a range of the log (params: after, up to, partitions, partition) straight from the
+    stored events, in SQL, for the activities of one partition (by the last byte of their id).
 
     The same column expressions and version guard as `build_upsert_sql`, over each activity's
     latest event in the range, found on the narrow columns first so that only those states are
@@ -547,6 +548,7 @@ def build_load_from_log_sql(table: str, events_table: str) -> sql.Composed:
         "  SELECT (convert_from(e.state, 'UTF8')::jsonb)->'document' AS d, to_jsonb(e.notification_id) AS value "
         "  FROM (SELECT DISTINCT ON (originator_id) notification_id FROM {events} "
         "        WHERE notification_id > %s AND notification_id <= %s "
+        "          AND get_byte(uuid_send(originator_id), 15) %% %s = %s "  # a partition of the activities
         "        ORDER BY originator_id, originator_version DESC) AS latest "
         "  JOIN {events} AS e ON e.notification_id = latest.notification_id "
         "  OFFSET 0) AS p "  # OFFSET 0 keeps `d` computed once per row, not once per column

@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
@@ -426,6 +427,10 @@ def rebuild(
     return _switch(app, datastore, recorder, table, aside, aside_name, position, batch_size)
 
 
+LOAD_WORKERS: Final = 2
+"""Connections loading a rebuild in parallel: PostgreSQL parses the events' JSON, one core each."""
+
+
 def _load_in_sql(
     app: ActivitiesApplication,
     datastore: PostgresDatastore,
@@ -435,18 +440,33 @@ def _load_in_sql(
     progress: Callable[[int, int], None],
     chunk: int = 50_000,
 ) -> int:
-    """Load the log up to `head` into `table` in SQL, a chunk of positions per transaction."""
+    """Load the log up to `head` into `table` in SQL, a chunk of positions per transaction.
+
+    The activities are split into LOAD_WORKERS disjoint partitions loaded side by side, so two
+    workers never write the same row; the tracking position is set once both reached `head` (a
+    rebuild that stops half way is started again from scratch)."""
     events_table = getattr(app.recorder, "events_table_name", "activities_events")
     statement = build_load_from_log_sql(table, events_table)
-    position = 0
-    while position < head:
-        upto = min(position + chunk, head)
-        with datastore.transaction(commit=True) as curs:
-            curs.execute(statement, (position, upto))
-            _set_tracking(curs, tracking_name, upto)
-        position = upto
-        progress(position, head)
-    return position
+    done = [0] * LOAD_WORKERS
+    lock = threading.Lock()
+
+    def load(partition: int) -> None:
+        position = 0
+        while position < head:
+            upto = min(position + chunk, head)
+            with datastore.transaction(commit=True) as curs:
+                curs.execute(statement, (position, upto, LOAD_WORKERS, partition))
+            position = upto
+            with lock:
+                done[partition] = position
+                progress(sum(done) // LOAD_WORKERS, head)
+
+    with ThreadPoolExecutor(LOAD_WORKERS, thread_name_prefix="rebuild-load") as pool:
+        for future in [pool.submit(load, partition) for partition in range(LOAD_WORKERS)]:
+            future.result()
+    with datastore.transaction(commit=True) as curs:
+        _set_tracking(curs, tracking_name, head)
+    return head
 
 
 def _decoded_pages(app: ActivitiesApplication, batch_size: int) -> Iterator[tuple[list[Row], int]]:
