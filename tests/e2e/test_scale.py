@@ -124,5 +124,5 @@ async def test_standby_projector_takes_over_when_the_active_one_is_killed(
         assert rows == 600
     finally:
         await nc.close()
-        for process in (writer, standby):
-            process.stop()
+        for process in (writer, active, standby):
+            process.stop()  # harmless for the one already killed
