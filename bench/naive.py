@@ -12,6 +12,7 @@ import sys
 from datetime import UTC, datetime
 
 import orjson
+import uvloop
 from faststream import FastStream
 from faststream.nats import NatsBroker, NatsMessage
 from psycopg.conninfo import conninfo_to_dict
@@ -46,7 +47,7 @@ def main() -> None:
 
         return await asyncio.get_running_loop().run_in_executor(None, save)
 
-    asyncio.run(FastStream(broker).run())
+    uvloop.run(FastStream(broker).run())
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import nats
 import psycopg
+import uvloop
 from psycopg.conninfo import conninfo_to_dict
 
+from bench.http_client import KeepAliveClient
 from bench.load import Stats
 from projections.read_model import read_model_datastore, rebuild
 from services.application import ActivitiesApplication, CommandRequest, CommandService, application_env
@@ -81,33 +82,35 @@ async def _freshness(http_url: str, nats_url: str, rate: float, seconds: float) 
     headers = {"Authorization": f"Bearer {token}"}
     nc = await nats.connect(nats_url)
     stats = Stats()
-    async with httpx.AsyncClient(base_url=http_url, headers=headers, timeout=30) as http:
+    idle = [KeepAliveClient(http_url, headers) for _ in range(16)]  # probes in flight share these
 
-        async def one(i: int) -> None:
-            account = f"fresh_{uuid.uuid4().hex[:12]}"
-            body = orjson.dumps({"account_id": account, "type": "call", "activity_date": "2026-11-27T10:00:00Z"})
-            reply = orjson.loads((await nc.request("crm.activities.cmd.create", body, headers=headers, timeout=30)).data)
-            replied = time.perf_counter()
-            if i % SAMPLE_EVERY:
-                return  # the steady load; every SAMPLE_EVERY-th command is probed
-            position = reply["meta"]["position"]
-            response = await http.get("/api/v1/crm/activities", params={"account_id": account, "min_position": position})
-            seen = response.status_code == 200 and len(response.json()["data"]) == 1
-            if seen:
-                stats.ok += 1
-                stats.latencies_ms.append((time.perf_counter() - replied) * 1000)
-            else:
-                stats.errors += 1
+    async def one(i: int) -> None:
+        account = f"fresh_{uuid.uuid4().hex[:12]}"
+        body = orjson.dumps({"account_id": account, "type": "call", "activity_date": "2026-11-27T10:00:00Z"})
+        reply = orjson.loads((await nc.request("crm.activities.cmd.create", body, headers=headers, timeout=30)).data)
+        replied = time.perf_counter()
+        if i % SAMPLE_EVERY:
+            return  # the steady load; every SAMPLE_EVERY-th command is probed
+        position = reply["meta"]["position"]
+        http = idle.pop() if idle else KeepAliveClient(http_url, headers)
+        status, body = await http.get("/api/v1/crm/activities", {"account_id": account, "min_position": position})
+        idle.append(http)
+        seen = status == 200 and len(orjson.loads(body)["data"]) == 1
+        if seen:
+            stats.ok += 1
+            stats.latencies_ms.append((time.perf_counter() - replied) * 1000)
+        else:
+            stats.errors += 1
 
-        tasks = []
-        started = time.perf_counter()
-        for i in range(int(rate * seconds)):
-            delay = started + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
-        stats.elapsed_s = time.perf_counter() - started
+    tasks = []
+    started = time.perf_counter()
+    for i in range(int(rate * seconds)):
+        delay = started + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    stats.elapsed_s = time.perf_counter() - started
     await nc.close()
     return {"rate": rate, "sampled_every": SAMPLE_EVERY, **stats.summary()}
 
@@ -151,38 +154,36 @@ def seed_read_model(database_url: str, rows: int) -> None:
 async def _queries(http_url: str, seconds: float, rows: int) -> dict[str, Any]:
     token = mint_token(_secret(), "bench", "usr-bench")
     results: dict[str, Any] = {}
-    limits = httpx.Limits(max_connections=QUERY_CONCURRENCY, max_keepalive_connections=QUERY_CONCURRENCY)
-    async with httpx.AsyncClient(base_url=http_url, headers={"Authorization": f"Bearer {token}"}, timeout=30,
-                                 limits=limits) as http:
-        cases = {
-            "get": lambda i: (f"/api/v1/crm/activities/act_{format(1 + (i * 7919) % rows, 'X').rjust(26, '0')}", {}),
-            "list_by_account": lambda i: ("/api/v1/crm/activities", {"account_id": f"acc_{i % 1000}", "limit": 50}),
-            "list_by_owner": lambda i: (
-                "/api/v1/crm/activities",
-                {"owner_id": f"usr-{format(i % 500, 'x').rjust(8, '0')}-0000-4000-8000-000000000000", "limit": 50},
-            ),
-        }
-        for name, make in cases.items():
-            stats = Stats()
-            counter = iter(range(10**9))
-            deadline = time.perf_counter() + seconds
+    cases = {
+        "get": lambda i: (f"/api/v1/crm/activities/act_{format(1 + (i * 7919) % rows, 'X').rjust(26, '0')}", {}),
+        "list_by_account": lambda i: ("/api/v1/crm/activities", {"account_id": f"acc_{i % 1000}", "limit": 50}),
+        "list_by_owner": lambda i: (
+            "/api/v1/crm/activities",
+            {"owner_id": f"usr-{format(i % 500, 'x').rjust(8, '0')}-0000-4000-8000-000000000000", "limit": 50},
+        ),
+    }
+    for name, make in cases.items():
+        stats = Stats()
+        counter = iter(range(10**9))
+        deadline = time.perf_counter() + seconds
 
-            async def worker() -> None:
-                while time.perf_counter() < deadline:
-                    path, params = make(next(counter))
-                    started = time.perf_counter()
-                    response = await http.get(path, params=params)
-                    stats.latencies_ms.append((time.perf_counter() - started) * 1000)
-                    if response.status_code == 200:
-                        stats.ok += 1
-                    else:
-                        stats.errors += 1
+        async def worker() -> None:
+            http = KeepAliveClient(http_url, {"Authorization": f"Bearer {token}"})
+            while time.perf_counter() < deadline:
+                path, params = make(next(counter))
+                started = time.perf_counter()
+                status, _ = await http.get(path, params)
+                stats.latencies_ms.append((time.perf_counter() - started) * 1000)
+                if status == 200:
+                    stats.ok += 1
+                else:
+                    stats.errors += 1
 
-            started = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(QUERY_CONCURRENCY)))
-            stats.elapsed_s = time.perf_counter() - started
-            results[name] = stats.summary()
-            _progress(f"  {name}: {results[name]['rate_per_s']}/s p99 {results[name]['p99_ms']} ms")
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(QUERY_CONCURRENCY)))
+        stats.elapsed_s = time.perf_counter() - started
+        results[name] = stats.summary()
+        _progress(f"  {name}: {results[name]['rate_per_s']}/s p99 {results[name]['p99_ms']} ms")
     return results
 
 
@@ -209,7 +210,7 @@ def relay_throughput(database_url: str, nats_url: str, root: Path, events: int) 
         last_report = started
         while count < events and time.perf_counter() < deadline:
             time.sleep(0.2)
-            count = asyncio.run(_stream_count(nats_url, stream))
+            count = uvloop.run(_stream_count(nats_url, stream))
             if time.perf_counter() - last_report > 5:
                 last_report = time.perf_counter()
                 _progress(f"  relay {count}/{events}")
@@ -238,11 +239,11 @@ def run_read_side(servers: BenchServers, root: Path, durations: Durations) -> di
     _progress("[4/7] freshness at 500 creates/s and [5/7] queries on a big read model")
     fresh_db = servers.fresh_database()
     with service(fresh_db, servers.nats_url, "commands,projector,http", root / "svc-all") as (process, endpoints):
-        results["freshness"] = asyncio.run(
+        results["freshness"] = uvloop.run(
             _freshness(endpoints["http_url"], endpoints["nats_url"], 500, durations.latency_s))
         _progress(f"  seeding {durations.read_model_rows} rows into the read model")
         seed_read_model(fresh_db, durations.read_model_rows)
-        results["queries"] = asyncio.run(_queries(endpoints["http_url"], durations.load_s, durations.read_model_rows))
+        results["queries"] = uvloop.run(_queries(endpoints["http_url"], durations.load_s, durations.read_model_rows))
         results["queries_rows"] = durations.read_model_rows
         results["read_side_rss_mb"] = [round(peak_rss_mb(process.pid), 1), results["relay"]["peak_rss_mb"]]
     return results

@@ -11,7 +11,6 @@ stderr, and writes bench/results/<date>.json, <date>.md (the table for the READM
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -31,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import nats
-import orjson
 import psycopg
+import uvloop
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bench.load import Stats, closed_loop, open_loop
@@ -167,8 +166,20 @@ def create_body(i: int) -> dict[str, Any]:
 
 
 def sample_state() -> bytes:
-    document = {"id": "act_01ARZ3NDEKTSV4RRFFQ69G5FAV", "tenant_id": "bench", **create_body(1)}
-    return orjson.dumps({"document": document, "changes": create_body(1), "actor": "usr-bench", "schema_version": 1})
+    """The stored state of one create of `create_body`, made and encoded as the service does it."""
+    from eventsourcing.persistence import Mapper
+
+    from events.activity import activity_uuid, new_activity_id
+    from events.commands import parse_create
+    from services.application import event_transcoder
+    from services.domain import Activity, Caller, decide
+
+    activity_id = new_activity_id()
+    now = datetime.now(UTC)
+    decision = decide(None, parse_create(create_body(1)), Caller("bench", "usr-bench"), now, activity_id)
+    assert decision is not None
+    (event,) = Activity.log(activity_uuid(activity_id), decision, now).collect_events()
+    return Mapper(transcoder=event_transcoder()).to_stored_event(event).state
 
 
 def raw_insert_limit(database_url: str, rows: int, batch: int = 500) -> dict[str, Any]:
@@ -222,8 +233,8 @@ def naive_baseline(servers: BenchServers, seconds: float) -> dict[str, Any]:
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(3)
-        asyncio.run(drive(servers.nats_url, subject, create_body, 8, 1))  # warm-up
-        stats = asyncio.run(drive(servers.nats_url, subject, create_body, 64, seconds))
+        uvloop.run(drive(servers.nats_url, subject, create_body, 8, 1))  # warm-up
+        stats = uvloop.run(drive(servers.nats_url, subject, create_body, 64, seconds))
     finally:
         process.terminate()
         process.wait(10)
@@ -236,10 +247,10 @@ def service_commands(servers: BenchServers, root: Path, durations: Durations) ->
     ids: list[str] = []
     with service(database_url, servers.nats_url, "commands", root / "svc-commands") as (process, endpoints):
         url = endpoints["nats_url"]
-        asyncio.run(drive(url, "crm.activities.cmd.create", create_body, 8, 1))
+        uvloop.run(drive(url, "crm.activities.cmd.create", create_body, 8, 1))
         for concurrency in (64, 256):
             progress(f"  service creates with {concurrency} in flight")
-            stats = asyncio.run(drive(url, "crm.activities.cmd.create", create_body, concurrency, durations.load_s,
+            stats = uvloop.run(drive(url, "crm.activities.cmd.create", create_body, concurrency, durations.load_s,
                                       lambda r: ids.append(r["data"]["id"])))
             results[f"create_{concurrency}"] = stats.summary()
         progress("  service patches with 64 in flight")
@@ -248,19 +259,19 @@ def service_commands(servers: BenchServers, root: Path, durations: Durations) ->
         def patch_body(i: int) -> dict[str, Any]:
             return {"id": random.choice(ids), "changes": {"subject": f"patched {next(counter)}"}}
 
-        results["patch_64"] = asyncio.run(
+        results["patch_64"] = uvloop.run(
             drive(url, "crm.activities.cmd.patch", patch_body, 64, durations.load_s)).summary()
         max_rate = max(results["create_64"]["rate_per_s"], results["create_256"]["rate_per_s"])
         results["latency"] = {}
         for share in (25, 50, 90):
             rate = max_rate * share / 100
             progress(f"  latency at {share}% of max ({rate:.0f} creates/s)")
-            stats = asyncio.run(drive_rate(url, "crm.activities.cmd.create", create_body, rate, durations.latency_s))
+            stats = uvloop.run(drive_rate(url, "crm.activities.cmd.create", create_body, rate, durations.latency_s))
             results["latency"][f"{share}%"] = {"target_rate": round(rate, 1), **stats.summary()}
         results["peak_rss_mb"] = round(peak_rss_mb(process.pid), 1)
         progress("  scale-out: a second command process in the same queue group, 256 in flight")
         with service(database_url, servers.nats_url, "commands", root / "svc-commands-2"):
-            results["create_256_two_processes"] = asyncio.run(
+            results["create_256_two_processes"] = uvloop.run(
                 drive(url, "crm.activities.cmd.create", create_body, 256, durations.load_s)).summary()
     return results, max_rate
 

@@ -210,6 +210,12 @@ class ActivityFields(BaseModel):
 
 
 CLIENT_FIELDS: Final = tuple(ActivityFields.model_fields)
+
+
+def client_fields(document: dict[str, Any]) -> dict[str, Any]:
+    """The client-settable fields of a document (what a create sets, what a patch may change)."""
+    return {name: document[name] for name in CLIENT_FIELDS}
+
 FIELDS_WITH_DEFAULTS: Final = frozenset(
     name
     for name, info in ActivityFields.model_fields.items()
@@ -264,13 +270,24 @@ def activity_id_of(originator_id: UUID) -> str:
 
 
 class ActivityLogged(AggregateCreated):
-    """A new activity was logged. `changes` is the initial client document."""
+    """A new activity was logged. Its `changes` (the initial client document) are not stored: they
+    are the client fields of `document`, and storing them twice doubled the JSON every rebuild and
+    every reader parses (class version 2; version 1 stored them, and is upcast by dropping them)."""
+
+    class_version = 2
 
     document: dict[str, Any]
-    changes: dict[str, Any]
     actor: str
     schema_version: int
     traceparent: str | None = None
+
+    @property
+    def changes(self) -> dict[str, Any]:
+        return client_fields(self.document)
+
+    @staticmethod
+    def upcast_v1_v2(state: dict[str, Any]) -> None:
+        state.pop("changes", None)
 
     def apply(self, aggregate: Any) -> None:
         aggregate.document = self.document

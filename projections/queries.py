@@ -432,7 +432,8 @@ def build_list_sql(
 ) -> tuple[sql.Composed, list[Any]]:
     """One page (limit + 1 rows, to know whether there is a next page) as (statement, params).
 
-    Rows have `id`, `sort_value` and `document`.
+    Rows have `id`, `sort_value` and `document`, the document as JSON text: a page goes out as it
+    is stored, without being parsed into Python objects and serialised again.
     """
     where, params = _scope(caller)
     filters, filter_params = list_filters(query)
@@ -443,7 +444,8 @@ def build_list_sql(
         where.append(condition)
         params += after_params
     statement = sql.SQL(
-        "SELECT id, {sort} AS sort_value, document FROM {table} WHERE {where} ORDER BY {order} LIMIT %s"
+        "SELECT id, {sort} AS sort_value, document::text AS document "
+        "FROM {table} WHERE {where} ORDER BY {order} LIMIT %s"
     ).format(
         sort=sql.Identifier(query.sort.field),
         table=table_identifier(table),

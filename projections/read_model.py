@@ -133,11 +133,17 @@ class ReadModelRecorder(PostgresTrackingRecorder):
                 self.sql_create_statements.append(sql.SQL(statement))  # type: ignore[arg-type]
         self._upsert = build_upsert_sql(table)
 
-    def create_indexes(self) -> None:
-        """The secondary indexes left out by `with_indexes=False`."""
-        for statement in self.index_statements:
+    def create_indexes(self, workers: int = 1) -> None:
+        """The secondary indexes left out by `with_indexes=False`, built `workers` at a time
+        (index builds on one table do not block each other; each sorts on one core)."""
+
+        def build(statement: str) -> None:
             with self.datastore.transaction(commit=True) as curs:
+                curs.execute("SET LOCAL max_parallel_maintenance_workers = 0")  # the parallelism is ours
                 curs.execute(sql.SQL(statement))
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="rebuild-index") as pool:
+            list(pool.map(build, self.index_statements))
 
     def create_table(self) -> None:
         """Idempotent. Serialised by an advisory lock: two processes creating the schema at once
@@ -423,12 +429,13 @@ def rebuild(
             position = last
             total = max(total, position)
             progress(position, total)
-    recorder.create_indexes()
+    recorder.create_indexes(workers=REBUILD_WORKERS)
     return _switch(app, datastore, recorder, table, aside, aside_name, position, batch_size)
 
 
-LOAD_WORKERS: Final = 2
-"""Connections loading a rebuild in parallel: PostgreSQL parses the events' JSON, one core each."""
+REBUILD_WORKERS: Final = 2
+"""Connections a rebuild works on side by side, loading and then indexing: both are CPU-bound in
+PostgreSQL (parsing the events' JSON, sorting for an index), one core each."""
 
 
 def _load_in_sql(
@@ -442,12 +449,12 @@ def _load_in_sql(
 ) -> int:
     """Load the log up to `head` into `table` in SQL, a chunk of positions per transaction.
 
-    The activities are split into LOAD_WORKERS disjoint partitions loaded side by side, so two
+    The activities are split into REBUILD_WORKERS disjoint partitions loaded side by side, so two
     workers never write the same row; the tracking position is set once both reached `head` (a
     rebuild that stops half way is started again from scratch)."""
     events_table = getattr(app.recorder, "events_table_name", "activities_events")
     statement = build_load_from_log_sql(table, events_table)
-    done = [0] * LOAD_WORKERS
+    done = [0] * REBUILD_WORKERS
     lock = threading.Lock()
 
     def load(partition: int) -> None:
@@ -455,14 +462,14 @@ def _load_in_sql(
         while position < head:
             upto = min(position + chunk, head)
             with datastore.transaction(commit=True) as curs:
-                curs.execute(statement, (position, upto, LOAD_WORKERS, partition))
+                curs.execute(statement, (position, upto, REBUILD_WORKERS, partition))
             position = upto
             with lock:
                 done[partition] = position
-                progress(sum(done) // LOAD_WORKERS, head)
+                progress(sum(done) // REBUILD_WORKERS, head)
 
-    with ThreadPoolExecutor(LOAD_WORKERS, thread_name_prefix="rebuild-load") as pool:
-        for future in [pool.submit(load, partition) for partition in range(LOAD_WORKERS)]:
+    with ThreadPoolExecutor(REBUILD_WORKERS, thread_name_prefix="rebuild-load") as pool:
+        for future in [pool.submit(load, partition) for partition in range(REBUILD_WORKERS)]:
             future.result()
     with datastore.transaction(commit=True) as curs:
         _set_tracking(curs, tracking_name, head)

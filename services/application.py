@@ -24,6 +24,8 @@ from uuid import UUID, uuid4
 import orjson
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import (
+    DatetimeAsISO,
+    DecimalAsStr,
     IntegrityError,
     InterfaceError,
     JSONTranscoder,
@@ -31,6 +33,7 @@ from eventsourcing.persistence import (
     PersistenceError,
     StoredEvent,
     Transcoder,
+    UUIDAsHex,
 )
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from eventsourcing.utils import Environment, retry
@@ -208,15 +211,21 @@ class EventTranscoder(JSONTranscoder):
         return state
 
 
+def event_transcoder() -> EventTranscoder:
+    """The transcoder of stored event states, with the library's transcodings (UUID, Decimal, datetime)."""
+    transcoder = EventTranscoder()
+    for transcoding in (UUIDAsHex(), DecimalAsStr(), DatetimeAsISO()):
+        transcoder.register(transcoding)
+    return transcoder
+
+
 class ActivitiesApplication(Application[UUID]):
     """The event store of activities (table `activities_events`)."""
 
     name = APP_NAME
 
     def construct_transcoder(self) -> Transcoder:
-        transcoder = EventTranscoder()
-        self.register_transcodings(transcoder)
-        return transcoder
+        return event_transcoder()
 
     def construct_env(self, name: str, env: Any = None) -> Environment:
         """Only the given settings: Settings is the one reader of the process environment."""

@@ -9,6 +9,8 @@ import gc
 import signal
 import sys
 
+import uvloop
+
 from services.auth import mint_token
 from services.bootstrap import ROLES, Runtime, dev_secret
 from services.cli_client import CLIENT_COMMANDS, add_client_commands, run_client_command
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         configure_logging(settings.log_level)
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_serve(settings, args.role))
+            uvloop.run(_serve(settings, args.role))  # libuv's loop: about half the CPU of asyncio's per message
         return 0
     if args.command == "token":
         secret = settings.jwt_secret or dev_secret(settings.data_dir)

@@ -16,13 +16,13 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate
 
 from events.activity import (
-    CLIENT_FIELDS,
     DATETIME_FIELDS,
     SCHEMA_VERSION,
     ActivityDeleted,
     ActivityLogged,
     ActivityPatched,
     ActivityRestored,
+    client_fields,
     format_datetime,
     parse_datetime,
 )
@@ -71,7 +71,6 @@ class Activity(Aggregate):
             id=originator_id,
             timestamp=now,
             document=decision.document,
-            changes=decision.changes,
             actor=decision.actor,
             schema_version=SCHEMA_VERSION,
             traceparent=traceparent,
@@ -112,10 +111,6 @@ def is_visible(document: dict[str, Any], caller: Caller) -> bool:
     if document["tenant_id"] != caller.tenant_id:
         return False
     return caller.app_id is None or document["app_id"] == caller.app_id
-
-
-def client_fields(document: dict[str, Any]) -> dict[str, Any]:
-    return {name: document[name] for name in CLIENT_FIELDS}
 
 
 def _normalise_changes(changes: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import orjson
 import psycopg
 from eventsourcing.persistence import Notification
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -51,9 +52,7 @@ from services.gateway import header
 log = logging.getLogger("activities.queries")
 
 POLL_INTERVAL_S: Final = 0.01
-CLEAR_SCOPE_SQL: Final = (
-    "SELECT set_config('activities.tenant_id', '', false), set_config('activities.app_id', '', false)"
-)
+NO_ROWS: Final = sql.SQL("SELECT 1 WHERE false")
 
 
 class ReadModel:
@@ -76,13 +75,11 @@ class ReadModel:
             timeout=5,
             kwargs={"autocommit": True, "row_factory": dict_row},
             configure=self._configure,
-            reset=self._clear_scope,
-            check=AsyncConnectionPool.check_connection,
         )
         position_sql, _ = build_position_sql(TRACKING_TABLE, application_name)
         self._position_sql = position_sql
         self._scoped_position_sql = sql.SQL(
-            "SELECT set_config('activities.tenant_id', %s, false), set_config('activities.app_id', %s, false), "
+            "SELECT set_config('activities.tenant_id', %s, true), set_config('activities.app_id', %s, true), "
             "({}) AS notification_id"
         ).format(position_sql)
         self._opened = False
@@ -136,33 +133,59 @@ class ReadModel:
     async def _fetch(
         self, statement: Any, params: list[Any], caller: Caller | None = None
     ) -> tuple[int, list[dict[str, Any]]]:
-        """(position, rows): the position is read first, on the same connection, in the same
-        statement that scopes the connection to the caller (row-level security then sees only the
-        caller's tenant and app; the pool clears the scope when the connection comes back)."""
-        await self.open()
-        try:
-            async with self._pool.connection() as conn, conn.cursor() as cur:
-                if caller is None:
-                    await cur.execute(self._position_sql, [self.application_name])
-                else:
-                    scope = [caller.tenant_id, caller.app_id or "", self.application_name]
-                    await cur.execute(self._scoped_position_sql, scope)
-                row = await cur.fetchone()
-                position = int(row["notification_id"]) if row and row["notification_id"] is not None else 0
-                self._known = max(self._known, position)
-                if statement is None:
-                    return position, []
-                await cur.execute(statement, params)
-                return position, list(await cur.fetchall())
-        except psycopg.errors.UndefinedTable:
-            return 0, []  # the projector has not created the read model yet: nothing is there
-        except (psycopg.OperationalError, PoolTimeout) as exc:
-            raise Unavailable("the read model is unavailable; retry") from exc
+        """(position, rows): the read model's position, then the rows of `statement`, in one
+        transaction scoped to the caller (row-level security then sees only the caller's tenant and
+        app; the scope is local to the transaction, so a connection back in the pool is scoped to
+        nobody, and an unscoped read sees no rows).
 
-    @staticmethod
-    async def _clear_scope(conn: psycopg.AsyncConnection[Any]) -> None:
-        """Back in the pool, a connection is scoped to nobody: an unscoped query sees no rows."""
-        await conn.execute(CLEAR_SCOPE_SQL)
+        Connections are not checked when they leave the pool (a round trip per read): a read on a
+        connection that broke since its last use (PostgreSQL restarted) is retried once, on a
+        fresh one."""
+        await self.open()
+        for attempt in range(2):
+            try:
+                async with self._pool.connection() as conn:
+                    try:
+                        return await self._read(conn, statement, params, caller)
+                    except psycopg.OperationalError:
+                        if attempt == 0 and conn.broken:
+                            continue
+                        raise
+            except psycopg.errors.UndefinedTable:
+                return 0, []  # the projector has not created the read model yet: nothing is there
+            except (psycopg.OperationalError, PoolTimeout) as exc:
+                raise Unavailable("the read model is unavailable; retry") from exc
+        raise Unavailable("the read model is unavailable; retry")
+
+    async def _read(
+        self, conn: psycopg.AsyncConnection[Any], statement: Any, params: list[Any], caller: Caller | None
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """One round trip: `BEGIN; <scope and position>; <statement>; COMMIT` as a single simple
+        query, its parameters bound by psycopg on the client (quoted by libpq). A prepared,
+        pipelined transaction took more CPU here than the whole query: libpq sent each message
+        with its own system call."""
+        if caller is None:
+            head, head_params = self._position_sql, [self.application_name]
+        else:
+            head, head_params = (
+                self._scoped_position_sql,
+                [caller.tenant_id, caller.app_id or "", self.application_name],
+            )
+        body = NO_ROWS if statement is None else sql.SQL(statement) if isinstance(statement, str) else statement
+        cursor = psycopg.AsyncClientCursor(conn, row_factory=dict_row)
+        try:
+            await cursor.execute(sql.SQL("BEGIN; {}; {}; COMMIT").format(head, body), [*head_params, *params])
+        except psycopg.Error:
+            if not conn.broken and conn.info.transaction_status != TransactionStatus.IDLE:
+                await conn.execute("ROLLBACK")  # the failed statement left the transaction open
+            raise
+        cursor.nextset()  # past BEGIN
+        row = await cursor.fetchone()
+        cursor.nextset()
+        rows = list(await cursor.fetchall())
+        position = int(row["notification_id"]) if row and row["notification_id"] is not None else 0
+        self._known = max(self._known, position)
+        return position, rows
 
     async def position(self) -> int:
         position, _ = await self._fetch(None, [])
@@ -201,8 +224,9 @@ class ReadModel:
 
     async def page(
         self, query: ListQuery, caller: Caller, codec: CursorCodec
-    ) -> tuple[int, list[dict[str, Any]], str | None]:
-        """(position, documents, next cursor) of one page."""
+    ) -> tuple[int, list[orjson.Fragment], str | None]:
+        """(position, documents, next cursor) of one page; each document is its stored JSON text,
+        which `orjson.dumps` writes into the reply as it is."""
         after = codec.decode(query.cursor, query, caller) if query.cursor else None
         statement, params = build_list_sql(self.table, query, caller, after)
         position, rows = await self._fetch(statement, params, caller)
@@ -210,7 +234,7 @@ class ReadModel:
         if len(rows) > query.limit:
             rows = rows[: query.limit]
             next_cursor = codec.encode(keyset_of(rows[-1], query.sort), query, caller)
-        return position, [row["document"] for row in rows], next_cursor
+        return position, [orjson.Fragment(row["document"]) for row in rows], next_cursor
 
 
 class EventStoreReads:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import psycopg
+import pytest
+
 from services.bootstrap import Runtime
 from services.domain import Caller
 from services.http_app import HttpRole
@@ -39,3 +42,23 @@ async def test_a_query_that_forgets_its_tenant_filter_sees_nothing_foreign(
 
     _, unscoped_rows = await read_model._fetch(UNFILTERED, [])  # forgot to say who is asking: nothing
     assert unscoped_rows == []
+
+
+async def test_a_read_that_fails_leaves_its_connection_idle_and_scoped_to_nobody(
+    request_command: Requester, runtime: Runtime, token: Callable[..., str]
+) -> None:
+    reply = await request_command("create", {"account_id": "a"}, bearer=token(tenant="acme"))
+    read_model = read_model_of(runtime)
+    await read_model.wait_for(reply["meta"]["position"], 10)
+    for _ in range(read_model.pool.max_size + 1):  # every pooled connection, and then some
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            await read_model._fetch("SELECT 1 / 0", [], Caller("acme", "usr-1"))
+    async with read_model.pool.connection() as conn:
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        tenant = await (await conn.execute("SELECT current_setting('activities.tenant_id', true) AS t")).fetchone()
+        assert tenant is not None and tenant["t"] in ("", None)
+    for _ in range(read_model.pool.max_size + 1):
+        _, rows = await read_model._fetch(UNFILTERED, [])
+        assert rows == []
+    _, acme_rows = await read_model._fetch(UNFILTERED, [], Caller("acme", "usr-1"))
+    assert [row["id"] for row in acme_rows] == [reply["data"]["id"]]
