@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.run --quick    # a short smoke run of every phase
 
 It starts its own embedded PostgreSQL (fsync on) and NATS, runs each phase with progress on
-stderr, and writes bench/results/<date>.json, <date>.md (the table for the README) and <date>.png
+stderr, and writes bench/results/<date-time>.json, .md (the table for the README) and .png
 (throughput against latency). Every result is printed as a ratio to its baseline or limit.
 """
 
@@ -337,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     durations = QUICK if args.quick else FULL
     root = Path(tempfile.mkdtemp(prefix="activities-bench-"))
-    results: dict[str, Any] = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+    started = datetime.now(UTC)
+    results: dict[str, Any] = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
                                "quick": args.quick}
     try:
         with bench_servers(root) as servers:
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     results["table"] = table(results)
-    stem = datetime.now(UTC).strftime("%Y-%m-%d") + ("-quick" if args.quick else "")
+    stem = started.strftime("%Y-%m-%d-%H%M") + ("-quick" if args.quick else "")
     report = write_report(results, stem)
     print(report.read_text())
     return 0
