@@ -18,7 +18,8 @@ from events.errors import ValidationError, field_error
 
 @dataclass(frozen=True)
 class CreateActivity:
-    """Log a new activity with these client fields (already validated)."""
+    """Log a new activity with these client fields: all of them, validated and in their JSON form
+    (`parse_create` makes them, so that a create is validated once, where it is received)."""
 
     fields: dict[str, Any]
 
@@ -155,9 +156,7 @@ def _only_keys(data: dict[str, Any], allowed: set[str]) -> None:
 
 
 def parse_create(body: bytes | str | dict[str, Any]) -> CreateActivity:
-    data = parse_json_object(body)
-    validate_fields(data)
-    return CreateActivity(fields=data)
+    return CreateActivity(fields=validate_fields(parse_json_object(body)).to_json())
 
 
 def parse_patch(body: bytes | str | dict[str, Any]) -> PatchActivity:

@@ -42,6 +42,7 @@ from projections.queries import (
     schema_statements,
     table_identifier,
 )
+from services.application import schema_lock
 
 if TYPE_CHECKING:
     from services.application import ActivitiesApplication
@@ -148,13 +149,9 @@ class ReadModelRecorder(PostgresTrackingRecorder):
     def create_table(self) -> None:
         """Idempotent. Serialised by an advisory lock: two processes creating the schema at once
         collide in pg_type, and their DROP/CREATE POLICY statements deadlock on the table."""
-        with self.datastore.get_connection() as conn:
-            conn.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
-            try:
-                super().create_table()
-                ensure_reader_role(self.datastore, self.table)
-            finally:
-                conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
+        with schema_lock(self.datastore, SCHEMA_LOCK):
+            super().create_table()
+            ensure_reader_role(self.datastore, self.table)
 
     def upsert(self, curs: Cursor[DictRow], rows: Sequence[Row]) -> None:
         """Upsert documents (newer versions only) inside the caller's transaction."""

@@ -170,8 +170,7 @@ def decide(
     match command:
         case CreateActivity(fields=fields):
             assert new_id is not None, "a create needs the new activity id"
-            initial = validate_fields(fields).to_json()
-            return Decision(ActivityLogged, new_document(new_id, initial, caller, now), initial, caller.sub)
+            return Decision(ActivityLogged, new_document(new_id, fields, caller, now), fields, caller.sub)
         case PatchActivity() | DeleteActivity() | RestoreActivity():
             if document is None or not is_visible(document, caller):
                 raise NotFound(f"activity {command.activity_id} not found")

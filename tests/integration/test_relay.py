@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from events.activity import CLIENT_FIELDS
-from events.commands import CreateActivity, DeleteActivity, PatchActivity, RestoreActivity
+from events.commands import DeleteActivity, PatchActivity, RestoreActivity, parse_create
 from projections.relay import Relay, RelayOptions
 from services.application import CommandRequest, CommandResult
 from services.auth import mint_token
@@ -99,7 +99,7 @@ async def execute(runtime: Runtime, command: Any) -> CommandResult:
 
 async def lifecycle(runtime: Runtime, n: int) -> str:
     """Create, patch, delete and restore one activity: versions 1-4."""
-    created = await execute(runtime, CreateActivity({"account_id": f"acc_{n}", "type": "call"}))
+    created = await execute(runtime, parse_create({"account_id": f"acc_{n}", "type": "call"}))
     activity_id = created.document["id"]
     await execute(runtime, PatchActivity(activity_id, {"status": f"s{n}"}))
     await execute(runtime, DeleteActivity(activity_id))
@@ -269,7 +269,7 @@ async def test_nats_killed_mid_page_keeps_the_stream_a_gapless_copy_of_the_log(
     relay = Relay(runtime.app, runtime.settings, own_nats.url, runtime.servers.database_url, runtime.executor, options)
     try:
         created = await asyncio.gather(
-            *(execute(runtime, CreateActivity({"account_id": f"acc_{n}", "custom_fields": {"pad": "x" * 2000}}))
+            *(execute(runtime, parse_create({"account_id": f"acc_{n}", "custom_fields": {"pad": "x" * 2000}}))
               for n in range(1500))
         )  # fmt: skip
         await asyncio.gather(*(execute(runtime, PatchActivity(c.document["id"], {"status": "done"})) for c in created))
