@@ -24,14 +24,24 @@ class KeepAliveClient:
         self._writer: asyncio.StreamWriter | None = None
 
     async def get(self, path: str, params: dict[str, object] | None = None) -> tuple[int, bytes]:
-        """(status, body) of a GET; reconnects when the server closed the connection."""
+        """(status, body) of a GET; reconnects when the server closed the connection (uvicorn
+        closes one idle for 5 s), and then sends the request again (a GET may be repeated)."""
         target = f"{path}?{urlencode(params)}" if params else path
         request = f"GET {target} HTTP/1.1\r\n{self._fixed}\r\n".encode()
-        if self._writer is None or self._writer.is_closing():
-            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
-        assert self._reader is not None
-        self._writer.write(request)
-        status = int((await self._reader.readline()).split(b" ", 2)[1])
+        status_line = b""
+        for _ in range(2):
+            if self._writer is None or self._writer.is_closing():
+                self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+            assert self._reader is not None
+            self._writer.write(request)
+            try:
+                status_line = await self._reader.readline()
+            except ConnectionError:
+                status_line = b""
+            if status_line:
+                break
+            await self.close()  # closed by the server while idle
+        status = int(status_line.split(b" ", 2)[1])
         length = 0
         close = False
         while (line := await self._reader.readline()) not in (b"\r\n", b""):
