@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from nats.aio.client import Client as NatsClient
+
+from bench.nats_client import LeanNatsClient as NatsClient
 
 
 @dataclass

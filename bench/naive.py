@@ -1,7 +1,8 @@
 """The naive baseline: a FastStream subscriber doing one eventsourcing save per command.
 
-Same aggregate, same rules, same store as the service, but no group commit and FastStream's
-default request pipeline. Run by bench/run.py as its own process:
+Same aggregate, same rules and event format as the service, but the eventsourcing library's own
+PostgreSQL recorder (a locked transaction per save), no group commit and FastStream's default
+request pipeline. Run by bench/run.py as its own process:
     python -m bench.naive NATS_URL DATABASE_URL SUBJECT
 """
 
@@ -28,7 +29,9 @@ CALLER = Caller(tenant_id="bench", sub="usr-bench")
 
 def main() -> None:
     nats_url, database_url, subject = sys.argv[1:4]
-    app = ActivitiesApplication(env=application_env(conninfo_to_dict(database_url), pool_size=8))
+    env = application_env(conninfo_to_dict(database_url), pool_size=8)
+    del env["APPLICATION_RECORDER_TOPIC"]  # the library's stock recorder, not the service's
+    app = ActivitiesApplication(env=env)
     broker = NatsBroker(nats_url)
 
     @broker.subscriber(subject, queue="naive", max_workers=64)

@@ -15,6 +15,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from bench.http_client import KeepAliveClient
 from bench.load import Stats
+from bench.nats_client import LeanNatsClient
 from projections.read_model import read_model_datastore, rebuild
 from services.application import ActivitiesApplication, CommandRequest, CommandService, application_env
 from services.auth import mint_token
@@ -80,7 +81,7 @@ async def _freshness(http_url: str, nats_url: str, rate: float, seconds: float) 
 
     token = mint_token(_secret(), "bench", "usr-bench")
     headers = {"Authorization": f"Bearer {token}"}
-    nc = await nats.connect(nats_url)
+    nc = await LeanNatsClient.connect(nats_url)
     stats = Stats()
     idle = [KeepAliveClient(http_url, headers) for _ in range(16)]  # probes in flight share these
 

@@ -29,12 +29,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import nats
 import psycopg
 import uvloop
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bench.load import Stats, closed_loop, open_loop
+from bench.nats_client import LeanNatsClient
 from services.auth import mint_token
 from services.embedded import EmbeddedNats, EmbeddedPostgres
 
@@ -210,7 +210,7 @@ def raw_insert_limit(database_url: str, rows: int, batch: int = 500) -> dict[str
 
 async def drive(nats_url: str, subject: str, make: Callable[[int], Any], concurrency: int, seconds: float,
                 on_reply: Callable[[dict[str, Any]], None] | None = None) -> Stats:
-    client = await nats.connect(nats_url)
+    client = await LeanNatsClient.connect(nats_url)
     try:
         return await closed_loop(client, subject, make, headers(), concurrency, seconds, on_reply)
     finally:
@@ -218,7 +218,7 @@ async def drive(nats_url: str, subject: str, make: Callable[[int], Any], concurr
 
 
 async def drive_rate(nats_url: str, subject: str, make: Callable[[int], Any], rate: float, seconds: float) -> Stats:
-    client = await nats.connect(nats_url)
+    client = await LeanNatsClient.connect(nats_url)
     try:
         return await open_loop(client, subject, make, headers(), rate, seconds)
     finally:

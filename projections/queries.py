@@ -533,6 +533,19 @@ def build_upsert_sql(table: str) -> sql.Composed:
     ).format(table=table_identifier(table), names=names, values=values, updates=updates)
 
 
+def build_apply_sql(table: str, tracking_table: str) -> sql.Composed:
+    """Upsert many documents (as `build_upsert_sql`) and move the tracking position forward
+    (params 3 and 4: application name, position), in ONE statement, so one transaction and one
+    round trip. Returns a row when the position moved; none when another projector is already
+    there (whose rows, guarded by version, are then as new as these)."""
+    return sql.SQL(
+        "WITH applied AS ({upsert}) "
+        "INSERT INTO {tracking} AS t (application_name, notification_id) VALUES (%s, %s) "
+        "ON CONFLICT (application_name) DO UPDATE SET notification_id = EXCLUDED.notification_id "
+        "WHERE t.notification_id < EXCLUDED.notification_id RETURNING t.notification_id"
+    ).format(upsert=build_upsert_sql(table), tracking=table_identifier(tracking_table))
+
+
 def build_load_from_log_sql(table: str, events_table: str) -> sql.Composed:
     """Project a range of the log (params: after, up to, partitions, partition) straight from the
     stored events, in SQL, for the activities of one partition (by the last byte of their id).

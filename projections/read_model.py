@@ -36,6 +36,7 @@ from psycopg.rows import DictRow
 from projections.queries import (
     READ_MODEL_TABLE,
     TRACKING_TABLE,
+    build_apply_sql,
     build_load_from_log_sql,
     build_position_sql,
     build_upsert_sql,
@@ -107,7 +108,6 @@ def read_model_datastore(database_url: str, pool_size: int = 2) -> PostgresDatas
         pool_size=pool_size,
         max_overflow=2,
         connect_timeout=5,
-        pre_ping=True,
         lock_timeout=30,
     )
 
@@ -133,6 +133,7 @@ class ReadModelRecorder(PostgresTrackingRecorder):
             else:
                 self.sql_create_statements.append(sql.SQL(statement))  # type: ignore[arg-type]
         self._upsert = build_upsert_sql(table)
+        self._apply = build_apply_sql(table, TRACKING_TABLE)
 
     def create_indexes(self, workers: int = 1) -> None:
         """The secondary indexes left out by `with_indexes=False`, built `workers` at a time
@@ -161,10 +162,14 @@ class ReadModelRecorder(PostgresTrackingRecorder):
             curs.execute(self._upsert, (documents, positions))
 
     def apply(self, rows: Sequence[Row], tracking: Tracking) -> None:
-        """Rows and the position they bring the model to, in one transaction."""
-        with self.datastore.transaction(commit=True) as curs:
-            self.upsert(curs, rows)
-            self._insert_tracking(curs, tracking)
+        """Rows and the position they bring the model to, in one statement (one transaction);
+        IntegrityError when another projector has already reached that position."""
+        documents = orjson.dumps([row.document for row in rows]).decode()
+        positions = orjson.dumps([row.position for row in rows]).decode()
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(self._apply, (documents, positions, tracking.application_name, tracking.notification_id))
+            if curs.fetchone() is None:
+                raise IntegrityError(f"{tracking.application_name} is already at {tracking.notification_id} or beyond")
 
     def position(self, application_name: str) -> int:
         return self.max_tracking_id(application_name) or 0
