@@ -223,6 +223,14 @@ def relay_throughput(database_url: str, nats_url: str, root: Path, events: int) 
             "peak_rss_mb": round(rss, 1)}
 
 
+def settle(database_url: str, seconds: float = 5) -> None:
+    """Before a latency phase: flush what the bulk phases before it wrote (a checkpoint landing in
+    the middle of the phase measured that, not the service) and let the background writers idle."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+    time.sleep(seconds)
+
+
 def run_read_side(servers: BenchServers, root: Path, durations: Durations) -> dict[str, Any]:
     from bench.run import peak_rss_mb, service
 
@@ -239,11 +247,13 @@ def run_read_side(servers: BenchServers, root: Path, durations: Durations) -> di
 
     _progress("[4/7] freshness at 500 creates/s and [5/7] queries on a big read model")
     fresh_db = servers.fresh_database()
+    settle(fresh_db)
     with service(fresh_db, servers.nats_url, "commands,projector,http", root / "svc-all") as (process, endpoints):
         results["freshness"] = uvloop.run(
             _freshness(endpoints["http_url"], endpoints["nats_url"], 500, durations.latency_s))
         _progress(f"  seeding {durations.read_model_rows} rows into the read model")
         seed_read_model(fresh_db, durations.read_model_rows)
+        settle(fresh_db)
         results["queries"] = uvloop.run(_queries(endpoints["http_url"], durations.load_s, durations.read_model_rows))
         results["queries_rows"] = durations.read_model_rows
         results["read_side_rss_mb"] = [round(peak_rss_mb(process.pid), 1), results["relay"]["peak_rss_mb"]]

@@ -262,6 +262,9 @@ def service_commands(servers: BenchServers, root: Path, durations: Durations) ->
         results["patch_64"] = uvloop.run(
             drive(url, "crm.activities.cmd.patch", patch_body, 64, durations.load_s)).summary()
         max_rate = max(results["create_64"]["rate_per_s"], results["create_256"]["rate_per_s"])
+        from bench.read_side import settle
+
+        settle(database_url)
         results["latency"] = {}
         for share in (25, 50, 90):
             rate = max_rate * share / 100
