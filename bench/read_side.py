@@ -199,6 +199,14 @@ async def _stream_count(nats_url: str, stream: str) -> int:
         await nc.close()
 
 
+async def _delete_stream(nats_url: str, stream: str) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.jetstream().delete_stream(stream)
+    finally:
+        await nc.close()
+
+
 def relay_throughput(database_url: str, nats_url: str, root: Path, events: int) -> dict[str, Any]:
     from bench.run import service
 
@@ -219,6 +227,7 @@ def relay_throughput(database_url: str, nats_url: str, root: Path, events: int) 
         from bench.run import peak_rss_mb
 
         rss = peak_rss_mb(process.pid)
+    uvloop.run(_delete_stream(nats_url, stream))  # measured: the later phases should not carry it
     return {"events": count, "elapsed_s": round(elapsed, 3), "events_per_s": round(count / elapsed, 1),
             "peak_rss_mb": round(rss, 1)}
 
