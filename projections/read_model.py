@@ -157,22 +157,25 @@ class ReadModelRecorder(PostgresTrackingRecorder):
     def upsert(self, curs: Cursor[DictRow], rows: Sequence[Row]) -> None:
         """Upsert documents (newer versions only) inside the caller's transaction."""
         if rows:
-            documents = orjson.dumps([row.document for row in rows]).decode()
-            positions = orjson.dumps([row.position for row in rows]).decode()
-            curs.execute(self._upsert, (documents, positions))
+            curs.execute(self._upsert, _as_json_arrays(rows))
 
     def apply(self, rows: Sequence[Row], tracking: Tracking) -> None:
         """Rows and the position they bring the model to, in one statement (one transaction);
         IntegrityError when another projector has already reached that position."""
-        documents = orjson.dumps([row.document for row in rows]).decode()
-        positions = orjson.dumps([row.position for row in rows]).decode()
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
-            curs.execute(self._apply, (documents, positions, tracking.application_name, tracking.notification_id))
+            curs.execute(self._apply, (*_as_json_arrays(rows), tracking.application_name, tracking.notification_id))
             if curs.fetchone() is None:
                 raise IntegrityError(f"{tracking.application_name} is already at {tracking.notification_id} or beyond")
 
     def position(self, application_name: str) -> int:
         return self.max_tracking_id(application_name) or 0
+
+
+def _as_json_arrays(rows: Sequence[Row]) -> tuple[str, str]:
+    """The documents and positions of rows as two JSON arrays (the upsert's two parameters)."""
+    documents = orjson.dumps([row.document for row in rows]).decode()
+    positions = orjson.dumps([row.position for row in rows]).decode()
+    return documents, positions
 
 
 def latest_rows(events: Sequence[tuple[Any, int]]) -> list[Row]:
