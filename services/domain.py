@@ -76,6 +76,15 @@ class Activity(Aggregate):
             traceparent=traceparent,
         )
 
+    def detached_copy(self) -> Activity:
+        """A copy to decide a command on, leaving this one (the cached one) as it is.
+
+        Cheaper than `copy.deepcopy`: a document is never changed in place (every decision builds
+        a new one), so the copy shares it; only the list of pending events is its own."""
+        clone = copy.copy(self)
+        clone._pending_events = []
+        return clone
+
     def record(self, decision: Decision, now: datetime, traceparent: str | None = None) -> None:
         self.trigger_event(
             decision.event_class,

@@ -251,7 +251,7 @@ class EventStoreReads:
             raise Unavailable("the event store is unavailable; retry") from exc
 
     def _version(self, activity_id: str, version: int) -> dict[str, Any] | None:
-        activity = self.app.load(activity_uuid(activity_id), version=version)
+        activity = self.app.load_version(activity_uuid(activity_id), version)
         if activity is None or activity.version != version:
             return None
         return activity.document

@@ -382,3 +382,14 @@ def test_event_history_rebuilds_the_document() -> None:
     )
     assert activity.version == 4 == activity.document["version"]
     assert activity.document["subject"] == "x" and activity.document["is_deleted"] is False
+
+
+def test_a_detached_copy_takes_a_decision_without_touching_the_original() -> None:
+    original = given(({"account_id": "acc_1", "subject": "before"}, ALICE, "create"))
+    before = dict(original.document)
+    copy = original.detached_copy()
+    decision = decide(copy.document, parse_patch({"id": ACTIVITY_ID, "changes": {"subject": "after"}}), BOB, LATER)
+    assert decision is not None
+    copy.record(decision, LATER)
+    assert copy.version == 2 and copy.document["subject"] == "after" and len(copy.collect_events()) == 1
+    assert original.version == 1 and original.document == before and original.collect_events() == []

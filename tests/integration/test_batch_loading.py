@@ -1,0 +1,106 @@
+"""A batch of changes reads its activities in one query, and a stale cache is fast-forwarded.
+
+Two `CommandService`s on one database stand for two command processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+from events.activity import activity_uuid
+from events.commands import parse_create, parse_patch
+from events.errors import NotFound
+from services.application import (
+    ActivitiesApplication,
+    CommandRequest,
+    CommandResult,
+    CommandService,
+    application_env,
+)
+from services.domain import Caller
+
+CALLER = Caller("acme", "usr-1")
+
+
+@pytest.fixture
+def make_service(make_database: Callable[[], str]) -> Iterator[Callable[[], CommandService]]:
+    """Command services on one fresh database, closed at the end."""
+    database_url = make_database()
+    apps: list[ActivitiesApplication] = []
+
+    def make() -> CommandService:
+        app = ActivitiesApplication(env=application_env(conninfo_to_dict(database_url), pool_size=2))
+        apps.append(app)
+        return CommandService(app)
+
+    yield make
+    for app in apps:
+        app.close()
+
+
+def run(service: CommandService, *bodies: tuple[str, dict[str, Any]]) -> list[CommandResult]:
+    parsers = {"create": parse_create, "patch": parse_patch}
+    outcomes = service.execute([CommandRequest(parsers[name](body), CALLER) for name, body in bodies])
+    assert all(isinstance(outcome, CommandResult) for outcome in outcomes), outcomes
+    return [outcome for outcome in outcomes if isinstance(outcome, CommandResult)]
+
+
+def test_a_batch_of_patches_reads_the_store_once(
+    make_service: Callable[[], CommandService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer, patcher = make_service(), make_service()  # the patcher's cache knows none of them
+    created = run(writer, *[("create", {"account_id": "acc_1", "subject": f"s{i}"}) for i in range(20)])
+    recorder = patcher.app.activities_recorder
+    reads: list[int] = []
+    select_after = recorder.select_after
+
+    def counted(refs: Any) -> Any:
+        reads.append(len(refs))
+        return select_after(refs)
+
+    def per_activity_read(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a batch must not read activities one by one")
+
+    monkeypatch.setattr(recorder, "select_after", counted)
+    monkeypatch.setattr(recorder, "select_events", per_activity_read)
+    patches = [("patch", {"id": r.document["id"], "changes": {"subject": f"p{i}"}}) for i, r in enumerate(created)]
+    patched = run(patcher, *patches, patches[0])  # the same activity twice in one batch
+    assert reads == [20]
+    assert [r.document["version"] for r in patched] == [2] * 20 + [2]  # the repeat is a no-op on version 2
+    assert [r.document["subject"] for r in patched[:20]] == [f"p{i}" for i in range(20)]
+
+    again = run(patcher, *[("patch", {**body, "changes": {"subject": "q"}}) for _, body in patches])
+    assert reads == [20, 20]  # cached now, and still one read: the fast-forward of the whole batch
+    assert [r.document["version"] for r in again] == [3] * 20
+
+
+def test_a_stale_cache_is_fast_forwarded_before_deciding(make_service: Callable[[], CommandService]) -> None:
+    first, second = make_service(), make_service()
+    (created,) = run(first, ("create", {"account_id": "acc_1", "subject": "v1"}))
+    activity_id = created.document["id"]
+    run(first, ("patch", {"id": activity_id, "changes": {"subject": "v2 by first"}}))  # first caches version 2
+    run(second, ("patch", {"id": activity_id, "changes": {"status": "held"}}))  # version 3, unseen by first
+
+    (patched,) = run(first, ("patch", {"id": activity_id, "changes": {"subject": "v4"}, "expected_version": 3}))
+    assert patched.document["version"] == 4
+    assert patched.document["status"] == "held" and patched.document["subject"] == "v4"
+
+
+def test_loaded_activities_are_copies_and_unknown_ids_are_absent(make_service: Callable[[], CommandService]) -> None:
+    service = make_service()
+    (created,) = run(service, ("create", {"account_id": "acc_1", "subject": "kept"}))
+    originator_id = activity_uuid(created.document["id"])
+    missing = activity_uuid("act_01KB0000000000000000000000")
+    loaded = service.app.load_current([originator_id, missing, originator_id])
+    assert list(loaded) == [originator_id]
+    loaded[originator_id].document = {"subject": "scribbled"}
+    assert service.app.load_current([originator_id])[originator_id].document["subject"] == "kept"
+
+    outcomes = service.execute(
+        [CommandRequest(parse_patch({"id": "act_01KB0000000000000000000000", "changes": {"subject": "x"}}), CALLER)]
+    )
+    assert isinstance(outcomes[0], NotFound)
