@@ -150,25 +150,31 @@ class ActivitiesRecorder(PostgresApplicationRecorder):
             "SELECT notification_id FROM {schema}.{append}("
             "%s::uuid[], %s::bigint[], %s::text[], %s::bytea[], %s::text::jsonb, %s::float8) AS notification_id"
         ).format(schema=schema, append=append)
+        # Lookups of many rows by key are written `unnest(...) CROSS JOIN LATERAL (... OFFSET 0)`:
+        # one index probe per key whatever the table's statistics say. As a plain join, a table
+        # not yet analyzed after a burst of writes was hash-joined by a full scan (32 ms instead
+        # of 0.5 ms for 64 keys in 130,000 events, measured).
         self._select_keys = SQL(
             "SELECT k.tenant_id, k.key, k.fingerprint, k.originator_id, k.originator_version "
-            "FROM {schema}.{table} k JOIN unnest(%s::text[], %s::text[]) AS q(tenant_id, key) "
-            "ON k.tenant_id = q.tenant_id AND k.key = q.key "
-            "WHERE k.created_at >= now() - make_interval(secs => %s)"
+            "FROM unnest(%s::text[], %s::text[]) AS q(tenant_id, key) CROSS JOIN LATERAL ("
+            " SELECT * FROM {schema}.{table} WHERE tenant_id = q.tenant_id AND key = q.key "
+            " AND created_at >= now() - make_interval(secs => %s) OFFSET 0) AS k"
         ).format(schema=schema, table=table)
         self._purge_keys = SQL(
             "DELETE FROM {schema}.{table} WHERE created_at < now() - make_interval(secs => %s)"
         ).format(schema=schema, table=table)
         self._select_after = SQL(
-            "SELECT e.originator_id, e.originator_version, e.topic, e.state FROM {schema}.{events} e "
-            "JOIN unnest(%s::uuid[], %s::bigint[]) AS q(originator_id, after_version) "
-            "ON e.originator_id = q.originator_id AND e.originator_version > q.after_version "
+            "SELECT e.originator_id, e.originator_version, e.topic, e.state "
+            "FROM unnest(%s::uuid[], %s::bigint[]) AS q(originator_id, after_version) CROSS JOIN LATERAL ("
+            " SELECT * FROM {schema}.{events} WHERE originator_id = q.originator_id "
+            " AND originator_version > q.after_version OFFSET 0) AS e "
             "ORDER BY e.originator_id, e.originator_version"
         ).format(schema=schema, events=events)
         self._select_positions = SQL(
-            "SELECT e.originator_id, e.originator_version, e.notification_id FROM {schema}.{events} e "
-            "JOIN unnest(%s::uuid[], %s::bigint[]) AS q(originator_id, originator_version) "
-            "ON e.originator_id = q.originator_id AND e.originator_version = q.originator_version"
+            "SELECT e.originator_id, e.originator_version, e.notification_id "
+            "FROM unnest(%s::uuid[], %s::bigint[]) AS q(originator_id, originator_version) CROSS JOIN LATERAL ("
+            " SELECT * FROM {schema}.{events} WHERE originator_id = q.originator_id "
+            " AND originator_version = q.originator_version OFFSET 0) AS e"
         ).format(schema=schema, events=events)
         self.idempotency_ttl_s = 24 * 3600.0
 
