@@ -44,6 +44,7 @@ from events.activity import ActivityEvent, activity_id_of, activity_uuid, new_ac
 from events.commands import Command, CreateActivity
 from events.errors import ActivitiesError, IdempotencyConflict, InternalError, NotFound, Unavailable
 from services.domain import Activity, Caller, decide
+from services.leadership import lock_key
 from services.logs import correlation_id
 
 log = logging.getLogger("activities.application")
@@ -97,10 +98,17 @@ class ActivitiesRecorder(PostgresApplicationRecorder):
     """The events table plus the idempotency table, written in the same transaction.
 
     A batch is appended by one statement, `SELECT * FROM <events>_append(...)`, a PL/pgSQL
-    function that takes the library's table lock (so that the order of notification ids is the
-    order of commits), notifies the projector and relay, records the idempotency keys and inserts
-    the events: one round trip instead of seven (BEGIN, SET, LOCK, NOTIFY, INSERT, key writes,
+    function that serialises the appends (so that the order of notification ids is the order of
+    commits), notifies the projector and relay, records the idempotency keys and inserts the
+    events: one round trip instead of seven (BEGIN, SET, LOCK, NOTIFY, INSERT, key writes,
     COMMIT), which were most of the CPU of a small batch.
+
+    Appends are serialised by a transaction advisory lock, not by the library's
+    `LOCK TABLE ... IN EXCLUSIVE MODE`: that table lock conflicts with autovacuum's, so every
+    autovacuum or autoanalyze of the events table stalled all appends for `deadlock_timeout`
+    (1 s) until PostgreSQL cancelled it, and the table was never vacuumed nor analyzed. (An
+    append of an older version of this function, still holding that table lock, is serialised
+    with these too: its EXCLUSIVE lock conflicts with the ROW EXCLUSIVE lock of any INSERT.)
     """
 
     def __init__(self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events") -> None:
@@ -124,7 +132,7 @@ class ActivitiesRecorder(PostgresApplicationRecorder):
                 "RETURNS SETOF bigint LANGUAGE plpgsql AS $body$ "
                 "BEGIN "
                 "  PERFORM set_config('lock_timeout', {lock_timeout}, true); "
-                "  LOCK TABLE {schema}.{events} IN EXCLUSIVE MODE; "
+                "  PERFORM pg_advisory_xact_lock({append_lock}); "
                 "  PERFORM pg_notify({channel}, ''); "
                 "  IF jsonb_array_length(keys) > 0 THEN "
                 "    DELETE FROM {schema}.{table} k USING jsonb_to_recordset(keys) AS q(tenant_id text, key text) "
@@ -144,6 +152,7 @@ class ActivitiesRecorder(PostgresApplicationRecorder):
                 table=table,
                 channel=Literal(self.channel_name),
                 lock_timeout=Literal(f"{self.datastore.lock_timeout}s"),
+                append_lock=Literal(lock_key(f"{self.datastore.schema}.{self.events_table_name}:append")),
             )
         )
         self._append = SQL(

@@ -1,10 +1,13 @@
-"""A batch of changes reads its activities in one query, and a stale cache is fast-forwarded.
+"""The command store on real PostgreSQL: a batch reads its activities in one query, a stale
+cache is fast-forwarded, lookups probe the index, and appends are serialised without the
+table lock that stalled them behind autovacuum.
 
 Two `CommandService`s on one database stand for two command processes.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -133,3 +136,42 @@ def test_batch_lookups_probe_the_index_before_the_tables_are_analyzed(
         for name, (statement, params) in lookups.items():
             plan = "\n".join(row[0] for row in cursor.execute(sql.SQL("EXPLAIN ") + statement, params))
             assert "Seq Scan" not in plan and "Index" in plan, f"{name}:\n{plan}"
+
+
+def test_appends_do_not_wait_for_a_vacuum_of_the_events_table(make_service: Callable[[], CommandService]) -> None:
+    """VACUUM and ANALYZE hold SHARE UPDATE EXCLUSIVE on the table; the library's EXCLUSIVE
+    table lock waited behind it (for `deadlock_timeout`, until PostgreSQL cancelled autovacuum)."""
+    service = make_service()
+    run(service, ("create", {"account_id": "acc_1"}))  # the tables exist
+    with service.app.activities_recorder.datastore.get_connection() as vacuum:
+        vacuum.execute("BEGIN")
+        vacuum.execute("LOCK TABLE activities_events IN SHARE UPDATE EXCLUSIVE MODE")
+        (created,) = run(service, ("create", {"account_id": "acc_2"}))
+        vacuum.execute("ROLLBACK")
+    assert created.document["version"] == 1
+
+
+def test_appends_commit_in_the_order_of_their_positions(make_service: Callable[[], CommandService]) -> None:
+    """An append that starts while another is uncommitted waits for it, so a reader that has seen
+    position N never later finds an event below N (the projector and relay depend on it)."""
+    first, second = make_service(), make_service()
+    (earlier,) = run(first, ("create", {"account_id": "acc_1"}))
+    recorder = first.app.activities_recorder
+    late: list[CommandResult] = []
+    with recorder.datastore.get_connection() as open_append, open_append.cursor() as cursor:
+        cursor.execute("BEGIN")
+        cursor.execute(
+            "SELECT notification_id FROM activities_events_append("
+            "ARRAY[gen_random_uuid()], ARRAY[1::bigint], ARRAY['events.activity:ActivityLogged'], "
+            "ARRAY[convert_to('{}', 'UTF8')], '[]'::jsonb, 3600) AS append(notification_id)"
+        )
+        held = cursor.fetchone()
+        assert held is not None
+        other = threading.Thread(target=lambda: late.extend(run(second, ("create", {"account_id": "acc_2"}))))
+        other.start()
+        other.join(timeout=1.0)
+        assert other.is_alive() and not late, "the second append must wait for the open one"
+        cursor.execute("COMMIT")
+    other.join(timeout=10)
+    assert len(late) == 1
+    assert earlier.position < held["notification_id"] < late[0].position
