@@ -437,21 +437,11 @@ class CommandService:
             try:
                 self._decide_and_save(requests, [i for i in indexes if outcomes[i] is None], outcomes)
                 return True
-            except IntegrityError:
-                for i in indexes:
-                    self._evict(requests[i])
+            except IntegrityError:  # the next attempt's load_current fast-forwards what the other writer wrote
                 time.sleep(random.uniform(0, 0.002 * 2**attempt))
         for i in indexes:
             outcomes[i] = None
         return False
-
-    def _evict(self, request: CommandRequest) -> None:
-        """Forget a cached activity that lost a race, so the next attempt reads the store."""
-        cache = self.app.repository.cache
-        command = request.command
-        if cache is not None and not isinstance(command, CreateActivity):
-            with contextlib.suppress(KeyError):
-                cache.get(activity_uuid(command.activity_id), evict=True)
 
     def _replay_known_keys(
         self, requests: Sequence[CommandRequest], indexes: Sequence[int], outcomes: list[Outcome | None]
@@ -485,9 +475,7 @@ class CommandService:
         now = self._clock()
         changed = [requests[i].command for i in indexes]
         pending = _Pending(
-            self.app.load_current(
-                activity_uuid(c.activity_id) for c in changed if not isinstance(c, CreateActivity)
-            )
+            self.app.load_current(activity_uuid(c.activity_id) for c in changed if not isinstance(c, CreateActivity))
         )
         for i in indexes:
             try:
