@@ -17,13 +17,14 @@ import logging
 import re
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Final
 
 import orjson
 import uvicorn
 from fastapi import FastAPI, Header, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -31,6 +32,7 @@ from events.activity import ActivityFields
 from events.commands import parse_json_object
 from events.errors import ActivitiesError, NotFound, ValidationError, field_error
 from events.subjects import QUERY_NAMES
+from events.wire import ActivityListReply, ActivityReply, ErrorReply, EventHistoryReply
 from projections.queries import CursorCodec, derive_cursor_key, params_from_pairs
 from projections.read_model import prepare_read_model
 from services.asyncapi import add_asyncapi_route
@@ -65,6 +67,29 @@ PATCH_BODY = {
         "required": True,
     }
 }
+
+
+# The error replies each route can give (CONTRACT.md section 3), all in the contract's envelope.
+# Listing 422 replaces FastAPI's own validation-error shape, which this service never sends.
+ERROR_STATUSES: Final = {
+    401: "`unauthorized`: the token is missing or invalid",
+    404: "`not_found`: no such activity visible to the caller",
+    409: "`version_conflict` (`expected_version` is not current) or `idempotency_conflict`",
+    410: "`gone`: the activity is deleted; restore it first",
+    412: "`version_conflict`: `If-Match` is not the current version",
+    422: "`validation_error`: the request is malformed or breaks a rule; `details` names the fields",
+    500: "`internal`: a bug, logged with the reply's correlation id",
+    503: "`unavailable`: a backing service is down or a consistency wait timed out; retry",
+}
+ALWAYS_POSSIBLE: Final = (401, 422, 500, 503)
+
+
+def replies(status: int, success: type[BaseModel], *errors: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of a route: its success reply and its error replies."""
+    documented: dict[int | str, dict[str, Any]] = {status: {"model": success, "description": success.__doc__ or ""}}
+    for code in sorted({*errors, *ALWAYS_POSSIBLE}):
+        documented[code] = {"model": ErrorReply, "description": ERROR_STATUSES[code]}
+    return documented
 
 
 def query_string(repeatable: frozenset[str] = frozenset(), **descriptions: str) -> dict[str, Any]:
@@ -164,12 +189,24 @@ def create_http_app(queries: QueryGateway, commands: CommandGateway) -> FastAPI:
         ]
         return error_response(ValidationError("invalid request", details))
 
-    @app.get(BASE, summary="List activities", tags=["queries"], openapi_extra=LIST_PARAMETERS)
+    @app.get(
+        BASE,
+        summary="List activities",
+        tags=["queries"],
+        openapi_extra=LIST_PARAMETERS,
+        responses=replies(200, ActivityListReply),
+    )
     async def list_activities(request: Request, authorization: Authorization = None) -> Response:
         status_code, envelope = await queries.list(params_from_pairs(request.query_params.multi_items()), authorization)
         return json_response(status_code, envelope)
 
-    @app.get(BASE + "/{activity_id}", summary="Get one activity", tags=["queries"], openapi_extra=GET_PARAMETERS)
+    @app.get(
+        BASE + "/{activity_id}",
+        summary="Get one activity",
+        tags=["queries"],
+        openapi_extra=GET_PARAMETERS,
+        responses=replies(200, ActivityReply, 404, 410),
+    )
     async def get_activity(request: Request, activity_id: ActivityId, authorization: Authorization = None) -> Response:
         params = params_from_pairs(request.query_params.multi_items())
         if "id" in params:
@@ -183,6 +220,7 @@ def create_http_app(queries: QueryGateway, commands: CommandGateway) -> FastAPI:
         summary="An activity's event history, oldest first",
         tags=["queries"],
         openapi_extra=query_string(min_position=MIN_POSITION),
+        responses=replies(200, EventHistoryReply, 404),
     )
     async def activity_events(
         request: Request, activity_id: ActivityId, authorization: Authorization = None
@@ -194,7 +232,14 @@ def create_http_app(queries: QueryGateway, commands: CommandGateway) -> FastAPI:
         status_code, envelope = await queries.history(activity_id, params, authorization)
         return json_response(status_code, envelope)
 
-    @app.post(BASE, summary="Create an activity", tags=["commands"], status_code=201, openapi_extra=ACTIVITY_BODY)
+    @app.post(
+        BASE,
+        summary="Create an activity",
+        tags=["commands"],
+        status_code=201,
+        openapi_extra=ACTIVITY_BODY,
+        responses=replies(201, ActivityReply, 409),
+    )
     async def create_activity(
         request: Request, authorization: Authorization = None, idempotency_key: IdempotencyKey = None
     ) -> Response:
@@ -223,7 +268,13 @@ def create_http_app(queries: QueryGateway, commands: CommandGateway) -> FastAPI:
             status_code = 412
         return json_response(status_code, envelope, etag_headers(status_code, envelope))
 
-    @app.patch(BASE + "/{activity_id}", summary="Apply a JSON merge patch", tags=["commands"], openapi_extra=PATCH_BODY)
+    @app.patch(
+        BASE + "/{activity_id}",
+        summary="Apply a JSON merge patch",
+        tags=["commands"],
+        openapi_extra=PATCH_BODY,
+        responses=replies(200, ActivityReply, 404, 409, 410, 412),
+    )
     async def patch_activity(
         request: Request,
         activity_id: ActivityId,
@@ -237,7 +288,12 @@ def create_http_app(queries: QueryGateway, commands: CommandGateway) -> FastAPI:
             return error_response(error)
         return await change("patch", activity_id, {"changes": changes}, authorization, idempotency_key, if_match)
 
-    @app.delete(BASE + "/{activity_id}", summary="Soft-delete an activity", tags=["commands"])
+    @app.delete(
+        BASE + "/{activity_id}",
+        summary="Soft-delete an activity",
+        tags=["commands"],
+        responses=replies(200, ActivityReply, 404, 409, 412),
+    )
     async def delete_activity(
         activity_id: ActivityId,
         authorization: Authorization = None,
@@ -246,7 +302,12 @@ def create_http_app(queries: QueryGateway, commands: CommandGateway) -> FastAPI:
     ) -> Response:
         return await change("delete", activity_id, {}, authorization, idempotency_key, if_match)
 
-    @app.post(BASE + "/{activity_id}/restore", summary="Restore a soft-deleted activity", tags=["commands"])
+    @app.post(
+        BASE + "/{activity_id}/restore",
+        summary="Restore a soft-deleted activity",
+        tags=["commands"],
+        responses=replies(200, ActivityReply, 404, 409, 412),
+    )
     async def restore_activity(
         activity_id: ActivityId,
         authorization: Authorization = None,

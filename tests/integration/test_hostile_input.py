@@ -683,8 +683,14 @@ def envelope_check(ctx: Any, response: Any, case: Any) -> bool | None:
 def fuzz_operation(
     operation: Any, mode: GenerationMode, fixed_headers: dict[str, str], http_url: str, conn: psycopg.Connection[Any]
 ) -> Counter[int]:
-    """Schemathesis cases of one operation: the checks pass, and a rejected request stores nothing."""
-    checks = [envelope_check, schemathesis.checks.not_a_server_error]
+    """Schemathesis cases of one operation: the checks pass (every reply's status and body are the
+    ones the OpenAPI document gives for that route), and a rejected request stores nothing."""
+    checks = [
+        envelope_check,
+        schemathesis.checks.not_a_server_error,
+        schemathesis.checks.status_code_conformance,
+        schemathesis.checks.response_schema_conformance,
+    ]
     statuses: Counter[int] = Counter()
     strategy = operation.as_strategy(generation_mode=mode, headers=fixed_headers or None)
 

@@ -48,6 +48,33 @@ async def test_openapi_and_docs(http: httpx.AsyncClient) -> None:
     assert (await http.get("/docs")).status_code == 200
 
 
+async def test_openapi_documents_the_contracts_replies(http: httpx.AsyncClient) -> None:
+    """Every route documents its success reply and its errors in the contract's envelope; none
+    keeps FastAPI's own validation-error shape, which the service never sends."""
+    spec = (await http.get("/openapi.json")).json()
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    expected_success = {
+        ("get", BASE): "ActivityListReply",
+        ("get", BASE + "/{activity_id}"): "ActivityReply",
+        ("get", BASE + "/{activity_id}/events"): "EventHistoryReply",
+        ("post", BASE): "ActivityReply",
+        ("patch", BASE + "/{activity_id}"): "ActivityReply",
+        ("delete", BASE + "/{activity_id}"): "ActivityReply",
+        ("post", BASE + "/{activity_id}/restore"): "ActivityReply",
+    }
+    for (method, path), success in expected_success.items():
+        responses = spec["paths"][path][method]["responses"]
+        schemas = {status: r["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
+                   for status, r in responses.items()}
+        assert schemas.pop("201" if (method, path) == ("post", BASE) else "200") == success, (method, path)
+        assert {"401", "422", "500", "503"} <= set(schemas), (method, path, schemas)
+        assert set(schemas.values()) == {"ErrorReply"}, (method, path, schemas)
+    patch_errors = set(spec["paths"][BASE + "/{activity_id}"]["patch"]["responses"]) - {"200"}
+    assert patch_errors == {"401", "404", "409", "410", "412", "422", "500", "503"}
+    error = spec["components"]["schemas"]["ErrorBody"]
+    assert set(error["properties"]) == {"code", "message", "details", "current_version"}
+
+
 async def test_write_routes_status_codes(http: httpx.AsyncClient, token: Callable[..., str]) -> None:
     bearer = token()
     assert (await http.post(BASE, json={"account_id": "acc_1"})).status_code == 401
