@@ -33,11 +33,15 @@ def _progress(message: str) -> None:
 
 def seed_events(database_url: str, count: int) -> ActivitiesApplication:
     """`count` creates and patches appended through the real command path, in batches of 500."""
+    app = ActivitiesApplication(env=application_env(conninfo_to_dict(database_url), pool_size=4))
+    asyncio.run(_seed(CommandService(app), count))
+    return app
+
+
+async def _seed(service: CommandService, count: int) -> None:
     from bench.run import create_body
     from events.commands import parse_create, parse_patch
 
-    app = ActivitiesApplication(env=application_env(conninfo_to_dict(database_url), pool_size=4))
-    service = CommandService(app)
     caller = Caller("bench", "usr-bench")
     ids: list[str] = []
     done = 0
@@ -46,17 +50,18 @@ def seed_events(database_url: str, count: int) -> ActivitiesApplication:
         batch: list[CommandRequest] = []
         for i in range(done, min(done + 500, count)):
             if ids and i % 4 == 3:
-                batch.append(CommandRequest(parse_patch({"id": ids[i % len(ids)], "changes": {"subject": f"p{i}"}}), caller))
+                patch = {"id": ids[i % len(ids)], "changes": {"subject": f"p{i}"}}
+                batch.append(CommandRequest(parse_patch(patch), caller))
             else:
                 batch.append(CommandRequest(parse_create(create_body(i)), caller))
-        for outcome in service.execute(batch):
+        for outcome in await service.execute(batch):
             document = getattr(outcome, "document", None)
             if document is not None and document["version"] == 1:
                 ids.append(document["id"])
         done += len(batch)
         if done % 20_000 < 500:
             _progress(f"  seeded {done}/{count} events ({done / (time.perf_counter() - started):.0f}/s)")
-    return app
+    await service.close()
 
 
 def projection_catch_up(database_url: str, app: ActivitiesApplication, events: int) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The write side: an eventsourcing Application over PostgreSQL, group commit and idempotency.
 
 `CommandService.execute(requests)` decides a batch of commands and saves all their events in
-one transaction (group commit). If that transaction conflicts (another process wrote the same
+one transaction (group commit), on the service's event loop: its reads and its append go
+through `CommandStore`, an asyncio connection of its own. If that transaction conflicts (another process wrote the same
 activity, or the same Idempotency-Key), each command of the batch is retried on its own, so a
 conflicting command alone fails. Idempotency records are written in the same transaction as
 the events, so a retry after a crash never appends twice.
@@ -14,15 +15,14 @@ import contextlib
 import itertools
 import logging
 import random
-import threading
-import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, cast
 from uuid import UUID, uuid4
 
 import orjson
+import psycopg
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import (
     DatetimeAsISO,
@@ -32,6 +32,7 @@ from eventsourcing.persistence import (
     JSONTranscoder,
     OperationalError,
     PersistenceError,
+    ProgrammingError,
     StoredEvent,
     Transcoder,
     UUIDAsHex,
@@ -125,6 +126,8 @@ class ActivitiesRecorder(PostgresApplicationRecorder):
                 "created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (tenant_id, key))"
             ).format(schema=schema, table=table)
         )
+        # every append takes this advisory lock: notification ids commit in order (see the docstring)
+        self.append_lock_key = lock_key(f"{self.datastore.schema}.{self.events_table_name}:append")
         self.sql_create_statements.append(
             SQL(
                 "CREATE OR REPLACE FUNCTION {schema}.{append}("
@@ -152,7 +155,7 @@ class ActivitiesRecorder(PostgresApplicationRecorder):
                 table=table,
                 channel=Literal(self.channel_name),
                 lock_timeout=Literal(f"{self.datastore.lock_timeout}s"),
-                append_lock=Literal(lock_key(f"{self.datastore.schema}.{self.events_table_name}:append")),
+                append_lock=Literal(self.append_lock_key),
             )
         )
         self._append = SQL(
@@ -205,70 +208,129 @@ class ActivitiesRecorder(PostgresApplicationRecorder):
         its own transaction."""
         if not stored_events:
             return []
-        keys = kwargs.get("idempotency", ())
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
-            curs.execute(
-                self._append,
-                (
-                    [event.originator_id for event in stored_events],
-                    [event.originator_version for event in stored_events],
-                    [event.topic for event in stored_events],
-                    [event.state for event in stored_events],
-                    orjson.dumps(
-                        [
-                            {
-                                "tenant_id": t,
-                                "key": k,
-                                "fingerprint": f,
-                                "originator_id": str(i),
-                                "originator_version": v,
-                            }
-                            for t, k, f, i, v in keys
-                        ]
-                    ).decode(),
-                    self.idempotency_ttl_s,
-                ),
-                binary=True,
-            )
+            curs.execute(self._append, self.append_params(stored_events, kwargs.get("idempotency", ())), binary=True)
             return [row["notification_id"] for row in curs.fetchall()]
 
-    def find_keys(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, UUID, int]]:
-        """Live idempotency records: (tenant, key) -> (fingerprint, originator id, version)."""
-        if not pairs:
-            return {}
-        with self.datastore.get_connection() as conn, conn.cursor() as curs:
-            curs.execute(self._select_keys, ([p[0] for p in pairs], [p[1] for p in pairs], self.idempotency_ttl_s))
-            return {
-                (row["tenant_id"], row["key"]): (row["fingerprint"], row["originator_id"], row["originator_version"])
-                for row in curs.fetchall()
-            }
+    def append_params(
+        self, stored_events: Sequence[StoredEvent], keys: Sequence[tuple[str, str, str, UUID, int]]
+    ) -> tuple[Any, ...]:
+        """The parameters of `_append` for events and their idempotency keys."""
+        return (
+            [event.originator_id for event in stored_events],
+            [event.originator_version for event in stored_events],
+            [event.topic for event in stored_events],
+            [event.state for event in stored_events],
+            orjson.dumps(
+                [
+                    {"tenant_id": t, "key": k, "fingerprint": f, "originator_id": str(i), "originator_version": v}
+                    for t, k, f, i, v in keys
+                ]
+            ).decode(),
+            self.idempotency_ttl_s,
+        )
 
     def purge_expired_keys(self) -> int:
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
             curs.execute(self._purge_keys, (self.idempotency_ttl_s,))
             return curs.rowcount
 
-    def select_after(self, refs: Sequence[tuple[UUID, int]]) -> list[StoredEvent]:
+
+class CommandStore:
+    """The command path's own connection to the event store, on the service's event loop.
+
+    A batch's reads (its activities, its Idempotency-Keys) and its append go through here with
+    the recorder's SQL. One batch runs at a time (the `CommandBatcher`'s task), so one connection
+    serves it; it is opened on first use and again after it broke. On the loop, the batch's I/O
+    no longer hands the GIL between the loop and a store thread several times per batch: at
+    1,800 creates/s that halved the median reply time (ad hoc, 2026-12-02: p50 3.1-3.8 ms against
+    6.8-8.7 ms, p99 17-31 ms against 28-53 ms when the disk did not stall).
+
+    Errors come out as the library's persistence errors, as from its recorder: a lost race is an
+    `IntegrityError`, an unreachable database an `OperationalError` or `InterfaceError`.
+    """
+
+    def __init__(self, recorder: ActivitiesRecorder, connect_timeout_s: float = 2.0) -> None:
+        self._recorder = recorder
+        self._connect_timeout_s = connect_timeout_s
+        self._connection: psycopg.AsyncConnection[Any] | None = None
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+    @contextlib.asynccontextmanager
+    async def _cursor(self) -> AsyncIterator[psycopg.AsyncCursor[Any]]:
+        try:
+            if self._connection is None or self._connection.closed:
+                params = cast(dict[str, Any], self._recorder.datastore.pool.kwargs)  # the library's pool's
+                self._connection = await psycopg.AsyncConnection.connect(
+                    **{name: params[name] for name in ("dbname", "host", "port", "user", "password")},
+                    connect_timeout=max(1, round(self._connect_timeout_s)),
+                    autocommit=True,  # each statement is its own transaction
+                )
+            async with self._connection.cursor() as cursor:
+                yield cursor
+        except psycopg.Error as exc:
+            if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+                await self.close()  # a broken connection: the next batch opens a fresh one
+            raise _persistence_error(exc) from exc
+
+    async def append(
+        self, stored_events: Sequence[StoredEvent], keys: Sequence[tuple[str, str, str, UUID, int]]
+    ) -> list[int]:
+        """Append events and their idempotency keys in one transaction; their notification ids."""
+        if not stored_events:
+            return []
+        async with self._cursor() as cursor:
+            await cursor.execute(
+                self._recorder._append, self._recorder.append_params(stored_events, keys), binary=True
+            )
+            return [row[0] for row in await cursor.fetchall()]
+
+    async def select_after(self, refs: Sequence[tuple[UUID, int]]) -> list[StoredEvent]:
         """The events of many streams in one query: for each (originator id, version), the events
         after that version, ordered by stream and version."""
         if not refs:
             return []
-        with self.datastore.get_connection() as conn, conn.cursor() as curs:
-            curs.execute(self._select_after, ([r[0] for r in refs], [r[1] for r in refs]), binary=True)
-            return [
-                StoredEvent(row["originator_id"], row["originator_version"], row["topic"], bytes(row["state"]))
-                for row in curs.fetchall()
-            ]
+        async with self._cursor() as cursor:
+            await cursor.execute(
+                self._recorder._select_after, ([r[0] for r in refs], [r[1] for r in refs]), binary=True
+            )
+            return [StoredEvent(row[0], row[1], row[2], bytes(row[3])) for row in await cursor.fetchall()]
 
-    def positions(self, refs: Sequence[tuple[UUID, int]]) -> dict[tuple[UUID, int], int]:
+    async def find_keys(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, UUID, int]]:
+        """Live idempotency records: (tenant, key) -> (fingerprint, originator id, version)."""
+        if not pairs:
+            return {}
+        async with self._cursor() as cursor:
+            await cursor.execute(
+                self._recorder._select_keys,
+                ([p[0] for p in pairs], [p[1] for p in pairs], self._recorder.idempotency_ttl_s),
+            )
+            return {(row[0], row[1]): (row[2], row[3], row[4]) for row in await cursor.fetchall()}
+
+    async def positions(self, refs: Sequence[tuple[UUID, int]]) -> dict[tuple[UUID, int], int]:
         """Global positions (notification ids) of events given by (originator id, version)."""
         if not refs:
             return {}
-        with self.datastore.get_connection() as conn, conn.cursor() as curs:
-            curs.execute(self._select_positions, ([r[0] for r in refs], [r[1] for r in refs]))
-            return {
-                (row["originator_id"], row["originator_version"]): row["notification_id"] for row in curs.fetchall()
-            }
+        async with self._cursor() as cursor:
+            await cursor.execute(self._recorder._select_positions, ([r[0] for r in refs], [r[1] for r in refs]))
+            return {(row[0], row[1]): row[2] for row in await cursor.fetchall()}
+
+
+def _persistence_error(exc: psycopg.Error) -> PersistenceError:
+    """The library's error for a psycopg error (what its recorder raises for the same)."""
+    for psycopg_class, library_class in (
+        (psycopg.IntegrityError, IntegrityError),
+        (psycopg.OperationalError, OperationalError),
+        (psycopg.InterfaceError, InterfaceError),
+        (psycopg.ProgrammingError, ProgrammingError),
+    ):
+        if isinstance(exc, psycopg_class):
+            return library_class(str(exc))
+    return PersistenceError(str(exc))
 
 
 class EventTranscoder(JSONTranscoder):
@@ -318,14 +380,10 @@ class ActivitiesApplication(Application[UUID]):
         assert isinstance(self.recorder, ActivitiesRecorder)
         return self.recorder
 
-    def load_current(self, originator_ids: Iterable[UUID]) -> dict[UUID, Activity]:
-        """The current state of many activities, read in one query (the library's `repository.get`
-        reads once per activity, even on a cache hit, to fast-forward it).
-
-        Cached activities are fast-forwarded by the events after their cached version (another
-        command process may have written them); the others are replayed from their first event.
-        Callers get copies, as from `repository.get`: a batch that fails leaves the cache as it was.
-        Activities that do not exist are absent from the result."""
+    def cached(self, originator_ids: Iterable[UUID]) -> dict[UUID, Activity | None]:
+        """The cached state of each activity (None when not cached), to be brought up to date by
+        `fast_forward` with the events after it, read for a whole batch in one query (the library's
+        `repository.get` reads once per activity, even on a cache hit)."""
         cache = self.repository.cache
         assert cache is not None, "set AGGREGATE_CACHE_MAXSIZE"
         known: dict[UUID, Activity | None] = {}
@@ -334,18 +392,38 @@ class ActivitiesApplication(Application[UUID]):
                 known[originator_id] = cast(Activity, cache.get(originator_id))
             except KeyError:
                 known[originator_id] = None
-        stored = self.activities_recorder.select_after(
-            [(originator_id, activity.version if activity else 0) for originator_id, activity in known.items()]
-        )
-        for originator_id, events in itertools.groupby(stored, key=lambda event: event.originator_id):
+        return known
+
+    def fast_forward(self, known: dict[UUID, Activity | None], later: Sequence[StoredEvent]) -> dict[UUID, Activity]:
+        """The current state of activities from their cached state and the events after it (another
+        command process may have written them); uncached ones are replayed from their first event.
+        Callers get copies, as from `repository.get`: a batch that fails leaves the cache as it was.
+        Activities that do not exist are absent from the result."""
+        cache = self.repository.cache
+        assert cache is not None, "set AGGREGATE_CACHE_MAXSIZE"
+        current = dict(known)
+        for originator_id, events in itertools.groupby(later, key=lambda event: event.originator_id):
             assert isinstance(originator_id, UUID)
-            activity = known[originator_id]
+            activity = current[originator_id]
             for event in events:
                 domain_event = cast(ActivityEvent, self.mapper.to_domain_event(event))
                 activity = cast(Activity, domain_event.mutate(activity))
-            known[originator_id] = activity
+            current[originator_id] = activity
             cache.put(originator_id, activity)
-        return {originator_id: activity.detached_copy() for originator_id, activity in known.items() if activity}
+        return {originator_id: activity.detached_copy() for originator_id, activity in current.items() if activity}
+
+    def pending_events(self, activities: Iterable[Activity]) -> tuple[list[ActivityEvent], list[StoredEvent]]:
+        """The new events of activities, as domain events and as stored events (the library's
+        `save` without its per-object protocol checks, which cost more than the mapping)."""
+        events = [cast(ActivityEvent, event) for activity in activities for event in activity.collect_events()]
+        return events, [self.mapper.to_stored_event(event) for event in events]
+
+    def remember(self, activities: Iterable[Activity]) -> None:
+        """Cache activities whose events were saved (as the library's `save` does)."""
+        cache = self.repository.cache
+        assert cache is not None, "set AGGREGATE_CACHE_MAXSIZE"
+        for activity in activities:
+            cache.put(activity.id, activity)
 
     def load_version(self, originator_id: UUID, version: int) -> Activity | None:
         """An activity as it was at a version (its current state comes from `load_current`)."""
@@ -393,39 +471,41 @@ class _Pending:
 
 
 class CommandService:
-    """Decides and saves commands; thread-safe for one batch at a time."""
+    """Decides and saves commands, one batch at a time (the `CommandBatcher` runs them in turn)."""
 
     def __init__(self, app: ActivitiesApplication, clock: Any = None) -> None:
         self.app = app
+        self.store = CommandStore(app.activities_recorder)
         self._clock = clock or (lambda: datetime.now(UTC))
-        self._lock = threading.Lock()
+
+    async def close(self) -> None:
+        await self.store.close()
 
     # The public entry ---------------------------------------------------------------------
 
-    def execute(self, requests: Sequence[CommandRequest]) -> list[Outcome]:
+    async def execute(self, requests: Sequence[CommandRequest]) -> list[Outcome]:
         """Outcomes in the order of the requests; the events of the batch are saved together."""
-        with self._lock:
-            try:
-                return self._execute(requests)
-            except (OperationalError, InterfaceError) as exc:
-                log.warning("event store unavailable", extra={"error": str(exc)})
-                error = Unavailable("the event store is unavailable; retry with the same Idempotency-Key")
-                return [error for _ in requests]
+        try:
+            return await self._execute(requests)
+        except (OperationalError, InterfaceError) as exc:
+            log.warning("event store unavailable", extra={"error": str(exc)})
+            error = Unavailable("the event store is unavailable; retry with the same Idempotency-Key")
+            return [error for _ in requests]
 
-    def _execute(self, requests: Sequence[CommandRequest]) -> list[Outcome]:
+    async def _execute(self, requests: Sequence[CommandRequest]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(requests)
         first, later = _split_repeated_keys(requests)
-        if not self._attempt(requests, first, outcomes, _BATCH_ATTEMPTS):
+        if not await self._attempt(requests, first, outcomes, _BATCH_ATTEMPTS):
             log.info("batch kept conflicting; retrying its commands one by one", extra={"size": len(first)})
             later = sorted(first + later)
         for i in later:
-            if not self._attempt(requests, [i], outcomes, _SOLO_ATTEMPTS):
+            if not await self._attempt(requests, [i], outcomes, _SOLO_ATTEMPTS):
                 outcomes[i] = Unavailable("the activity is being changed concurrently; retry")
         return [o if o is not None else InternalError("no outcome") for o in outcomes]
 
     # Steps ----------------------------------------------------------------------------------
 
-    def _attempt(
+    async def _attempt(
         self, requests: Sequence[CommandRequest], indexes: list[int], outcomes: list[Outcome | None], attempts: int
     ) -> bool:
         """Decide and save `indexes` in one transaction; on a write conflict (another process wrote
@@ -433,24 +513,24 @@ class CommandService:
         for attempt in range(attempts):
             for i in indexes:
                 outcomes[i] = None
-            self._replay_known_keys(requests, indexes, outcomes)
+            await self._replay_known_keys(requests, indexes, outcomes)
             try:
-                self._decide_and_save(requests, [i for i in indexes if outcomes[i] is None], outcomes)
+                await self._decide_and_save(requests, [i for i in indexes if outcomes[i] is None], outcomes)
                 return True
-            except IntegrityError:  # the next attempt's load_current fast-forwards what the other writer wrote
-                time.sleep(random.uniform(0, 0.002 * 2**attempt))
+            except IntegrityError:  # the next attempt fast-forwards what the other writer wrote
+                await asyncio.sleep(random.uniform(0, 0.002 * 2**attempt))
         for i in indexes:
             outcomes[i] = None
         return False
 
-    def _replay_known_keys(
+    async def _replay_known_keys(
         self, requests: Sequence[CommandRequest], indexes: Sequence[int], outcomes: list[Outcome | None]
     ) -> None:
         keyed = [i for i in indexes if requests[i].idempotency_key]
         if not keyed:
             return
         pairs = [(requests[i].caller.tenant_id, str(requests[i].idempotency_key)) for i in keyed]
-        known = self.app.activities_recorder.find_keys(pairs)
+        known = await self.store.find_keys(pairs)
         for i, pair in zip(keyed, pairs, strict=True):
             if pair not in known:
                 continue
@@ -460,22 +540,23 @@ class CommandService:
                     "this Idempotency-Key was used with a different command or body; use a new key"
                 )
             else:
-                outcomes[i] = self._result_at(originator_id, version)
+                outcomes[i] = await self._result_at(originator_id, version)
 
-    def _result_at(self, originator_id: UUID, version: int) -> CommandResult:
-        activity = self.app.load_version(originator_id, version)
+    async def _result_at(self, originator_id: UUID, version: int) -> CommandResult:
+        # a replay is rare: the library's versioned read, in a thread so as not to block the loop
+        activity = await asyncio.to_thread(self.app.load_version, originator_id, version)
         if activity is None:
             raise NotFound(f"activity {activity_id_of(originator_id)} not found")
-        position = self.app.activities_recorder.positions([(originator_id, version)])[(originator_id, version)]
+        position = (await self.store.positions([(originator_id, version)]))[(originator_id, version)]
         return CommandResult(activity.document, position)
 
-    def _decide_and_save(
+    async def _decide_and_save(
         self, requests: Sequence[CommandRequest], indexes: Sequence[int], outcomes: list[Outcome | None]
     ) -> None:
         now = self._clock()
         changed = [requests[i].command for i in indexes]
         pending = _Pending(
-            self.app.load_current(activity_uuid(c.activity_id) for c in changed if not isinstance(c, CreateActivity))
+            await self.load_current(activity_uuid(c.activity_id) for c in changed if not isinstance(c, CreateActivity))
         )
         for i in indexes:
             try:
@@ -486,25 +567,33 @@ class CommandService:
                 raise  # the store's trouble concerns the whole batch (unavailable, or a conflict to retry)
             except Exception:  # a bug tripped by one command fails that command only, not its batch
                 outcomes[i] = internal_error("deciding a command failed")
-        recordings = self.app.save(*pending.aggregates.values(), idempotency=pending.keys)
-        written = {
-            (r.domain_event.originator_id, r.domain_event.originator_version): r.notification.id for r in recordings
-        }
+        events, stored = self.app.pending_events(pending.aggregates.values())
+        notification_ids = await self.store.append(stored, pending.keys)
+        self.app.remember(pending.aggregates.values())
+        refs: list[tuple[UUID, int]] = [(cast(UUID, e.originator_id), e.originator_version) for e in stored]
+        written = dict(zip(refs, notification_ids, strict=True))
+        documents = dict(zip(refs, (event.document for event in events), strict=True))
         unwritten = [(ref[0], ref[1]) for ref in pending.refs.values() if (ref[0], ref[1]) not in written]
-        positions = {**self.app.activities_recorder.positions(unwritten), **written}
-        documents = {
-            (r.domain_event.originator_id, r.domain_event.originator_version): cast(Any, r.domain_event).document
-            for r in recordings
-        }
+        positions = {**await self.store.positions(unwritten), **written}
         for i, (originator_id, version, _) in pending.refs.items():
-            document = documents.get((originator_id, version)) or self._document_at(pending, originator_id, version)
+            document = documents.get((originator_id, version))
+            if document is None:
+                document = await self._document_at(pending, originator_id, version)
             outcomes[i] = CommandResult(document, positions[(originator_id, version)])
 
-    def _document_at(self, pending: _Pending, originator_id: UUID, version: int) -> dict[str, Any]:
+    async def load_current(self, originator_ids: Iterable[UUID]) -> dict[UUID, Activity]:
+        """Activities as they are now (copies; the absent do not exist): one read for a whole batch."""
+        known = self.app.cached(originator_ids)
+        later = await self.store.select_after(
+            [(originator_id, activity.version if activity else 0) for originator_id, activity in known.items()]
+        )
+        return self.app.fast_forward(known, later)
+
+    async def _document_at(self, pending: _Pending, originator_id: UUID, version: int) -> dict[str, Any]:
         activity = pending.aggregates.get(originator_id)
         if activity is not None and activity.version == version:
             return activity.document
-        loaded = self.app.load_version(originator_id, version)
+        loaded = await asyncio.to_thread(self.app.load_version, originator_id, version)
         assert loaded is not None
         return loaded.document
 
@@ -571,18 +660,17 @@ class CommandBatcher:
     def __init__(
         self,
         service: CommandService,
-        executor: Any,
         max_size: int = 200,
         timeout_s: float = 5.0,
         on_batch: Any = None,
     ) -> None:
         self._on_batch = on_batch or (lambda size: None)  # e.g. the batch-size histogram
         self._service = service
-        self._executor = executor
         self._max_size = max_size
         self._timeout_s = timeout_s
         self._queue: asyncio.Queue[tuple[CommandRequest, asyncio.Future[Outcome]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._saving = False
         self.batches = 0  # counters for metrics and the benchmark
         self.commands = 0
 
@@ -591,8 +679,8 @@ class CommandBatcher:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="command-batcher")
 
     async def stop(self) -> None:
-        """Finish what is queued, then stop."""
-        while not self._queue.empty():
+        """Finish what is queued and the batch being saved, then stop."""
+        while not self._queue.empty() or self._saving:
             await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
@@ -609,24 +697,27 @@ class CommandBatcher:
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((request, future))
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self._timeout_s)
+            async with asyncio.timeout(self._timeout_s):  # cancels the future: its batch skips the reply
+                return await future
         except TimeoutError:
             return Unavailable(
                 f"the event store did not answer within {self._timeout_s:g} s; retry with the same Idempotency-Key"
             )
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
             while len(batch) < self._max_size and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             requests = [request for request, _ in batch]
+            self._saving = True
             try:
-                outcomes = await loop.run_in_executor(self._executor, self._service.execute, requests)
+                outcomes = await self._service.execute(requests)
             except Exception:  # a bug: every waiter still gets exactly one reply
                 error = internal_error("command batch failed")
                 outcomes = [error for _ in batch]
+            finally:
+                self._saving = False
             self.batches += 1
             self.commands += len(batch)
             self._on_batch(len(batch))

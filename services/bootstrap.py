@@ -166,6 +166,7 @@ class Runtime:
         self.executor = ThreadPoolExecutor(max_workers=settings.db_pool_size, thread_name_prefix="store")
         self.broker: NatsBroker | None = None
         self.batcher: CommandBatcher | None = None
+        self.command_service: CommandService | None = None
         self.components: list[Component] = []
         self.metrics = Metrics()
         self.operations: Operations | None = None
@@ -185,9 +186,9 @@ class Runtime:
             logger=logging.getLogger("activities.nats"),
             log_level=logging.DEBUG,  # per-message access logs only when debugging
         )
-        service = CommandService(self.app)
+        self.command_service = CommandService(self.app)
         self.batcher = CommandBatcher(
-            service, self.executor, settings.batch_max_size, settings.request_timeout_s, self.metrics.batch_size.observe
+            self.command_service, settings.batch_max_size, settings.request_timeout_s, self.metrics.batch_size.observe
         )
         gateway = CommandGateway(verifier, self.batcher, self.metrics)
         self.operations = Operations(self.metrics, self.servers.database_url, self.app.name)
@@ -230,6 +231,8 @@ class Runtime:
             await component.stop()
         if self.batcher is not None:
             await self.batcher.stop()
+        if self.command_service is not None:
+            await self.command_service.close()
         if self.broker is not None:
             await self.broker.stop()
         if self.app is not None:

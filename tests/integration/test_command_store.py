@@ -2,19 +2,22 @@
 cache is fast-forwarded, lookups probe the index, and appends are serialised without the
 table lock that stalled them behind autovacuum.
 
-Two `CommandService`s on one database stand for two command processes.
+Two `CommandService`s on one database stand for two command processes. Each call runs in an
+event loop of its own (`asyncio.run`) and closes the service's connection after it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
+from uuid import UUID
 
 import pytest
 from psycopg import sql
-from psycopg.rows import tuple_row
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import tuple_row
 
 from events.activity import activity_uuid
 from events.commands import parse_create, parse_patch
@@ -26,7 +29,7 @@ from services.application import (
     CommandService,
     application_env,
 )
-from services.domain import Caller
+from services.domain import Activity, Caller
 
 CALLER = Caller("acme", "usr-1")
 
@@ -47,9 +50,29 @@ def make_service(make_database: Callable[[], str]) -> Iterator[Callable[[], Comm
         app.close()
 
 
+def execute(service: CommandService, requests: list[CommandRequest]) -> list[Any]:
+    async def once() -> list[Any]:
+        try:
+            return await service.execute(requests)
+        finally:
+            await service.close()
+
+    return asyncio.run(once())
+
+
+def load_current(service: CommandService, originator_ids: list[UUID]) -> dict[UUID, Activity]:
+    async def once() -> dict[UUID, Activity]:
+        try:
+            return await service.load_current(originator_ids)
+        finally:
+            await service.close()
+
+    return asyncio.run(once())
+
+
 def run(service: CommandService, *bodies: tuple[str, dict[str, Any]]) -> list[CommandResult]:
     parsers = {"create": parse_create, "patch": parse_patch}
-    outcomes = service.execute([CommandRequest(parsers[name](body), CALLER) for name, body in bodies])
+    outcomes = execute(service, [CommandRequest(parsers[name](body), CALLER) for name, body in bodies])
     assert all(isinstance(outcome, CommandResult) for outcome in outcomes), outcomes
     return [outcome for outcome in outcomes if isinstance(outcome, CommandResult)]
 
@@ -59,19 +82,18 @@ def test_a_batch_of_patches_reads_the_store_once(
 ) -> None:
     writer, patcher = make_service(), make_service()  # the patcher's cache knows none of them
     created = run(writer, *[("create", {"account_id": "acc_1", "subject": f"s{i}"}) for i in range(20)])
-    recorder = patcher.app.activities_recorder
     reads: list[int] = []
-    select_after = recorder.select_after
+    select_after = patcher.store.select_after
 
-    def counted(refs: Any) -> Any:
+    async def counted(refs: Any) -> Any:
         reads.append(len(refs))
-        return select_after(refs)
+        return await select_after(refs)
 
     def per_activity_read(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a batch must not read activities one by one")
 
-    monkeypatch.setattr(recorder, "select_after", counted)
-    monkeypatch.setattr(recorder, "select_events", per_activity_read)
+    monkeypatch.setattr(patcher.store, "select_after", counted)
+    monkeypatch.setattr(patcher.app.activities_recorder, "select_events", per_activity_read)
     patches = [("patch", {"id": r.document["id"], "changes": {"subject": f"p{i}"}}) for i, r in enumerate(created)]
     patched = run(patcher, *patches, patches[0])  # the same activity twice in one batch
     assert reads == [20]
@@ -100,13 +122,14 @@ def test_loaded_activities_are_copies_and_unknown_ids_are_absent(make_service: C
     (created,) = run(service, ("create", {"account_id": "acc_1", "subject": "kept"}))
     originator_id = activity_uuid(created.document["id"])
     missing = activity_uuid("act_01KB0000000000000000000000")
-    loaded = service.app.load_current([originator_id, missing, originator_id])
+    loaded = load_current(service, [originator_id, missing, originator_id])
     assert list(loaded) == [originator_id]
     loaded[originator_id].document = {"subject": "scribbled"}
-    assert service.app.load_current([originator_id])[originator_id].document["subject"] == "kept"
+    assert load_current(service, [originator_id])[originator_id].document["subject"] == "kept"
 
-    outcomes = service.execute(
-        [CommandRequest(parse_patch({"id": "act_01KB0000000000000000000000", "changes": {"subject": "x"}}), CALLER)]
+    outcomes = execute(
+        service,
+        [CommandRequest(parse_patch({"id": "act_01KB0000000000000000000000", "changes": {"subject": "x"}}), CALLER)],
     )
     assert isinstance(outcomes[0], NotFound)
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 
@@ -155,6 +157,36 @@ async def test_a_failed_command_may_be_retried_with_its_key(request_command: Req
     body["expected_version"] = 2
     ok = await request_command("patch", body, key="retry-me")
     assert ok["data"]["version"] == 3
+
+
+async def test_a_command_the_store_is_too_slow_for_is_unavailable_and_its_retry_gets_what_was_stored(
+    make_settings: Callable[..., Settings], nc: Any, token: Callable[..., str]
+) -> None:
+    """The reply does not wait for a stuck store past `request_timeout_s`; the command may still
+    commit afterwards, and its retry with the same Idempotency-Key then replies with what was stored."""
+    runtime = Runtime(make_settings(request_timeout_s=1.0))
+    await runtime.start()
+    assert runtime.servers is not None and runtime.app is not None
+    subject = f"{runtime.settings.subject_prefix}.cmd.create"
+    headers = {"Authorization": f"Bearer {token()}", "Idempotency-Key": "slow-store"}
+    body = orjson.dumps({**LINK, "subject": "late"})
+    try:
+        with psycopg.connect(runtime.servers.database_url, autocommit=True) as blocker:
+            with blocker.transaction():  # holds the append lock, as a long append would
+                blocker.execute("SELECT pg_advisory_xact_lock(%s)", (runtime.app.activities_recorder.append_lock_key,))
+                started = time.monotonic()
+                timed_out = orjson.loads((await nc.request(subject, body, headers=headers, timeout=10)).data)
+                assert error_code(timed_out) == "unavailable", timed_out
+                assert 1.0 <= time.monotonic() - started < 5
+                assert "Idempotency-Key" in timed_out["error"]["message"]
+                assert stored_events(runtime) == 0
+        retried = orjson.loads((await nc.request(subject, body, headers=headers, timeout=10)).data)
+        assert retried["data"]["subject"] == "late", retried
+        again = orjson.loads((await nc.request(subject, body, headers=headers, timeout=10)).data)
+        assert again == retried
+        assert stored_events(runtime) == 1  # the first attempt committed once the lock was free
+    finally:
+        await runtime.stop()
 
 
 @pytest.mark.parametrize("key", ["x" * 201, "tab\tkey", "ключ"])
