@@ -47,7 +47,7 @@ def summarize_fsyncs(fsyncs_ms: list[float], elapsed_s: float) -> dict[str, Any]
         "fsyncs": len(ordered),
         "p50_ms": round(ordered[len(ordered) // 2], 2),
         "p99_ms": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 2),
-        "max_ms": round(ordered[-1], 1),
+        "max_ms": round(ordered[-1], 2),
         "stalls_over_50_ms": sum(1 for d in ordered if d > STALL_MS),
         "share_held_over_50_ms": round(held_ms / 1000 / elapsed_s, 4) if elapsed_s else 0.0,
     }

@@ -2,10 +2,10 @@
 
 `CommandService.execute(requests)` decides a batch of commands and saves all their events in
 one transaction (group commit), on the service's event loop: its reads and its append go
-through `CommandStore`, an asyncio connection of its own. If that transaction conflicts (another process wrote the same
-activity, or the same Idempotency-Key), each command of the batch is retried on its own, so a
-conflicting command alone fails. Idempotency records are written in the same transaction as
-the events, so a retry after a crash never appends twice.
+through `CommandStore`, an asyncio connection of its own. If that transaction conflicts
+(another process wrote the same activity, or the same Idempotency-Key), each command of the
+batch is retried on its own, so a conflicting command alone fails. Idempotency records are
+written in the same transaction as the events, so a retry after a crash never appends twice.
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ class CommandStore:
     the recorder's SQL. One batch runs at a time (the `CommandBatcher`'s task), so one connection
     serves it; it is opened on first use and again after it broke. On the loop, the batch's I/O
     no longer hands the GIL between the loop and a store thread several times per batch: at
-    1,800 creates/s that halved the median reply time (ad hoc, 2026-12-02: p50 3.1-3.8 ms against
+    1,800 creates/s that halved the median reply time (ad hoc, 2026-12-02: p50 2.7-3.8 ms against
     6.8-8.7 ms, p99 17-31 ms against 28-53 ms when the disk did not stall).
 
     Errors come out as the library's persistence errors, as from its recorder: a lost race is an

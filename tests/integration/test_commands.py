@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -28,6 +29,15 @@ def stored_events(runtime: Runtime) -> int:
 
 def error_code(reply: dict[str, Any]) -> str:
     return str(reply["error"]["code"])
+
+
+@contextlib.contextmanager
+def holding_the_append_lock(runtime: Runtime) -> Iterator[None]:
+    """Hold the lock every append takes, as a long append would: batches wait until the block ends."""
+    assert runtime.servers is not None and runtime.app is not None
+    with psycopg.connect(runtime.servers.database_url, autocommit=True) as blocker, blocker.transaction():
+        blocker.execute("SELECT pg_advisory_xact_lock(%s)", (runtime.app.activities_recorder.append_lock_key,))
+        yield
 
 
 async def test_create_patch_delete_restore(request_command: Requester, runtime: Runtime) -> None:
@@ -166,20 +176,17 @@ async def test_a_command_the_store_is_too_slow_for_is_unavailable_and_its_retry_
     commit afterwards, and its retry with the same Idempotency-Key then replies with what was stored."""
     runtime = Runtime(make_settings(request_timeout_s=1.0))
     await runtime.start()
-    assert runtime.servers is not None and runtime.app is not None
     subject = f"{runtime.settings.subject_prefix}.cmd.create"
     headers = {"Authorization": f"Bearer {token()}", "Idempotency-Key": "slow-store"}
     body = orjson.dumps({**LINK, "subject": "late"})
     try:
-        with psycopg.connect(runtime.servers.database_url, autocommit=True) as blocker:
-            with blocker.transaction():  # holds the append lock, as a long append would
-                blocker.execute("SELECT pg_advisory_xact_lock(%s)", (runtime.app.activities_recorder.append_lock_key,))
-                started = time.monotonic()
-                timed_out = orjson.loads((await nc.request(subject, body, headers=headers, timeout=10)).data)
-                assert error_code(timed_out) == "unavailable", timed_out
-                assert 1.0 <= time.monotonic() - started < 5
-                assert "Idempotency-Key" in timed_out["error"]["message"]
-                assert stored_events(runtime) == 0
+        with holding_the_append_lock(runtime):
+            started = time.monotonic()
+            timed_out = orjson.loads((await nc.request(subject, body, headers=headers, timeout=10)).data)
+            assert error_code(timed_out) == "unavailable", timed_out
+            assert 1.0 <= time.monotonic() - started < 5
+            assert "Idempotency-Key" in timed_out["error"]["message"]
+            assert stored_events(runtime) == 0
         retried = orjson.loads((await nc.request(subject, body, headers=headers, timeout=10)).data)
         assert retried["data"]["subject"] == "late", retried
         again = orjson.loads((await nc.request(subject, body, headers=headers, timeout=10)).data)
@@ -187,6 +194,25 @@ async def test_a_command_the_store_is_too_slow_for_is_unavailable_and_its_retry_
         assert stored_events(runtime) == 1  # the first attempt committed once the lock was free
     finally:
         await runtime.stop()
+
+
+async def test_stopping_waits_for_the_batch_being_saved_and_answers_it(
+    make_settings: Callable[..., Settings], nc: Any, token: Callable[..., str]
+) -> None:
+    runtime = Runtime(make_settings())
+    await runtime.start()
+    subject = f"{runtime.settings.subject_prefix}.cmd.create"
+    headers = {"Authorization": f"Bearer {token()}"}
+    with holding_the_append_lock(runtime):
+        sent = asyncio.create_task(nc.request(subject, orjson.dumps(LINK), headers=headers, timeout=10))
+        await asyncio.sleep(0.5)
+        stopping = asyncio.create_task(runtime.stop())
+        await asyncio.sleep(0.5)
+        assert not stopping.done(), "stop must wait for the batch being saved"
+    reply = orjson.loads((await sent).data)
+    await asyncio.wait_for(stopping, 10)
+    assert reply["data"]["version"] == 1, reply
+    assert stored_events(runtime) == 1
 
 
 @pytest.mark.parametrize("key", ["x" * 201, "tab\tkey", "ключ"])

@@ -18,6 +18,11 @@ def test_fsync_summary_bounds_the_replies_the_disk_alone_held_past_50_ms() -> No
     assert summary["share_held_over_50_ms"] == 0.035
 
 
+def test_fsync_summary_rounds_alike_so_p99_never_exceeds_max() -> None:
+    summary = summarize_fsyncs([1.0] * 99 + [10.744], elapsed_s=1.0)
+    assert summary["p99_ms"] == summary["max_ms"] == 10.74
+
+
 def test_fsync_summary_of_no_fsyncs_says_so() -> None:
     assert summarize_fsyncs([], elapsed_s=1.0) == {"fsyncs": 0}
 
