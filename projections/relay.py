@@ -4,8 +4,11 @@ The event store is the source of truth; the relay only reads it. It keeps its ow
 (the last notification id it knows to be on the stream) in `activities_relay_tracking`, reads
 the log after it a page at a time, publishes the page with many acks in flight, and records the
 new position only once every message up to it is acknowledged. A crash between a publish and
-the recording therefore republishes, and the stream's duplicate window (`Nats-Msg-Id:
-<activity_id>:<version>`) drops the repeats: at least once on the wire, exactly once on the stream.
+the recording would republish; so a relay that starts, or recovers from a failure, resumes after
+the later of its record and the position in the stream's last message (the stream is a prefix
+of the log, see Order), and publishes nothing twice however long it was away. A publish whose
+ack was lost is repeated at once, and the stream's duplicate window (`Nats-Msg-Id:
+<activity_id>:<version>`) drops it: at least once on the wire, exactly once on the stream.
 
 Order. Messages on one NATS connection reach the server in publish order, but with acks in flight
 a lost message can be followed by later ones that are stored (nats-py flushes its reconnect
@@ -214,6 +217,23 @@ async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
         log.info("updated stream", extra={"stream": wanted.name, "fields": sorted(changes)})
 
 
+async def last_position_on_stream(js: JetStreamContext, stream: str) -> int:
+    """The log position of the stream's last message (0: empty, or not a message of ours): with
+    chained publishes the stream holds the log up to it."""
+    info = await js.stream_info(stream)
+    if not info.state.last_seq:
+        return 0
+    try:
+        message = await js.get_msg(stream, seq=info.state.last_seq)
+        return int(orjson.loads(message.data or b"")["position"])
+    except NotFoundError:  # removed meanwhile: the relay's own record decides
+        return 0
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        log.warning("the stream's last message is not an activity event; resuming from the relay's record",
+                    extra={"stream": stream, "seq": info.state.last_seq})
+        return 0
+
+
 class PublishInterrupted(Exception):
     """Only a prefix of a page was acknowledged; the rest is published again later."""
 
@@ -375,6 +395,7 @@ class Relay:
                 backoff.reset()
             except Exception as exc:
                 self._chain_tail = None
+                self._position = None  # read again, from the store and the stream: acks may have been lost
                 self.stats.failures += 1
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
                 delay = backoff.next()
@@ -396,7 +417,9 @@ class Relay:
         """Publish the next page and record its position; False when the log is at its end."""
         js = await self._jetstream()
         if self._position is None:
-            self._position = self.stats.position = await self._in_thread(self.store.load_position)
+            recorded = await self._in_thread(self.store.load_position)
+            published = await last_position_on_stream(js, self.settings.stream_name)
+            self._position = self.stats.position = max(recorded, published)
         page: list[Outgoing] = await self._in_thread(self.store.read, self._position, self.options.page_size)
         if not page:
             return False

@@ -295,7 +295,7 @@ async def test_nats_killed_mid_page_keeps_the_stream_a_gapless_copy_of_the_log(
         await runtime.stop()
 
 
-async def test_relay_killed_before_recording_republishes_and_the_stream_keeps_each_once(
+async def test_relay_killed_before_recording_resumes_after_the_streams_last_message(
     make_settings: Callable[..., Settings], js: JetStreamContext
 ) -> None:
     runtime = Runtime(make_settings(), roles=("commands",))  # no relay of its own: the test runs them
@@ -322,8 +322,8 @@ async def test_relay_killed_before_recording_republishes_and_the_stream_keeps_ea
             await asyncio.sleep(0.05)
 
         assert second.stats.position == log[-1][2]
-        assert second.stats.duplicates == 20  # it did republish: the dedup id dropped the repeats
-        assert second.stats.published == 24
+        assert second.stats.duplicates == 0  # nothing republished: no reliance on the dedup window
+        assert second.stats.published == 4
         messages = await stream_messages(js, runtime.settings.stream_name)
         assert_once_in_log_order(messages, log)
         await second.stop()
@@ -332,6 +332,34 @@ async def test_relay_killed_before_recording_republishes_and_the_stream_keeps_ea
         for relay in (first, second):
             if relay is not None:
                 await relay.stop()
+        await runtime.stop()
+
+
+async def test_a_foreign_last_message_on_the_stream_leaves_the_relay_on_its_own_record(
+    make_settings: Callable[..., Settings], js: JetStreamContext
+) -> None:
+    """The stream's last message says how far the relay got only if the relay wrote it."""
+    runtime = Runtime(make_settings(), roles=("commands",))
+    await runtime.start()
+    assert runtime.servers is not None and runtime.app is not None
+    relay: Relay | None = None
+    try:
+        await lifecycle(runtime, 0)
+        relay = Relay(runtime.app, runtime.settings, runtime.servers.nats_url, runtime.servers.database_url,
+                      runtime.executor, FAST)
+        await relay.publish_page()  # creates the stream and fills it
+        stream = runtime.settings.stream_name
+        await js.publish(f"{runtime.settings.subject_prefix}.events.acme.logged", b"not an event", stream=stream)
+        await relay.start()  # recorded nothing yet: everything again, the repeats dropped by their ids
+        log = await logged_refs(runtime)
+        deadline = time.monotonic() + 10
+        while relay.stats.position < log[-1][2] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert relay.stats.position == log[-1][2]
+        assert relay.stats.duplicates == relay.stats.published == len(log)  # every ack a repeat
+    finally:
+        if relay is not None:
+            await relay.stop()
         await runtime.stop()
 
 
