@@ -17,6 +17,10 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="libpq URL of PostgreSQL; unset starts an embedded server in the data dir"
     )
+    read_database_url: str | None = Field(
+        default=None,
+        description="libpq URL of a PostgreSQL replica that serves get and list (the read model); unset: database_url",
+    )
     nats_url: str | None = Field(
         default=None, description="NATS URL; unset starts an embedded nats-server with JetStream"
     )

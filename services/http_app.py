@@ -382,7 +382,9 @@ def query_gateway(runtime: Runtime, verifier: TokenVerifier) -> QueryGateway:
     """The query gateway of a runtime (read model pool + event store reads)."""
     assert runtime.app is not None and runtime.servers is not None
     settings = runtime.settings
-    read_model = ReadModel(runtime.servers.database_url, settings.db_pool_size, runtime.app.name)
+    read_model = ReadModel(
+        settings.read_database_url or runtime.servers.database_url, settings.db_pool_size, runtime.app.name
+    )
     secret = settings.jwt_secret or settings.jwt_public_key or ""
     if not secret:
         from services.bootstrap import dev_secret

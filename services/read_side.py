@@ -30,7 +30,8 @@ def read_side_components(runtime: Runtime, verifier: TokenVerifier, commands: Co
         components.append(SingleActive(projector, runtime.servers.database_url, "activities:projector"))
     if "http" in runtime.roles:
         http = HttpRole(runtime, verifier, commands)
-        if projector is not None:
+        if projector is not None and not runtime.settings.read_database_url:
+            # a replica lags the projector: there, `min_position` waits poll the replica's own position
             projector.add_listener(http.queries.read_model.notify_position)
         components.append(http)
     return components
