@@ -157,9 +157,30 @@ def seed_read_model(database_url: str, rows: int) -> None:
         conn.execute("ANALYZE activities")
 
 
+def deep_cursors(rows: int, count: int = 1000) -> list[str]:
+    """Cursors of the default list (-activity_date, no filter) at random depths of the seeded tenant,
+    signed as the service signs them: following `next_cursor` that far would take too long."""
+    import random
+    from datetime import UTC, datetime, timedelta
+
+    from projections.queries import CursorCodec, Keyset, ListQuery, derive_cursor_key
+    from services.domain import Caller
+
+    codec = CursorCodec(derive_cursor_key(_secret()))
+    caller = Caller("bench", "usr-bench")
+    start = datetime(2020, 1, 1, tzinfo=UTC)
+    cursors = []
+    for _ in range(count):
+        i = random.randint(100, rows)  # seed_read_model: row i has activity_date start + i minutes
+        keyset = Keyset((start + timedelta(minutes=i)).isoformat(), "act_" + format(i, "X").rjust(26, "0"))
+        cursors.append(codec.encode(keyset, ListQuery(), caller))
+    return cursors
+
+
 async def _queries(http_url: str, seconds: float, rows: int) -> dict[str, Any]:
     token = mint_token(_secret(), "bench", "usr-bench")
     results: dict[str, Any] = {}
+    cursors = deep_cursors(rows)
     cases = {
         "get": lambda i: (f"/api/v1/crm/activities/act_{format(1 + (i * 7919) % rows, 'X').rjust(26, '0')}", {}),
         "list_by_account": lambda i: ("/api/v1/crm/activities", {"account_id": f"acc_{i % 1000}", "limit": 50}),
@@ -167,6 +188,7 @@ async def _queries(http_url: str, seconds: float, rows: int) -> dict[str, Any]:
             "/api/v1/crm/activities",
             {"owner_id": f"usr-{format(i % 500, 'x').rjust(8, '0')}-0000-4000-8000-000000000000", "limit": 50},
         ),
+        "list_deep_pages": lambda i: ("/api/v1/crm/activities", {"limit": 50, "cursor": cursors[i % len(cursors)]}),
     }
     for name, make in cases.items():
         stats = Stats()
