@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +18,7 @@ from psycopg.conninfo import conninfo_to_dict
 from bench.http_client import KeepAliveClient
 from bench.load import Stats
 from bench.nats_client import LeanNatsClient
+from projections.queries import CursorCodec, Keyset, ListQuery, derive_cursor_key
 from projections.read_model import read_model_datastore, rebuild
 from services.application import ActivitiesApplication, CommandRequest, CommandService, application_env
 from services.auth import mint_token
@@ -160,12 +163,6 @@ def seed_read_model(database_url: str, rows: int) -> None:
 def deep_cursors(rows: int, count: int = 1000) -> list[str]:
     """Cursors of the default list (-activity_date, no filter) at random depths of the seeded tenant,
     signed as the service signs them: following `next_cursor` that far would take too long."""
-    import random
-    from datetime import UTC, datetime, timedelta
-
-    from projections.queries import CursorCodec, Keyset, ListQuery, derive_cursor_key
-    from services.domain import Caller
-
     codec = CursorCodec(derive_cursor_key(_secret()))
     caller = Caller("bench", "usr-bench")
     start = datetime(2020, 1, 1, tzinfo=UTC)

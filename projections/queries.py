@@ -449,7 +449,9 @@ def build_list_sql(
     where += filters
     params += filter_params
     rows = query.limit + 1
-    ranges = [([condition], values) for condition, values in _after(query.sort, after)] if after else [([], [])]
+    ranges: list[tuple[list[sql.Composable], list[Any]]] = [([], [])]
+    if after is not None:
+        ranges = [([condition], values) for condition, values in _after(query.sort, after)]
     pages = [
         sql.SQL(
             "SELECT id, {sort} AS sort_value, document::text AS document "

@@ -146,9 +146,9 @@ def test_batch_lookups_probe_the_index_before_the_tables_are_analyzed(
     refs = [(activity_uuid(r.document["id"]), 0) for r in created[:64]]
     recorder = service.app.activities_recorder
     lookups = {
-        "events after a version": (recorder._select_after, ([r[0] for r in refs], [0] * 64)),
-        "positions": (recorder._select_positions, ([r[0] for r in refs], [1] * 64)),
-        "idempotency keys": (recorder._select_keys, (["acme"] * 64, [f"k{i}" for i in range(64)], 3600.0)),
+        "events after a version": (recorder.select_after_sql, ([r[0] for r in refs], [0] * 64)),
+        "positions": (recorder.select_positions_sql, ([r[0] for r in refs], [1] * 64)),
+        "idempotency keys": (recorder.select_keys_sql, (["acme"] * 64, [f"k{i}" for i in range(64)], 3600.0)),
     }
     with recorder.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as cursor:
         analyzed = cursor.execute(
