@@ -22,17 +22,10 @@ from faststream.specification import AsyncAPI
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from events.activity import ActivityFields, EventBody
-from events.subjects import COMMAND_NAMES, COMMAND_QUEUE, QUERY_NAMES, Subjects
-from events.wire import (
-    ActivityListReply,
-    ActivityRefBody,
-    ActivityReply,
-    ErrorReply,
-    GetActivityBody,
-    ListActivitiesBody,
-    PatchActivityBody,
-)
+from events.activity import EventBody
+from events.registry import COMMANDS, QUERIES, CommandSpec, QuerySpec
+from events.subjects import COMMAND_QUEUE, Subjects
+from events.wire import ErrorReply
 
 ASYNCAPI_PATH: Final = "/asyncapi.json"
 EVENT_KINDS: Final = {
@@ -41,30 +34,8 @@ EVENT_KINDS: Final = {
     "deleted": "ActivityDeleted: soft-deleted. `changes` is {}.",
     "restored": "ActivityRestored: restored after a delete. `changes` is {}.",
 }
-REQUESTS: Final[dict[str, type[BaseModel]]] = {
-    "create": ActivityFields,
-    "patch": PatchActivityBody,
-    "delete": ActivityRefBody,
-    "restore": ActivityRefBody,
-    "get": GetActivityBody,
-    "list": ListActivitiesBody,
-}
-REPLIES: Final[dict[str, type[BaseModel]]] = {
-    "create": ActivityReply,
-    "patch": ActivityReply,
-    "delete": ActivityReply,
-    "restore": ActivityReply,
-    "get": ActivityReply,
-    "list": ActivityListReply,
-}
-DESCRIPTIONS: Final = {
-    "create": "Log a new activity. Body: the client-settable fields of an Activity.",
-    "patch": "Apply a JSON Merge Patch to an activity; a patch that changes nothing appends nothing.",
-    "delete": "Soft-delete an activity (a no-op when already deleted).",
-    "restore": "Restore a soft-deleted activity (a no-op when live).",
-    "get": "One activity; `version` gives it as it was; `min_position` waits for the read model.",
-    "list": "A page of activities matching the filters, from the read model; follow `next_cursor`.",
-}
+OPERATIONS: Final[dict[str, CommandSpec | QuerySpec]] = {**COMMANDS, **QUERIES}
+
 
 AUTHORIZATION: Final = {"type": "string", "pattern": "^Bearer .+", "description": "Bearer <JWT>"}
 IDEMPOTENCY_KEY: Final = {"type": "string", "minLength": 1, "maxLength": 200, "description": "replay-safe key"}
@@ -108,14 +79,17 @@ def _documented(model: type[BaseModel]) -> Callable[..., Coroutine[Any, Any, Non
     return handler
 
 
+def _subject(subjects: Subjects, spec: CommandSpec | QuerySpec) -> str:
+    return subjects.command(spec.name) if isinstance(spec, CommandSpec) else subjects.query(spec.name)
+
+
 def documentation_broker(subjects: Subjects) -> NatsBroker:
     """A never-connected broker mirroring every subject the service serves and publishes."""
     broker = NatsBroker("nats://localhost:4222")
-    names = [("cmd", name) for name in COMMAND_NAMES] + [("query", name) for name in QUERY_NAMES]
-    for kind, name in names:
-        subject = subjects.command(name) if kind == "cmd" else subjects.query(name)
-        broker.subscriber(subject, queue=COMMAND_QUEUE, title=subject, description=DESCRIPTIONS[name])(
-            _documented(REQUESTS[name])
+    for spec in OPERATIONS.values():
+        subject = _subject(subjects, spec)
+        broker.subscriber(subject, queue=COMMAND_QUEUE, title=subject, description=spec.summary)(
+            _documented(spec.body)
         )
     for kind, description in EVENT_KINDS.items():
         subject = subjects.event("{tenant_id}", kind)
@@ -141,10 +115,10 @@ def _add_replies_and_headers(document: dict[str, Any], subjects: Subjects) -> No
     components = document.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
     messages = components.setdefault("messages", {})
-    schemas.update(_schemas([*set(REPLIES.values()), ErrorReply]))
-    for name in (*COMMAND_NAMES, *QUERY_NAMES):
-        subject = subjects.command(name) if name in COMMAND_NAMES else subjects.query(name)
-        reply = REPLIES[name].__name__
+    schemas.update(_schemas([*{spec.reply for spec in OPERATIONS.values()}, ErrorReply]))
+    for spec in OPERATIONS.values():
+        subject = _subject(subjects, spec)
+        reply = spec.reply.__name__
         messages[f"{subject}:Reply"] = {
             "title": f"{subject}:Reply",
             "contentType": "application/json",
@@ -154,7 +128,7 @@ def _add_replies_and_headers(document: dict[str, Any], subjects: Subjects) -> No
         }
         for message in document["channels"][subject]["messages"].values():
             target = messages[_ref_name(message)]
-            target["headers"] = COMMAND_HEADERS if name in COMMAND_NAMES else REQUEST_HEADERS
+            target["headers"] = COMMAND_HEADERS if isinstance(spec, CommandSpec) else REQUEST_HEADERS
         document["operations"][subject]["reply"] = {
             "address": {"location": "$message.header#/reply_to", "description": "the requester's inbox"},
             "messages": [{"$ref": f"#/components/messages/{subject}:Reply"}],

@@ -22,7 +22,8 @@ import psycopg
 from faststream.nats import NatsBroker
 from psycopg.conninfo import conninfo_to_dict
 
-from events.subjects import COMMAND_NAMES, Subjects
+from events.registry import COMMANDS
+from events.subjects import Subjects
 from projections.relay import Relay
 from services.application import ActivitiesApplication, CommandBatcher, CommandService, application_env
 from services.auth import TokenVerifier
@@ -130,7 +131,7 @@ class CommandsRole:
         self._purger: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        for name in COMMAND_NAMES:
+        for name in COMMANDS:
             await self._server.serve(self._broker.connection, self._subjects.command(name), name)
         await self._broker.connection.flush()
         self._purger = asyncio.get_running_loop().create_task(self._purge_forever(), name="idempotency-purge")

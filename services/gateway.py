@@ -9,33 +9,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from events.activity import valid_traceparent
-from events.commands import (
-    Command,
-    command_fingerprint,
-    parse_create,
-    parse_delete,
-    parse_json_object,
-    parse_patch,
-    parse_restore,
-)
+from events.commands import Command, command_fingerprint, parse_json_object
 from events.errors import ActivitiesError, field_error
+from events.registry import COMMANDS
 from services.application import CommandBatcher, CommandRequest, CommandResult, internal_error
 from services.auth import TokenVerifier
 from services.metrics import Metrics
 from services.tracing import command_span
 
 log = logging.getLogger("activities.gateway")
-
-PARSERS: dict[str, Callable[[dict[str, Any]], Command]] = {
-    "create": parse_create,
-    "patch": parse_patch,
-    "delete": parse_delete,
-    "restore": parse_restore,
-}
 
 
 def check_idempotency_key(key: str | None) -> str | None:
@@ -63,14 +48,15 @@ class CommandGateway:
         idempotency_key: str | None = None,
         traceparent: str | None = None,
     ) -> tuple[int, dict[str, Any]]:
-        """(HTTP-style status, envelope) of one command."""
+        """(HTTP-style status, envelope) of one command (`name` is a key of the registry's COMMANDS)."""
+        spec = COMMANDS[name]
         started = time.perf_counter()
         with command_span(name, valid_traceparent(traceparent)) as trace_context:
             try:
                 caller = self._verifier.verify(authorization)
                 key = check_idempotency_key(idempotency_key)
                 data = parse_json_object(body)
-                command: Command = PARSERS[name](data)
+                command: Command = spec.parse(data)
                 fingerprint = command_fingerprint(name, data) if key else ""
                 request = CommandRequest(command, caller, key, fingerprint, trace_context)
                 outcome = await self._batcher.submit(request)
@@ -80,7 +66,7 @@ class CommandGateway:
                 outcome = internal_error(f"command {name} failed")
         if isinstance(outcome, CommandResult):
             self._metrics.command_done(name, "ok", started)
-            return (201 if name == "create" else 200), outcome.envelope()
+            return spec.http.status, outcome.envelope()
         self._metrics.command_done(name, outcome.code, started)
         return outcome.http_status, outcome.to_envelope()
 

@@ -21,17 +21,16 @@ from typing import TYPE_CHECKING, Annotated, Any, Final
 
 import orjson
 import uvicorn
-from fastapi import FastAPI, Header, Path, Request, Response
+from fastapi import FastAPI, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from events.activity import ActivityFields
 from events.commands import parse_json_object
 from events.errors import ActivitiesError, NotFound, ValidationError, field_error
-from events.subjects import QUERY_NAMES
+from events.registry import COMMANDS, QUERIES, CommandSpec, HttpRoute
 from events.wire import ActivityListReply, ActivityReply, ErrorReply, EventHistoryReply
 from projections.queries import CursorCodec, derive_cursor_key, params_from_pairs
 from projections.read_model import prepare_read_model
@@ -51,21 +50,23 @@ log = logging.getLogger("activities.http")
 BASE = "/api/v1/crm/activities"
 _IF_MATCH = re.compile(r'^\s*(?:W/)?"?([0-9]{1,18})"?\s*$')
 
-Authorization = Annotated[str | None, Header(description="Bearer <JWT>")]
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", description="1-200 printable characters")]
-IfMatch = Annotated[str | None, Header(alias="If-Match", description='"<version>": fail with 412 unless current')]
-ActivityId = Annotated[str, Path(description="act_ followed by a 26-character ULID")]
+SCHEMA_REF: Final = "#/components/schemas/{model}"
+ActivityId = Annotated[str, Path(alias="id", description="act_ followed by a 26-character ULID")]
 
-ACTIVITY_BODY = {
-    "requestBody": {"content": {"application/json": {"schema": ActivityFields.model_json_schema()}}, "required": True}
+BEARER_AUTH: Final = {"type": "http", "scheme": "bearer", "bearerFormat": "JWT", "description": "Bearer <JWT>"}
+IDEMPOTENCY_KEY_PARAMETER: Final = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "1-200 printable characters; a repeat within 24 hours gets the original reply",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 200},
 }
-PATCH_BODY = {
-    "requestBody": {
-        "content": {
-            "application/merge-patch+json": {"schema": {"type": "object", "description": "RFC 7396 merge patch"}}
-        },
-        "required": True,
-    }
+IF_MATCH_PARAMETER: Final = {
+    "name": "If-Match",
+    "in": "header",
+    "required": False,
+    "description": '"<version>": fail with 412 unless it is the current version',
+    "schema": {"type": "string"},
 }
 
 
@@ -82,6 +83,7 @@ ERROR_STATUSES: Final = {
     503: "`unavailable`: a backing service is down or a consistency wait timed out; retry",
 }
 ALWAYS_POSSIBLE: Final = (401, 422, 500, 503)
+OPEN: Final[dict[str, Any]] = {"security": []}  # operations routes need no token
 
 
 def replies(status: int, success: type[BaseModel], *errors: int) -> dict[int | str, dict[str, Any]]:
@@ -196,127 +198,136 @@ def create_http_app(queries: QueryGateway, commands: CommandGateway) -> FastAPI:
         openapi_extra=LIST_PARAMETERS,
         responses=replies(200, ActivityListReply),
     )
-    async def list_activities(request: Request, authorization: Authorization = None) -> Response:
-        status_code, envelope = await queries.list(params_from_pairs(request.query_params.multi_items()), authorization)
+    async def list_activities(request: Request) -> Response:
+        params = params_from_pairs(request.query_params.multi_items())
+        status_code, envelope = await queries.list(params, request.headers.get("authorization"))
         return json_response(status_code, envelope)
 
     @app.get(
-        BASE + "/{activity_id}",
+        BASE + "/{id}",
         summary="Get one activity",
         tags=["queries"],
         openapi_extra=GET_PARAMETERS,
         responses=replies(200, ActivityReply, 404, 410),
     )
-    async def get_activity(request: Request, activity_id: ActivityId, authorization: Authorization = None) -> Response:
+    async def get_activity(request: Request, activity_id: ActivityId) -> Response:
         params = params_from_pairs(request.query_params.multi_items())
         if "id" in params:
             return error_response(field_error("id", "is taken from the path"))
         params["id"] = [activity_id]
-        status_code, envelope = await queries.get(params, authorization)
+        status_code, envelope = await queries.get(params, request.headers.get("authorization"))
         return json_response(status_code, envelope, etag_headers(status_code, envelope))
 
     @app.get(
-        BASE + "/{activity_id}/events",
+        BASE + "/{id}/events",
         summary="An activity's event history, oldest first",
         tags=["queries"],
         openapi_extra=query_string(min_position=MIN_POSITION),
         responses=replies(200, EventHistoryReply, 404),
     )
-    async def activity_events(
-        request: Request, activity_id: ActivityId, authorization: Authorization = None
-    ) -> Response:
+    async def activity_events(request: Request, activity_id: ActivityId) -> Response:
         params = params_from_pairs(request.query_params.multi_items())
         for name in params:
             if name != "min_position":
                 return error_response(field_error(name, "is not a parameter; expected only min_position"))
-        status_code, envelope = await queries.history(activity_id, params, authorization)
+        status_code, envelope = await queries.history(activity_id, params, request.headers.get("authorization"))
         return json_response(status_code, envelope)
 
-    @app.post(
-        BASE,
-        summary="Create an activity",
-        tags=["commands"],
-        status_code=201,
-        openapi_extra=ACTIVITY_BODY,
-        responses=replies(201, ActivityReply, 409),
-    )
-    async def create_activity(
-        request: Request, authorization: Authorization = None, idempotency_key: IdempotencyKey = None
-    ) -> Response:
-        status_code, envelope = await commands.handle(
-            "create", await request.body(), authorization, idempotency_key, request.headers.get("traceparent")
-        )
-        return json_response(status_code, envelope, etag_headers(status_code, envelope))
-
-    async def change(
-        name: str,
-        activity_id: str,
-        body: dict[str, Any],
-        authorization: str | None,
-        idempotency_key: str | None,
-        if_match: str | None,
-    ) -> Response:
-        try:
-            expected = parse_if_match(if_match)
-        except ActivitiesError as error:
-            return error_response(error)
-        command: dict[str, Any] = {"id": activity_id, **body}
-        if expected is not None:
-            command["expected_version"] = expected
-        status_code, envelope = await commands.handle(name, command, authorization, idempotency_key)
-        if status_code == 409 and expected is not None and envelope["error"]["code"] == "version_conflict":
-            status_code = 412
-        return json_response(status_code, envelope, etag_headers(status_code, envelope))
-
-    @app.patch(
-        BASE + "/{activity_id}",
-        summary="Apply a JSON merge patch",
-        tags=["commands"],
-        openapi_extra=PATCH_BODY,
-        responses=replies(200, ActivityReply, 404, 409, 410, 412),
-    )
-    async def patch_activity(
-        request: Request,
-        activity_id: ActivityId,
-        authorization: Authorization = None,
-        idempotency_key: IdempotencyKey = None,
-        if_match: IfMatch = None,
-    ) -> Response:
-        try:
-            changes = parse_json_object(await request.body())
-        except ActivitiesError as error:
-            return error_response(error)
-        return await change("patch", activity_id, {"changes": changes}, authorization, idempotency_key, if_match)
-
-    @app.delete(
-        BASE + "/{activity_id}",
-        summary="Soft-delete an activity",
-        tags=["commands"],
-        responses=replies(200, ActivityReply, 404, 409, 412),
-    )
-    async def delete_activity(
-        activity_id: ActivityId,
-        authorization: Authorization = None,
-        idempotency_key: IdempotencyKey = None,
-        if_match: IfMatch = None,
-    ) -> Response:
-        return await change("delete", activity_id, {}, authorization, idempotency_key, if_match)
-
-    @app.post(
-        BASE + "/{activity_id}/restore",
-        summary="Restore a soft-deleted activity",
-        tags=["commands"],
-        responses=replies(200, ActivityReply, 404, 409, 412),
-    )
-    async def restore_activity(
-        activity_id: ActivityId,
-        authorization: Authorization = None,
-        idempotency_key: IdempotencyKey = None,
-        if_match: IfMatch = None,
-    ) -> Response:
-        return await change("restore", activity_id, {}, authorization, idempotency_key, if_match)
-
+    add_command_routes(app, commands)
+    document_security_and_bodies(app)
     return app
+
+
+def command_route_documentation(spec: CommandSpec) -> dict[str, Any]:
+    """OpenAPI of a command route: its path parameters, its headers and its request body."""
+    route = spec.http
+    parameters: list[dict[str, Any]] = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in route.path_parameters
+    ]
+    parameters.append(IDEMPOTENCY_KEY_PARAMETER)
+    if route.if_match:
+        parameters.append(IF_MATCH_PARAMETER)
+    documented: dict[str, Any] = {"parameters": parameters}
+    if route.has_body:
+        schema = spec.body.model_json_schema(ref_template=SCHEMA_REF)
+        schema.pop("$defs", None)  # added to the document's components by `document_security_and_bodies`
+        if route.body_field is not None:
+            schema = schema["properties"][route.body_field]
+        documented["requestBody"] = {"content": {route.media_type: {"schema": schema}}, "required": True}
+    return documented
+
+
+async def command_body(route: HttpRoute, request: Request) -> bytes | dict[str, Any]:
+    """The command's body as the NATS subject takes it, from an HTTP request to `route`."""
+    if route.body_field is None and route.has_body and not route.path_parameters and not route.if_match:
+        return await request.body()  # parsed once, by the gateway
+    body: dict[str, Any] = {}
+    if route.has_body:
+        data = parse_json_object(await request.body())
+        body = {route.body_field: data} if route.body_field else dict(data)
+    body.update(request.path_params)
+    if route.if_match:
+        expected = parse_if_match(request.headers.get("if-match"))
+        if expected is not None:
+            body["expected_version"] = expected
+    return body
+
+
+def document_security_and_bodies(app: FastAPI) -> None:
+    """Complete the generated OpenAPI document: bearer auth on every route (so /docs has an
+    Authorize button) and the models the command bodies refer to."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = generate()
+        components = document.setdefault("components", {})
+        components.setdefault("securitySchemes", {})["bearerAuth"] = BEARER_AUTH
+        document["security"] = [{"bearerAuth": []}]
+        schemas = components.setdefault("schemas", {})
+        for spec in COMMANDS.values():
+            schemas.update(spec.body.model_json_schema(ref_template=SCHEMA_REF).get("$defs", {}))
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def add_command_routes(app: FastAPI, commands: CommandGateway) -> None:
+    """One HTTP route per command of the registry, each calling the same gateway as its NATS subject."""
+    for spec in COMMANDS.values():
+        _add_command_route(app, spec, commands)
+
+
+def _add_command_route(app: FastAPI, spec: CommandSpec, commands: CommandGateway) -> None:
+    route = spec.http
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            body = await command_body(route, request)
+        except ActivitiesError as error:
+            return error_response(error)
+        headers = request.headers
+        status_code, envelope = await commands.handle(
+            spec.name, body, headers.get("authorization"), headers.get("idempotency-key"), headers.get("traceparent")
+        )
+        conditional = isinstance(body, dict) and "expected_version" in body and route.if_match
+        if status_code == 409 and conditional and envelope["error"]["code"] == "version_conflict":
+            status_code = 412  # If-Match failed: HTTP's precondition status
+        return json_response(status_code, envelope, etag_headers(status_code, envelope))
+
+    endpoint.__name__ = f"{spec.name}_activity"
+    app.add_api_route(
+        BASE + route.path,
+        endpoint,
+        methods=[route.method],
+        summary=spec.summary,
+        tags=["commands"],
+        status_code=route.status,
+        openapi_extra=command_route_documentation(spec),
+        responses=replies(route.status, spec.reply, *route.errors),
+    )
 
 
 class MeasureRequests:
@@ -360,11 +371,13 @@ def add_operations_routes(app: FastAPI, operations: Operations) -> None:
     async def prometheus_metrics() -> Response:
         return Response(await operations.scrape(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/healthz", tags=["operations"], summary="The process is alive")
+    @app.get("/healthz", tags=["operations"], summary="The process is alive", openapi_extra=OPEN)
     async def healthz() -> Response:
         return json_response(200, {"status": "ok"})
 
-    @app.get("/readyz", tags=["operations"], summary="Ready to serve: database, NATS and projection lag")
+    @app.get(
+        "/readyz", tags=["operations"], summary="Ready to serve: database, NATS and projection lag", openapi_extra=OPEN
+    )
     async def readyz() -> Response:
         ready, checks = await operations.readiness()
         return json_response(200 if ready else 503, {"status": "ready" if ready else "not ready", "checks": checks})
@@ -424,7 +437,7 @@ class HttpRole:
         await self.queries.read_model.open()
         assert self.runtime.broker is not None
         connection = self.runtime.broker.connection
-        for name in QUERY_NAMES:
+        for name in QUERIES:
             await self._nats_queries.serve(connection, self.runtime.subjects.query(name), name)
         await connection.flush()
         config = uvicorn.Config(

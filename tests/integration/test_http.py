@@ -42,7 +42,7 @@ async def test_http_url_is_the_bound_port(runtime: Runtime) -> None:
 
 async def test_openapi_and_docs(http: httpx.AsyncClient) -> None:
     spec = (await http.get("/openapi.json")).json()
-    assert {BASE, BASE + "/{activity_id}", BASE + "/{activity_id}/events", BASE + "/{activity_id}/restore"} <= set(
+    assert {BASE, BASE + "/{id}", BASE + "/{id}/events", BASE + "/{id}/restore"} <= set(
         spec["paths"]
     )
     assert (await http.get("/docs")).status_code == 200
@@ -55,12 +55,12 @@ async def test_openapi_documents_the_contracts_replies(http: httpx.AsyncClient) 
     assert "HTTPValidationError" not in spec["components"]["schemas"]
     expected_success = {
         ("get", BASE): "ActivityListReply",
-        ("get", BASE + "/{activity_id}"): "ActivityReply",
-        ("get", BASE + "/{activity_id}/events"): "EventHistoryReply",
+        ("get", BASE + "/{id}"): "ActivityReply",
+        ("get", BASE + "/{id}/events"): "EventHistoryReply",
         ("post", BASE): "ActivityReply",
-        ("patch", BASE + "/{activity_id}"): "ActivityReply",
-        ("delete", BASE + "/{activity_id}"): "ActivityReply",
-        ("post", BASE + "/{activity_id}/restore"): "ActivityReply",
+        ("patch", BASE + "/{id}"): "ActivityReply",
+        ("delete", BASE + "/{id}"): "ActivityReply",
+        ("post", BASE + "/{id}/restore"): "ActivityReply",
     }
     for (method, path), success in expected_success.items():
         responses = spec["paths"][path][method]["responses"]
@@ -69,7 +69,7 @@ async def test_openapi_documents_the_contracts_replies(http: httpx.AsyncClient) 
         assert schemas.pop("201" if (method, path) == ("post", BASE) else "200") == success, (method, path)
         assert {"401", "422", "500", "503"} <= set(schemas), (method, path, schemas)
         assert set(schemas.values()) == {"ErrorReply"}, (method, path, schemas)
-    patch_errors = set(spec["paths"][BASE + "/{activity_id}"]["patch"]["responses"]) - {"200"}
+    patch_errors = set(spec["paths"][BASE + "/{id}"]["patch"]["responses"]) - {"200"}
     assert patch_errors == {"401", "404", "409", "410", "412", "422", "500", "503"}
     error = spec["components"]["schemas"]["ErrorBody"]
     assert set(error["properties"]) == {"code", "message", "details", "current_version"}
