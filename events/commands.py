@@ -113,10 +113,13 @@ def check_storable(data: dict[str, Any]) -> None:
         stack.extend((child, depth + 1, child_path) for child, child_path in children)
 
 
-def reject_server_and_unknown_fields(data: dict[str, Any], prefix: str = "") -> None:
+def reject_server_and_unknown_fields(data: dict[str, Any]) -> None:
+    """A validation error naming the first field that is the server's or no field of an Activity."""
     for name in data:
         if name in SERVER_FIELDS:
-            raise field_error(prefix + name, "is set by the server and cannot be sent")
+            raise field_error(name, "is set by the server and cannot be sent")
+        if name not in ActivityFields.model_fields:
+            raise field_error(name, "is not a field of an Activity")
 
 
 def validate_fields(data: dict[str, Any]) -> ActivityFields:
@@ -166,9 +169,6 @@ def parse_patch(body: bytes | str | dict[str, Any]) -> PatchActivity:
     if not isinstance(changes, dict):
         raise field_error("changes", "must be a JSON object (a merge patch of activity fields)")
     reject_server_and_unknown_fields(changes)
-    for name in changes:
-        if name not in ActivityFields.model_fields:
-            raise field_error(name, "is not a field of an Activity")
     return PatchActivity(_activity_id(data), changes, _expected_version(data))
 
 

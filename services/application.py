@@ -641,7 +641,7 @@ def _split_repeated_keys(requests: Sequence[CommandRequest]) -> tuple[list[int],
 def internal_error(what: str) -> InternalError:
     """Log the current exception with a fresh correlation id and return the error to reply with."""
     correlation = correlation_id()
-    if correlation is None:  # outside a request (a batch in the store's thread): a fresh one
+    if correlation is None:  # outside a request (a batch, run by the batcher's own task): a fresh one
         correlation = uuid4().hex
         log.exception(what, extra={"correlation_id": correlation})
     else:

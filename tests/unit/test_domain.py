@@ -17,7 +17,7 @@ from events.activity import (
     is_activity_id,
     new_activity_id,
 )
-from events.commands import parse_create, parse_delete, parse_patch, parse_restore
+from events.commands import parse_create, parse_delete, parse_patch, parse_restore, reject_server_and_unknown_fields
 from events.errors import Gone, NotFound, ValidationError, VersionConflict
 from services.domain import Activity, Caller, Decision, decide, merge_patch
 
@@ -393,3 +393,11 @@ def test_a_detached_copy_takes_a_decision_without_touching_the_original() -> Non
     copy.record(decision, LATER)
     assert copy.version == 2 and copy.document["subject"] == "after" and len(copy.collect_events()) == 1
     assert original.version == 1 and original.document == before and original.collect_events() == []
+
+
+def test_unknown_and_server_fields_are_refused_by_name() -> None:
+    for body, field in (({"subject": "x", "colour": "red"}, "colour"), ({"version": 3}, "version")):
+        with pytest.raises(ValidationError) as raised:
+            reject_server_and_unknown_fields(body)
+        assert raised.value.details[0]["field"] == field
+    reject_server_and_unknown_fields({"subject": "x", "tags": []})  # client fields pass
