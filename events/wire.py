@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from events.activity import ActivityDocument, EventBody
+from events.filters import DEFAULT_LIMIT, DEFAULT_SORT, LIST_FILTERS, MAX_LIMIT, PAGE_PARAMETERS, ListFilter
 
 ErrorCode = Literal[
     "validation_error",
@@ -56,26 +57,28 @@ class GetActivityBody(BaseModel):
     min_position: int | None = Field(default=None, ge=0)
 
 
-class ListActivitiesBody(BaseModel):
-    """`crm.activities.query.list`: the list parameters of CONTRACT.md section 5 as a JSON object."""
+def _list_field(spec: ListFilter) -> tuple[Any, Any]:
+    """The type and default of a list filter in the NATS body."""
+    if spec.repeatable:
+        item: Any = Literal[spec.choices] if spec.choices else str
+        return list[item] | None, Field(default=None, description=spec.description)
+    return str | None, Field(default=None, description=spec.description)
 
-    model_config = ConfigDict(extra="forbid")
 
-    account_id: str | None = None
-    deal_id: str | None = None
-    contact_id: str | None = None
-    owner_id: str | None = None
-    type: list[Literal["call", "email", "meeting", "note", "task"]] | None = None
-    status: str | None = None
-    tag: list[str] | None = None
-    activity_date_from: str | None = Field(default=None, description="RFC 3339 date-time, inclusive")
-    activity_date_to: str | None = Field(default=None, description="RFC 3339 date-time, inclusive")
-    updated_since: str | None = Field(default=None, description="RFC 3339 date-time, inclusive")
-    include_deleted: bool = False
-    sort: str = Field(default="-activity_date", description="activity_date|created_at|updated_at|due_date, - for desc")
-    limit: int = Field(default=50, ge=1, le=200)
-    cursor: str | None = None
-    min_position: int | None = Field(default=None, ge=0)
+_LIST_FIELDS: dict[str, Any] = {
+    **{spec.name: _list_field(spec) for spec in LIST_FILTERS},
+    "include_deleted": (bool, Field(default=False, description=PAGE_PARAMETERS["include_deleted"])),
+    "sort": (str, Field(default=DEFAULT_SORT, description=PAGE_PARAMETERS["sort"])),
+    "limit": (int, Field(default=DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description=PAGE_PARAMETERS["limit"])),
+    "cursor": (str | None, Field(default=None, description=PAGE_PARAMETERS["cursor"])),
+    "min_position": (int | None, Field(default=None, ge=0, description=PAGE_PARAMETERS["min_position"])),
+}
+ListActivitiesBody = create_model(
+    "ListActivitiesBody",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="`crm.activities.query.list`: the list parameters of CONTRACT.md section 5 as a JSON object.",
+    **_LIST_FIELDS,
+)
 
 
 class Meta(BaseModel):

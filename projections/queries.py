@@ -13,46 +13,32 @@ import binascii
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final, get_args
+from typing import Any, Final
 
 import orjson
 from psycopg import sql
 
-from events.activity import ActivityKind, format_datetime, is_activity_id, parse_datetime
+from events.activity import format_datetime, is_activity_id, parse_datetime
 from events.errors import field_error
+from events.filters import (
+    DEFAULT_LIMIT,
+    DEFAULT_SORT,
+    LIST_FILTERS,
+    LIST_PARAMETERS,
+    MAX_LIMIT,
+    SORT_FIELDS,
+    ListFilter,
+)
 from services.domain import Caller
 
 READ_MODEL_TABLE: Final = "activities"
 TRACKING_TABLE: Final = "activities_projection_tracking"
 
-SORT_FIELDS: Final = ("activity_date", "created_at", "updated_at", "due_date")
 NOT_NULL_SORT_FIELDS: Final = frozenset({"created_at", "updated_at"})
-DEFAULT_SORT: Final = "-activity_date"
-DEFAULT_LIMIT: Final = 50
-MAX_LIMIT: Final = 200
-
-SINGLE_PARAMS: Final = (
-    "account_id",
-    "deal_id",
-    "contact_id",
-    "owner_id",
-    "status",
-    "activity_date_from",
-    "activity_date_to",
-    "updated_since",
-    "include_deleted",
-    "sort",
-    "limit",
-    "cursor",
-    "min_position",
-)
-REPEATABLE_PARAMS: Final = ("type", "tag")
-LIST_PARAMS: Final = frozenset(SINGLE_PARAMS + REPEATABLE_PARAMS)
 GET_PARAMS: Final = frozenset({"id", "include_deleted", "version", "min_position"})
-ACTIVITY_KINDS: Final = frozenset(get_args(ActivityKind))
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -79,18 +65,10 @@ class Sort:
 
 @dataclass(frozen=True)
 class ListQuery:
-    """The list parameters of CONTRACT.md section 5, validated."""
+    """The list parameters of CONTRACT.md section 5, validated: the filters given (by wire name,
+    see events/filters.py; repeatable ones as tuples, date-times as datetimes) and the page."""
 
-    account_id: str | None = None
-    deal_id: str | None = None
-    contact_id: str | None = None
-    owner_id: str | None = None
-    types: tuple[str, ...] = ()
-    status: str | None = None
-    tags: tuple[str, ...] = ()
-    activity_date_from: datetime | None = None
-    activity_date_to: datetime | None = None
-    updated_since: datetime | None = None
+    filters: Mapping[str, Any] = field(default_factory=dict)
     include_deleted: bool = False
     sort: Sort = Sort()
     limit: int = DEFAULT_LIMIT
@@ -99,24 +77,19 @@ class ListQuery:
 
     def binding(self) -> dict[str, Any]:
         """What a cursor is bound to: the filters and the sort (not the limit, which may change)."""
-
-        def stamp(value: datetime | None) -> str | None:
-            return None if value is None else format_datetime(value)
-
         return {
-            "account_id": self.account_id,
-            "deal_id": self.deal_id,
-            "contact_id": self.contact_id,
-            "owner_id": self.owner_id,
-            "types": sorted(set(self.types)),
-            "status": self.status,
-            "tags": sorted(set(self.tags)),
-            "activity_date_from": stamp(self.activity_date_from),
-            "activity_date_to": stamp(self.activity_date_to),
-            "updated_since": stamp(self.updated_since),
+            "filters": {name: _canonical(value) for name, value in sorted(self.filters.items())},
             "include_deleted": self.include_deleted,
             "sort": self.sort.wire,
         }
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return format_datetime(value)
+    if isinstance(value, tuple):
+        return sorted(set(value))
+    return value
 
 
 @dataclass(frozen=True)
@@ -247,24 +220,25 @@ def _strings(params: Params, name: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(values))
 
 
+def parse_filter(spec: ListFilter, params: Params) -> Any:
+    """A filter's value from the parameters (None when not given), checked by its kind."""
+    if spec.kind == "text":
+        return _text(params, spec.name)
+    if spec.kind == "datetime":
+        return _datetime(params, spec.name)
+    values = _strings(params, spec.name)
+    for value in values:
+        if spec.choices and value not in spec.choices:
+            raise field_error(spec.name, f"must be one of {sorted(spec.choices)}")
+    return values or None
+
+
 def parse_list_query(params: Params) -> ListQuery:
     """Validated list parameters; an unknown, repeated or malformed parameter is a validation_error."""
-    _check_names(params, LIST_PARAMS)
-    types = _strings(params, "type")
-    for kind in types:
-        if kind not in ACTIVITY_KINDS:
-            raise field_error("type", f"must be one of {sorted(ACTIVITY_KINDS)}")
+    _check_names(params, LIST_PARAMETERS)
+    filters = {spec.name: parse_filter(spec, params) for spec in LIST_FILTERS}
     return ListQuery(
-        account_id=_text(params, "account_id"),
-        deal_id=_text(params, "deal_id"),
-        contact_id=_text(params, "contact_id"),
-        owner_id=_text(params, "owner_id"),
-        types=types,
-        status=_text(params, "status"),
-        tags=_strings(params, "tag"),
-        activity_date_from=_datetime(params, "activity_date_from"),
-        activity_date_to=_datetime(params, "activity_date_to"),
-        updated_since=_datetime(params, "updated_since"),
+        filters={name: value for name, value in filters.items() if value is not None},
         include_deleted=parse_bool("include_deleted", _single(params, "include_deleted")),
         sort=parse_sort(_single(params, "sort")),
         limit=_optional_int(params, "limit", 1, MAX_LIMIT) or DEFAULT_LIMIT,
@@ -402,33 +376,43 @@ def _after(sort: Sort, keyset: Keyset) -> list[tuple[sql.Composable, list[Any]]]
     return [after_value, (sql.SQL("({} IS NULL)").format(column), [])]
 
 
+FilterSql = Callable[[Any], tuple[sql.Composable, list[Any]]]
+
+
+def _equals(column: str) -> FilterSql:
+    return lambda value: (sql.SQL("{} = %s").format(sql.Identifier(column)), [value])
+
+
+def _compare(column: str, operator: str) -> FilterSql:
+    return lambda value: (sql.SQL("{} {} %s").format(sql.Identifier(column), sql.SQL(operator)), [value])
+
+
+FILTER_SQL: Final[dict[str, FilterSql]] = {
+    "account_id": _equals("account_id"),
+    "deal_id": _equals("deal_id"),
+    "contact_id": lambda value: (sql.SQL("(contact_id = %s OR contact_ids @> ARRAY[%s]::text[])"), [value, value]),
+    "owner_id": _equals("owner_id"),
+    "type": lambda values: (sql.SQL("type = ANY(%s::text[])"), [list(values)]),
+    "status": _equals("status"),
+    "tag": lambda values: (sql.SQL("tags @> %s::text[]"), [list(values)]),
+    "activity_date_from": _compare("activity_date", ">="),
+    "activity_date_to": _compare("activity_date", "<="),
+    "updated_since": _compare("updated_at", ">="),
+}
+"""The WHERE term of each filter of events/filters.py (each served by an index of schema.sql);
+tests/unit/test_queries.py checks that every filter has one."""
+
+
 def list_filters(query: ListQuery) -> tuple[list[sql.Composable], list[Any]]:
     """The WHERE terms of the list filters (without scope and keyset)."""
     where: list[sql.Composable] = []
     params: list[Any] = []
-    for name in ("account_id", "deal_id", "owner_id", "status"):
-        value = getattr(query, name)
+    for spec in LIST_FILTERS:
+        value = query.filters.get(spec.name)
         if value is not None:
-            where.append(sql.SQL("{} = %s").format(sql.Identifier(name)))
-            params.append(value)
-    if query.contact_id is not None:
-        where.append(sql.SQL("(contact_id = %s OR contact_ids @> ARRAY[%s]::text[])"))
-        params += [query.contact_id, query.contact_id]
-    if query.types:
-        where.append(sql.SQL("type = ANY(%s::text[])"))
-        params.append(list(query.types))
-    if query.tags:
-        where.append(sql.SQL("tags @> %s::text[]"))
-        params.append(list(query.tags))
-    if query.activity_date_from is not None:
-        where.append(sql.SQL("activity_date >= %s"))
-        params.append(query.activity_date_from)
-    if query.activity_date_to is not None:
-        where.append(sql.SQL("activity_date <= %s"))
-        params.append(query.activity_date_to)
-    if query.updated_since is not None:
-        where.append(sql.SQL("updated_at >= %s"))
-        params.append(query.updated_since)
+            condition, values = FILTER_SQL[spec.name](value)
+            where.append(condition)
+            params += values
     if not query.include_deleted:
         where.append(sql.SQL("NOT is_deleted"))
     return where, params

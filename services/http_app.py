@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from events.commands import parse_json_object
 from events.errors import ActivitiesError, NotFound, ValidationError, field_error
+from events.filters import LIST_FILTERS, PAGE_PARAMETERS
 from events.registry import COMMANDS, QUERIES, CommandSpec, HttpRoute
 from events.wire import ActivityListReply, ActivityReply, ErrorReply, EventHistoryReply
 from projections.queries import CursorCodec, derive_cursor_key, params_from_pairs
@@ -114,24 +115,11 @@ def query_string(repeatable: frozenset[str] = frozenset(), **descriptions: str) 
     }
 
 
-MIN_POSITION = "wait until the read model has this position (read your writes)"
-LIST_PARAMETERS = query_string(
-    frozenset({"type", "tag"}),
-    account_id="only this account's activities",
-    deal_id="only this deal's activities",
-    contact_id="matches contact_id or an element of contact_ids",
-    owner_id="only this owner's activities",
-    type="call, email, meeting, note or task; repeatable (any of them)",
-    status="only activities with this status",
-    tag="repeatable; all must match",
-    activity_date_from="inclusive lower bound of activity_date (RFC 3339)",
-    activity_date_to="inclusive upper bound of activity_date (RFC 3339)",
-    updated_since="only activities updated at or after this time (RFC 3339)",
-    include_deleted="true to include deleted activities",
-    sort="activity_date, created_at, updated_at, due_date; - for descending (default -activity_date)",
-    limit="1-200, default 50",
-    cursor="next_cursor of the previous page",
-    min_position=MIN_POSITION,
+MIN_POSITION: Final = PAGE_PARAMETERS["min_position"]
+LIST_QUERY_STRING: Final = query_string(
+    frozenset(spec.name for spec in LIST_FILTERS if spec.repeatable),
+    **{spec.name: spec.description for spec in LIST_FILTERS},
+    **PAGE_PARAMETERS,
 )
 GET_PARAMETERS = query_string(
     version="the activity as it was at this version",
@@ -195,7 +183,7 @@ def create_http_app(queries: QueryGateway, commands: CommandGateway) -> FastAPI:
         BASE,
         summary="List activities",
         tags=["queries"],
-        openapi_extra=LIST_PARAMETERS,
+        openapi_extra=LIST_QUERY_STRING,
         responses=replies(200, ActivityListReply),
     )
     async def list_activities(request: Request) -> Response:

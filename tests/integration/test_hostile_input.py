@@ -42,7 +42,7 @@ from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
 
 from events.activity import MAX_BODY_BYTES, SERVER_FIELDS, ActivityFields
-from projections.queries import LIST_PARAMS
+from events.filters import LIST_PARAMETERS as LIST_PARAMS
 from services.bootstrap import Runtime
 from services.config import Settings
 from tests.conftest import JWT_SECRET

@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 
 from events.errors import ValidationError
+from events.filters import LIST_FILTERS
 from projections.queries import (
+    FILTER_SQL,
     CursorCodec,
     Keyset,
     ListQuery,
@@ -74,8 +76,8 @@ def test_list_parses_every_parameter_from_a_query_string() -> None:
             ]
         )
     )
-    assert query.types == ("call", "email") and query.tags == ("a", "b")
-    assert query.activity_date_from == datetime(2025, 12, 31, 23, 0, tzinfo=UTC)
+    assert query.filters["type"] == ("call", "email") and query.filters["tag"] == ("a", "b")
+    assert query.filters["activity_date_from"] == datetime(2025, 12, 31, 23, 0, tzinfo=UTC)
     assert query.include_deleted is True and query.sort == Sort("due_date", False)
     assert (query.limit, query.cursor, query.min_position) == (200, "c", 7)
 
@@ -84,7 +86,7 @@ def test_list_from_json_takes_lists_and_natives() -> None:
     query = parse_list_query(
         params_from_json({"type": ["call"], "tag": "a", "limit": 3, "include_deleted": True, "cursor": None})
     )
-    assert (query.types, query.tags, query.limit, query.include_deleted, query.cursor) == (
+    assert (query.filters["type"], query.filters["tag"], query.limit, query.include_deleted, query.cursor) == (
         ("call",),
         ("a",),
         3,
@@ -150,9 +152,9 @@ CODEC = CursorCodec(derive_cursor_key("secret"))
 
 
 def test_cursor_round_trip_and_limit_may_change() -> None:
-    query = ListQuery(account_id="acc_1", limit=5)
+    query = ListQuery(filters={"account_id": "acc_1"}, limit=5)
     cursor = CODEC.encode(Keyset("2026-01-01T00:00:00+00:00", ACTIVITY_ID), query, ACME)
-    assert CODEC.decode(cursor, ListQuery(account_id="acc_1", limit=50), ACME) == Keyset(
+    assert CODEC.decode(cursor, ListQuery(filters={"account_id": "acc_1"}, limit=50), ACME) == Keyset(
         "2026-01-01T00:00:00+00:00", ACTIVITY_ID
     )
     assert CODEC.decode(CODEC.encode(Keyset(None, ACTIVITY_ID), query, ACME), query, ACME).value is None
@@ -161,16 +163,16 @@ def test_cursor_round_trip_and_limit_may_change() -> None:
 @pytest.mark.parametrize(
     ("query", "caller"),
     [
-        (ListQuery(account_id="acc_1"), Caller(tenant_id="other", sub="usr-1")),
-        (ListQuery(account_id="acc_1"), ACME_APP),
-        (ListQuery(account_id="acc_2"), ACME),
-        (ListQuery(account_id="acc_1", sort=Sort("activity_date", False)), ACME),
-        (ListQuery(account_id="acc_1", include_deleted=True), ACME),
-        (ListQuery(account_id="acc_1", tags=("x",)), ACME),
+        (ListQuery(filters={"account_id": "acc_1"}), Caller(tenant_id="other", sub="usr-1")),
+        (ListQuery(filters={"account_id": "acc_1"}), ACME_APP),
+        (ListQuery(filters={"account_id": "acc_2"}), ACME),
+        (ListQuery(filters={"account_id": "acc_1"}, sort=Sort("activity_date", False)), ACME),
+        (ListQuery(filters={"account_id": "acc_1"}, include_deleted=True), ACME),
+        (ListQuery(filters={"account_id": "acc_1", "tag": ("x",)}), ACME),
     ],
 )
 def test_cursor_is_bound_to_tenant_app_filters_and_sort(query: ListQuery, caller: Caller) -> None:
-    cursor = CODEC.encode(Keyset(None, ACTIVITY_ID), ListQuery(account_id="acc_1"), ACME)
+    cursor = CODEC.encode(Keyset(None, ACTIVITY_ID), ListQuery(filters={"account_id": "acc_1"}), ACME)
     with pytest.raises(ValidationError) as error:
         CODEC.decode(cursor, query, caller)
     assert field_of(error) == "cursor"
@@ -198,7 +200,9 @@ def test_list_sql_scopes_filters_and_never_offsets() -> None:
     assert params == ["acme", 51]
 
     statement, params = build_list_sql(
-        "activities", ListQuery(include_deleted=True, contact_id="c", types=("call",), tags=("a", "b")), ACME_APP
+        "activities",
+        ListQuery(include_deleted=True, filters={"contact_id": "c", "type": ("call",), "tag": ("a", "b")}),
+        ACME_APP,
     )
     sql = text(statement)
     assert "app_id = %s" in sql and "NOT is_deleted" not in sql
@@ -248,7 +252,7 @@ def test_keyset_on_a_nullable_sort_is_two_index_ranges_merged() -> None:
     sql = text(statement)
     assert sql.startswith("SELECT * FROM ((SELECT ")
     assert '(("activity_date", id) < (%s::timestamptz, %s)) ORDER BY "activity_date" DESC NULLS LAST' in sql
-    assert ' UNION ALL (SELECT ' in sql and '("activity_date" IS NULL) ORDER BY' in sql
+    assert " UNION ALL (SELECT " in sql and '("activity_date" IS NULL) ORDER BY' in sql
     assert sql.endswith(') AS page ORDER BY "sort_value" DESC NULLS LAST, id DESC LIMIT %s')
     assert params == ["acme", "2026-01-01T00:00:00+00:00", "act_X", 3, "acme", 3, 3]
 
@@ -287,3 +291,7 @@ def test_a_batch_keeps_the_latest_version_of_each_activity() -> None:
 
     rows = latest_rows([(event("a", 1), 10), (event("b", 1), 11), (event("a", 3), 13), (event("a", 2), 12)])
     assert {(r.document["id"], r.document["version"], r.position) for r in rows} == {("a", 3, 13), ("b", 1, 11)}
+
+
+def test_every_list_filter_has_its_sql() -> None:
+    assert set(FILTER_SQL) == {spec.name for spec in LIST_FILTERS}

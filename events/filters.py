@@ -1,0 +1,66 @@
+"""The list parameters, defined once: the filters, the sorts and the page limits of a list.
+
+The query parser (projections/queries.py), the SQL of each filter (projections/queries.py,
+`FILTER_SQL`, checked to cover every filter here), the NATS body model (`ListActivitiesBody`) and
+the OpenAPI parameters of `GET /api/v1/crm/activities` all come from this table. Adding a filter
+is one entry here, its SQL, and its column or index in the read model's schema.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Literal, get_args
+
+from events.activity import ActivityKind
+
+FilterKind = Literal["text", "datetime", "any_of", "all_of"]
+"""How a filter's value is given: one string; one RFC 3339 date-time; a repeatable string that
+matches when any value matches (`choices` limits the values); a repeatable string that matches
+when every value matches."""
+
+
+@dataclass(frozen=True)
+class ListFilter:
+    """One list filter: its wire name, the kind of its value and what it matches."""
+
+    name: str
+    kind: FilterKind
+    description: str
+    choices: tuple[str, ...] = ()
+
+    @property
+    def repeatable(self) -> bool:
+        return self.kind in ("any_of", "all_of")
+
+
+ACTIVITY_KINDS: Final[tuple[str, ...]] = get_args(ActivityKind)
+
+LIST_FILTERS: Final = (
+    ListFilter("account_id", "text", "only this account's activities"),
+    ListFilter("deal_id", "text", "only this deal's activities"),
+    ListFilter("contact_id", "text", "matches contact_id or an element of contact_ids"),
+    ListFilter("owner_id", "text", "only this owner's activities"),
+    ListFilter("type", "any_of", "call, email, meeting, note or task; repeatable (any of them)", ACTIVITY_KINDS),
+    ListFilter("status", "text", "only activities with this status"),
+    ListFilter("tag", "all_of", "repeatable; all must match"),
+    ListFilter("activity_date_from", "datetime", "inclusive lower bound of activity_date (RFC 3339)"),
+    ListFilter("activity_date_to", "datetime", "inclusive upper bound of activity_date (RFC 3339)"),
+    ListFilter("updated_since", "datetime", "only activities updated at or after this time (RFC 3339)"),
+)
+FILTERS_BY_NAME: Final = {spec.name: spec for spec in LIST_FILTERS}
+
+SORT_FIELDS: Final = ("activity_date", "created_at", "updated_at", "due_date")
+DEFAULT_SORT: Final = "-activity_date"
+DEFAULT_LIMIT: Final = 50
+MAX_LIMIT: Final = 200
+
+PAGE_PARAMETERS: Final = {
+    "include_deleted": "true to include deleted activities",
+    "sort": f"{', '.join(SORT_FIELDS)}; - for descending (default {DEFAULT_SORT})",
+    "limit": f"1-{MAX_LIMIT}, default {DEFAULT_LIMIT}",
+    "cursor": "next_cursor of the previous page",
+    "min_position": "wait until the read model has this position (read your writes)",
+}
+"""The list parameters that are not filters: what to include, the order, the page."""
+
+LIST_PARAMETERS: Final = frozenset([*FILTERS_BY_NAME, *PAGE_PARAMETERS])
