@@ -28,3 +28,17 @@ def test_readme_links_the_settings_table() -> None:
 def test_readme_is_short() -> None:
     assert len(README.splitlines()) <= 250
 
+
+def test_documents_stand_alone() -> None:
+    """A clone has only the repository: no document points outside it."""
+    documents = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for path in documents:
+        if path.exists():
+            assert "../shared" not in path.read_text(), path
+    for path in sorted((ROOT / "docs").glob("*.md")):
+        for target in re.findall(r"\]\(([^)#]+)\)", path.read_text()):
+            if not target.startswith(("http://", "https://")):
+                assert (path.parent / target).exists(), f"{path.name} links to missing {target}"
+    for target in re.findall(r"\]\(([^)#]+)\)", README):
+        if not target.startswith(("http://", "https://")):
+            assert (ROOT / target).exists(), f"README.md links to missing {target}"
