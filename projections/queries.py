@@ -21,8 +21,8 @@ from typing import Any, Final, get_args
 import orjson
 from psycopg import sql
 
-from events.activity import ActivityKind, format_datetime, is_activity_id, parse_datetime
-from events.errors import field_error
+from activities_client.document import ActivityKind, format_datetime, is_activity_id, parse_datetime
+from activities_client.errors import field_error
 from services.domain import Caller
 
 READ_MODEL_TABLE: Final = "activities"

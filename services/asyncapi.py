@@ -22,9 +22,9 @@ from faststream.specification import AsyncAPI
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from events.activity import ActivityFields, EventBody
-from events.subjects import COMMAND_NAMES, COMMAND_QUEUE, QUERY_NAMES, Subjects
-from events.wire import (
+from activities_client.document import ActivityFields, EventBody
+from activities_client.subjects import COMMAND_NAMES, COMMAND_QUEUE, QUERY_NAMES, Subjects
+from activities_client.wire import (
     ActivityListReply,
     ActivityRefBody,
     ActivityReply,

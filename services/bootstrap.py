@@ -22,7 +22,7 @@ import psycopg
 from faststream.nats import NatsBroker
 from psycopg.conninfo import conninfo_to_dict
 
-from events.subjects import COMMAND_NAMES, Subjects
+from activities_client.subjects import COMMAND_NAMES, Subjects
 from projections.relay import Relay
 from services.application import ActivitiesApplication, CommandBatcher, CommandService, application_env
 from services.auth import TokenVerifier

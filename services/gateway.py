@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from activities_client.errors import ActivitiesError, field_error
 from events.activity import valid_traceparent
 from events.commands import (
     Command,
@@ -22,7 +23,6 @@ from events.commands import (
     parse_patch,
     parse_restore,
 )
-from events.errors import ActivitiesError, field_error
 from services.application import CommandBatcher, CommandRequest, CommandResult, internal_error
 from services.auth import TokenVerifier
 from services.metrics import Metrics

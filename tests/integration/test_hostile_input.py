@@ -41,7 +41,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
 
-from events.activity import MAX_BODY_BYTES, SERVER_FIELDS, ActivityFields
+from activities_client.document import MAX_BODY_BYTES, SERVER_FIELDS, ActivityFields
 from projections.queries import LIST_PARAMS
 from services.bootstrap import Runtime
 from services.config import Settings

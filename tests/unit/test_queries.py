@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from events.errors import ValidationError
+from activities_client.errors import ValidationError
 from projections.queries import (
     CursorCodec,
     Keyset,
