@@ -18,9 +18,10 @@ from faststream import FastStream
 from faststream.nats import NatsBroker, NatsMessage
 from psycopg.conninfo import conninfo_to_dict
 
-from events.activity import activity_uuid, new_activity_id
+from activities_client.document import new_activity_id
+from activities_client.errors import ActivitiesError
+from events.activity import activity_uuid
 from events.commands import parse_create
-from events.errors import ActivitiesError
 from services.application import ActivitiesApplication, application_env
 from services.domain import Activity, Caller, decide
 

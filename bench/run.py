@@ -170,7 +170,8 @@ def sample_state() -> bytes:
     """The stored state of one create of `create_body`, made and encoded as the service does it."""
     from eventsourcing.persistence import Mapper
 
-    from events.activity import activity_uuid, new_activity_id
+    from activities_client.document import new_activity_id
+    from events.activity import activity_uuid
     from events.commands import parse_create
     from services.application import event_transcoder
     from services.domain import Activity, Caller, decide

@@ -12,8 +12,14 @@ from typing import Any
 import orjson
 import pydantic
 
-from events.activity import MAX_BODY_BYTES, MAX_CUSTOM_FIELDS_DEPTH, SERVER_FIELDS, ActivityFields, is_activity_id
-from events.errors import ValidationError, field_error
+from activities_client.document import (
+    MAX_BODY_BYTES,
+    MAX_CUSTOM_FIELDS_DEPTH,
+    SERVER_FIELDS,
+    ActivityFields,
+    is_activity_id,
+)
+from activities_client.errors import ValidationError, field_error
 
 
 @dataclass(frozen=True)

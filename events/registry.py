@@ -14,9 +14,8 @@ from typing import Any, Final, TypeVar
 
 from pydantic import BaseModel
 
-from events.activity import ActivityFields
-from events.commands import Command, parse_create, parse_delete, parse_patch, parse_restore
-from events.wire import (
+from activities_client.document import ActivityFields
+from activities_client.wire import (
     ActivityListReply,
     ActivityRefBody,
     ActivityReply,
@@ -24,6 +23,7 @@ from events.wire import (
     ListActivitiesBody,
     PatchActivityBody,
 )
+from events.commands import Command, parse_create, parse_delete, parse_patch, parse_restore
 
 
 @dataclass(frozen=True)

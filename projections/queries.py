@@ -21,9 +21,9 @@ from typing import Any, Final
 import orjson
 from psycopg import sql
 
-from events.activity import format_datetime, is_activity_id, parse_datetime
-from events.errors import field_error
-from events.filters import (
+from activities_client.document import format_datetime, is_activity_id, parse_datetime
+from activities_client.errors import field_error
+from activities_client.filters import (
     DEFAULT_LIMIT,
     DEFAULT_SORT,
     LIST_FILTERS,
@@ -66,7 +66,7 @@ class Sort:
 @dataclass(frozen=True)
 class ListQuery:
     """The list parameters of CONTRACT.md section 5, validated: the filters given (by wire name,
-    see events/filters.py; repeatable ones as tuples, date-times as datetimes) and the page."""
+    see activities_client/filters.py; repeatable ones as tuples, date-times as datetimes) and the page."""
 
     filters: Mapping[str, Any] = field(default_factory=dict)
     include_deleted: bool = False
@@ -399,7 +399,7 @@ FILTER_SQL: Final[dict[str, FilterSql]] = {
     "activity_date_to": _compare("activity_date", "<="),
     "updated_since": _compare("updated_at", ">="),
 }
-"""The WHERE term of each filter of events/filters.py (each served by an index of schema.sql);
+"""The WHERE term of each filter of activities_client/filters.py (each served by an index of schema.sql);
 tests/unit/test_queries.py checks that every filter has one."""
 
 

@@ -50,8 +50,9 @@ from nats.js.api import PubAck, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 from psycopg.sql import SQL, Identifier
 
-from events.activity import EVENT_KINDS, ActivityEvent, event_body, event_type_name
-from events.subjects import Subjects
+from activities_client.document import EVENT_KINDS
+from activities_client.subjects import Subjects
+from events.activity import ActivityEvent, event_body, event_type_name
 from services.application import ActivitiesApplication
 from services.config import Settings
 

@@ -41,9 +41,10 @@ from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastor
 from eventsourcing.utils import Environment, retry
 from psycopg.sql import SQL, Identifier, Literal
 
-from events.activity import ActivityEvent, activity_id_of, activity_uuid, new_activity_id
+from activities_client.document import new_activity_id
+from activities_client.errors import ActivitiesError, IdempotencyConflict, InternalError, NotFound, Unavailable
+from events.activity import ActivityEvent, activity_id_of, activity_uuid
 from events.commands import Command, CreateActivity
-from events.errors import ActivitiesError, IdempotencyConflict, InternalError, NotFound, Unavailable
 from services.domain import Activity, Caller, decide
 from services.leadership import lock_key
 from services.logs import correlation_id

@@ -22,10 +22,10 @@ from faststream.specification import AsyncAPI
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from events.activity import EventBody
+from activities_client.document import EventBody
+from activities_client.subjects import COMMAND_QUEUE, Subjects
+from activities_client.wire import ErrorReply
 from events.registry import COMMANDS, QUERIES, CommandSpec, QuerySpec
-from events.subjects import COMMAND_QUEUE, Subjects
-from events.wire import ErrorReply
 
 ASYNCAPI_PATH: Final = "/asyncapi.json"
 EVENT_KINDS: Final = {

@@ -9,7 +9,7 @@ from typing import Any
 
 import jwt
 
-from events.errors import Unauthorized
+from activities_client.errors import Unauthorized
 from services.domain import Caller
 
 _SCOPE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

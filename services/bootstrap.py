@@ -22,8 +22,8 @@ import psycopg
 from faststream.nats import NatsBroker
 from psycopg.conninfo import conninfo_to_dict
 
+from activities_client.subjects import Subjects
 from events.registry import COMMANDS
-from events.subjects import Subjects
 from projections.relay import Relay
 from services.application import ActivitiesApplication, CommandBatcher, CommandService, application_env
 from services.auth import TokenVerifier

@@ -19,10 +19,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
-from events.activity import parse_datetime
+from activities_client import ActivitiesError, Activity, AsyncClient, Event, StartAt
+from activities_client.document import parse_datetime
 from services.auth import mint_token
 from services.bootstrap import DEV_SECRET_FILE
-from services.client import ActivitiesError, Activity, AsyncClient, Event, StartAt
 from services.config import Settings
 
 CLIENT_COMMANDS: Final = ("create", "get", "list", "history", "tail")

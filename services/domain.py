@@ -15,17 +15,9 @@ from uuid import UUID
 
 from eventsourcing.domain import Aggregate
 
-from events.activity import (
-    DATETIME_FIELDS,
-    SCHEMA_VERSION,
-    ActivityDeleted,
-    ActivityLogged,
-    ActivityPatched,
-    ActivityRestored,
-    client_fields,
-    format_datetime,
-    parse_datetime,
-)
+from activities_client.document import DATETIME_FIELDS, SCHEMA_VERSION, client_fields, format_datetime, parse_datetime
+from activities_client.errors import Gone, NotFound, VersionConflict
+from events.activity import ActivityDeleted, ActivityLogged, ActivityPatched, ActivityRestored
 from events.commands import (
     Command,
     CreateActivity,
@@ -34,7 +26,6 @@ from events.commands import (
     RestoreActivity,
     validate_fields,
 )
-from events.errors import Gone, NotFound, VersionConflict
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ import logging
 import time
 from typing import Any
 
+from activities_client.errors import ActivitiesError, field_error
 from events.activity import valid_traceparent
 from events.commands import Command, command_fingerprint, parse_json_object
-from events.errors import ActivitiesError, field_error
 from events.registry import COMMANDS
 from services.application import CommandBatcher, CommandRequest, CommandResult, internal_error
 from services.auth import TokenVerifier

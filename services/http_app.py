@@ -28,11 +28,11 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from activities_client.errors import ActivitiesError, NotFound, ValidationError, field_error
+from activities_client.filters import LIST_FILTERS, PAGE_PARAMETERS
+from activities_client.wire import ActivityListReply, ActivityReply, ErrorReply, EventHistoryReply
 from events.commands import parse_json_object
-from events.errors import ActivitiesError, NotFound, ValidationError, field_error
-from events.filters import LIST_FILTERS, PAGE_PARAMETERS
 from events.registry import COMMANDS, QUERIES, CommandSpec, HttpRoute
-from events.wire import ActivityListReply, ActivityReply, ErrorReply, EventHistoryReply
 from projections.queries import CursorCodec, derive_cursor_key, params_from_pairs
 from projections.read_model import prepare_read_model
 from services.asyncapi import add_asyncapi_route

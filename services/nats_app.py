@@ -16,7 +16,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from events.subjects import COMMAND_QUEUE
+from activities_client.subjects import COMMAND_QUEUE
 from services.application import internal_error
 from services.logs import start_request
 

@@ -25,8 +25,8 @@ from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from activities_client.errors import ActivitiesError, Gone, InternalError, NotFound, Unavailable, field_error
 from events.activity import activity_uuid, event_body
-from events.errors import ActivitiesError, Gone, InternalError, NotFound, Unavailable, field_error
 from projections.queries import (
     READ_MODEL_TABLE,
     TRACKING_TABLE,

@@ -11,8 +11,8 @@ import httpx
 import orjson
 from nats.aio.client import Client as NatsClient
 
-from events.activity import ActivityDocument, ActivityFields, EventBody
-from events.subjects import COMMAND_NAMES, QUERY_NAMES, Subjects
+from activities_client.document import ActivityDocument, ActivityFields, EventBody
+from activities_client.subjects import COMMAND_NAMES, QUERY_NAMES, Subjects
 from services.asyncapi import asyncapi_document
 from services.bootstrap import Runtime
 

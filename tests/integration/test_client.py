@@ -22,9 +22,7 @@ import pytest_asyncio
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from events.activity import activity_uuid
-from services.bootstrap import Runtime
-from services.client import (
+from activities_client import (
     ActivitiesError,
     Activity,
     AsyncClient,
@@ -40,6 +38,8 @@ from services.client import (
     ValidationError,
     VersionConflict,
 )
+from events.activity import activity_uuid
+from services.bootstrap import Runtime
 
 EVENTS_TABLE = "activities_events"
 

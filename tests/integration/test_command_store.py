@@ -19,9 +19,9 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import tuple_row
 
+from activities_client.errors import NotFound
 from events.activity import activity_uuid
 from events.commands import parse_create, parse_patch
-from events.errors import NotFound
 from services.application import (
     ActivitiesApplication,
     CommandRequest,

@@ -41,8 +41,8 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
 
-from events.activity import MAX_BODY_BYTES, SERVER_FIELDS, ActivityFields
-from events.filters import LIST_PARAMETERS as LIST_PARAMS
+from activities_client.document import MAX_BODY_BYTES, SERVER_FIELDS, ActivityFields
+from activities_client.filters import LIST_PARAMETERS as LIST_PARAMS
 from services.bootstrap import Runtime
 from services.config import Settings
 from tests.conftest import JWT_SECRET

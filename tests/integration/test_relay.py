@@ -21,16 +21,16 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from events.activity import CLIENT_FIELDS
+from activities_client.document import CLIENT_FIELDS
 from events.commands import DeleteActivity, PatchActivity, RestoreActivity, parse_create
 from projections.relay import Relay, RelayOptions
 from services.application import CommandRequest, CommandResult
 from services.auth import mint_token
-from tests.conftest import JWT_SECRET
 from services.bootstrap import Runtime
 from services.config import Settings
 from services.domain import Caller
 from services.embedded import EmbeddedNats, EmbeddedPostgres
+from tests.conftest import JWT_SECRET
 
 CALLER = Caller(tenant_id="acme", sub="usr-1")
 FAST = RelayOptions(ack_timeout_s=2.0, poll_interval_s=0.2, max_backoff_s=0.5, nats_reconnect_wait_s=0.2)

@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from events.errors import Unauthorized
+from activities_client.errors import Unauthorized
 from services.auth import TokenVerifier, mint_token
 
 SECRET = "unit-test-secret-long-enough-for-hs256-keys"

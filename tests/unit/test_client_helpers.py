@@ -8,15 +8,8 @@ from datetime import UTC, datetime, timedelta, timezone
 import jwt
 import pytest
 
+from activities_client.client import AsyncClient, RetryPolicy, Unauthorized, _http_params, _query_value, tenant_of
 from services.cli_client import _start, parse_value, table
-from services.client import (
-    AsyncClient,
-    RetryPolicy,
-    Unauthorized,
-    _http_params,
-    _query_value,
-    tenant_of,
-)
 
 
 def test_parse_value_reads_json_only_where_it_is_meant() -> None:

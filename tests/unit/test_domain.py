@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 
+from activities_client.document import is_activity_id, new_activity_id
+from activities_client.errors import Gone, NotFound, ValidationError, VersionConflict
 from events.activity import (
     ActivityDeleted,
     ActivityLogged,
@@ -14,11 +16,9 @@ from events.activity import (
     ActivityRestored,
     activity_id_of,
     activity_uuid,
-    is_activity_id,
-    new_activity_id,
 )
+from activities_client.errors import Gone, NotFound, ValidationError, VersionConflict
 from events.commands import parse_create, parse_delete, parse_patch, parse_restore, reject_server_and_unknown_fields
-from events.errors import Gone, NotFound, ValidationError, VersionConflict
 from services.domain import Activity, Caller, Decision, decide, merge_patch
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)

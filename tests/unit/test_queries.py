@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from events.errors import ValidationError
-from events.filters import LIST_FILTERS
+from activities_client.errors import ValidationError
+from activities_client.filters import LIST_FILTERS
 from projections.queries import (
     FILTER_SQL,
     CursorCodec,

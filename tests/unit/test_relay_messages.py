@@ -8,8 +8,9 @@ from typing import Any
 import orjson
 from nats.js.api import StreamConfig
 
-from events.activity import ActivityPatched, activity_uuid, new_activity_id
-from events.subjects import Subjects
+from activities_client.document import new_activity_id
+from activities_client.subjects import Subjects
+from events.activity import ActivityPatched, activity_uuid
 from projections.relay import Backoff, chained_headers, config_changes, outgoing, stream_config
 from services.config import Settings
 

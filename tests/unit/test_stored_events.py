@@ -8,7 +8,8 @@ from typing import Any
 import orjson
 from eventsourcing.persistence import Mapper, StoredEvent
 
-from events.activity import CLIENT_FIELDS, ActivityLogged, activity_uuid, client_fields, event_body, new_activity_id
+from activities_client.document import CLIENT_FIELDS, client_fields, new_activity_id
+from events.activity import ActivityLogged, activity_uuid, event_body
 from events.commands import parse_create
 from services.application import event_transcoder
 from services.domain import Activity, Caller, decide

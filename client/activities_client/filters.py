@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Literal, get_args
 
-from events.activity import ActivityKind
+from activities_client.document import ActivityKind
 
 FilterKind = Literal["text", "datetime", "any_of", "all_of"]
 """How a filter's value is given: one string; one RFC 3339 date-time; a repeatable string that

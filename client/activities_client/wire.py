@@ -1,30 +1,25 @@
 """The wire bodies and replies of CONTRACT.md as pydantic models, for the API documents.
 
-The service does not parse requests with these: the parsers of `events.commands` and the query
-gateway do, so that NATS and HTTP answer alike and every error has the contract's envelope.
-These models describe the same bodies for the AsyncAPI document (services/asyncapi.py) and the
-OpenAPI document (services/http_app.py), and the tests check both documents against real replies.
+The service does not parse requests with these: its own command parsers and query gateway do, so
+that NATS and HTTP answer alike and every error has the contract's envelope. These models describe
+the same bodies in the service's AsyncAPI and OpenAPI documents (its tests check both documents
+against real replies), and type the bodies for clients.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from events.activity import ActivityDocument, EventBody
-from events.filters import DEFAULT_LIMIT, DEFAULT_SORT, LIST_FILTERS, MAX_LIMIT, PAGE_PARAMETERS, ListFilter
+from activities_client.document import ACTIVITY_ID_PATTERN, ActivityDocument, EventBody
+from activities_client.errors import ERRORS_BY_CODE
+from activities_client.filters import DEFAULT_LIMIT, DEFAULT_SORT, LIST_FILTERS, MAX_LIMIT, PAGE_PARAMETERS, ListFilter
 
-ErrorCode = Literal[
-    "validation_error",
-    "unauthorized",
-    "not_found",
-    "gone",
-    "version_conflict",
-    "idempotency_conflict",
-    "unavailable",
-    "internal",
-]
+if TYPE_CHECKING:
+    ErrorCode = str
+else:  # the contract's error codes, from the error classes (one list: errors.ERRORS_BY_CODE)
+    ErrorCode = Literal[tuple(ERRORS_BY_CODE)]
 
 
 class PatchActivityBody(BaseModel):
@@ -32,7 +27,7 @@ class PatchActivityBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(pattern=r"^act_[0-9A-HJKMNP-TV-Z]{26}$")
+    id: str = Field(pattern=ACTIVITY_ID_PATTERN)
     expected_version: int | None = Field(default=None, ge=1)
     changes: dict[str, Any] = Field(description="merge patch of ActivityFields: null clears, objects merge")
 
@@ -42,7 +37,7 @@ class ActivityRefBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(pattern=r"^act_[0-9A-HJKMNP-TV-Z]{26}$")
+    id: str = Field(pattern=ACTIVITY_ID_PATTERN)
     expected_version: int | None = Field(default=None, ge=1)
 
 
@@ -51,7 +46,7 @@ class GetActivityBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(pattern=r"^act_[0-9A-HJKMNP-TV-Z]{26}$")
+    id: str = Field(pattern=ACTIVITY_ID_PATTERN)
     include_deleted: bool = False
     version: int | None = Field(default=None, ge=1)
     min_position: int | None = Field(default=None, ge=0)

@@ -1,0 +1,290 @@
+"""The Activity document: its published definition and every field rule (CONTRACT.md section 1).
+
+Pure data and pure functions, no I/O. The service validates with these same models, so the
+service, its API documents and this client agree on one definition of a valid document.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    field_validator,
+)
+
+SCHEMA_VERSION: Final = 1
+"""Version of the Activity document schema (the `schema_version` field)."""
+
+EVENT_SCHEMA_VERSION: Final = 1
+"""Version of the event body schema (CONTRACT.md section 4)."""
+
+MAX_BODY_BYTES: Final = 256 * 1024
+MAX_CUSTOM_FIELDS_DEPTH: Final = 8
+ID_PREFIX: Final = "act_"
+ACTIVITY_ID_PATTERN: Final = r"^act_[0-7][0-9A-HJKMNP-TV-Z]{25}$"
+"""`act_` + a ULID: 26 Crockford base32 characters, the first 0-7 (a ULID is 128 bits). The one
+definition: `is_activity_id`, the wire models and so the OpenAPI/AsyncAPI documents use it."""
+_ACTIVITY_ID = re.compile(ACTIVITY_ID_PATTERN)
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_OWNER_ID = re.compile(r"^usr-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+SourceType = Literal["frontend", "backend", "server", "system", "api"]
+"""Where a write originated."""
+
+ActivityKind = Literal["call", "email", "meeting", "note", "task"]
+"""The short classification in the `type` field."""
+
+ParticipantType = Literal["user", "contact"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalar rules
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_datetime(value: Any) -> datetime:
+    """An RFC 3339 date-time with a zone, as a UTC datetime; a naive time or a number is refused."""
+    if isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("z", "Z"))
+        except ValueError:
+            raise ValueError("must be an RFC 3339 date-time, e.g. 2026-01-31T09:30:00Z") from None
+    else:
+        raise ValueError("must be an RFC 3339 date-time string")
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        raise ValueError("must carry a time zone (Z or +hh:mm); naive times are refused")
+    return parsed.astimezone(UTC)
+
+
+def format_datetime(value: datetime) -> str:
+    """UTC with a `Z` suffix, microseconds when present (CONTRACT.md section 1)."""
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def _no_duplicates(values: list[Any]) -> list[Any]:
+    seen: set[str] = set()
+    for item in values:
+        key = repr(sorted(item.items())) if isinstance(item, dict) else repr(item)
+        if key in seen:
+            raise ValueError(f"holds a duplicate: {item!r}")
+        seen.add(key)
+    return values
+
+
+AwareDateTime = Annotated[datetime, BeforeValidator(parse_datetime)]
+NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
+
+
+class Participant(BaseModel):
+    """Someone present: at least a type and an id; other keys are kept as given."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: ParticipantType
+    id: NonEmptyStr
+
+
+# ---------------------------------------------------------------------------------------------
+# The client-settable fields and the document
+# ---------------------------------------------------------------------------------------------
+
+SERVER_FIELDS: Final = frozenset(
+    {
+        "id",
+        "tenant_id",
+        "app_id",
+        "created_at",
+        "updated_at",
+        "created_by",
+        "updated_by",
+        "is_deleted",
+        "deleted_at",
+        "deleted_by",
+        "schema_version",
+        "version",
+    }
+)
+
+DATETIME_FIELDS: Final = ("activity_date", "due_date", "completed_at", "occurred_at")
+
+
+class ActivityFields(BaseModel):
+    """The client-settable fields of an Activity, with every rule of CONTRACT.md section 1.
+
+    Used for a create body and for the document that results from a patch, so create and
+    patch share one definition of validity.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    source: StrictStr = "edm"
+    source_type: SourceType = "api"
+    account_id: NonEmptyStr | None = None
+    deal_id: NonEmptyStr | None = None
+    contact_id: NonEmptyStr | None = None
+    contact_ids: list[NonEmptyStr] = Field(default_factory=list)
+    activity_type: StrictStr | None = None
+    subject: StrictStr | None = None
+    description: StrictStr | None = None
+    status: StrictStr | None = None
+    priority: StrictStr | None = None
+    direction: StrictStr | None = None
+    outcome: StrictStr | None = None
+    actor_type: StrictStr | None = None
+    performed_by_user_id: StrictStr | None = None
+    linked_trace_id: StrictStr | None = None
+    notes: StrictStr | None = None
+    activity_date: AwareDateTime | None = Field(default=None, strict=False)
+    due_date: AwareDateTime | None = Field(default=None, strict=False)
+    completed_at: AwareDateTime | None = Field(default=None, strict=False)
+    occurred_at: AwareDateTime | None = Field(default=None, strict=False)
+    participants: list[Participant] = Field(default_factory=list)
+    attachment_refs: list[NonEmptyStr] = Field(default_factory=list)
+    recurrence: dict[str, Any] | None = None
+    reminder_sent: StrictBool = False
+    custom_fields: dict[str, Any] = Field(default_factory=dict)
+    tags: list[NonEmptyStr] = Field(default_factory=list)
+    type: ActivityKind | None = None
+    owner_id: StrictStr | None = None
+
+    @field_validator("contact_ids", "attachment_refs", "tags")
+    @classmethod
+    def _unique(cls, values: list[str]) -> list[str]:
+        return _no_duplicates(values)
+
+    @field_validator("participants")
+    @classmethod
+    def _unique_participants(cls, values: list[Participant]) -> list[Participant]:
+        seen: set[tuple[str, str]] = set()
+        for participant in values:
+            key = (str(participant.type), participant.id)
+            if key in seen:
+                raise ValueError(f"holds a duplicate participant: {key[0]} {key[1]}")
+            seen.add(key)
+        return values
+
+    @field_validator("owner_id")
+    @classmethod
+    def _owner_format(cls, value: str | None) -> str | None:
+        if value is not None and not _OWNER_ID.match(value):
+            raise ValueError("must be usr-<uuid> with a lower-case canonical uuid")
+        return value
+
+    @field_validator("custom_fields", "recurrence")
+    @classmethod
+    def _nesting(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and _depth(value) > MAX_CUSTOM_FIELDS_DEPTH:
+            raise ValueError(f"is nested deeper than {MAX_CUSTOM_FIELDS_DEPTH} levels")
+        return value
+
+    def is_linked(self) -> bool:
+        """The rule that an activity is logged against at least one account, deal or contact."""
+        return bool(self.account_id or self.deal_id or self.contact_id)
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields as JSON values, date-times in UTC with `Z`."""
+        data = self.model_dump(mode="python")
+        for name in DATETIME_FIELDS:
+            if data[name] is not None:
+                data[name] = format_datetime(data[name])
+        return data
+
+
+CLIENT_FIELDS: Final = tuple(ActivityFields.model_fields)
+
+
+def client_fields(document: dict[str, Any]) -> dict[str, Any]:
+    """The client-settable fields of a document (what a create sets, what a patch may change)."""
+    return {name: document[name] for name in CLIENT_FIELDS}
+
+FIELDS_WITH_DEFAULTS: Final = frozenset(
+    name
+    for name, info in ActivityFields.model_fields.items()
+    if not info.is_required() and info.get_default(call_default_factory=True) is not None
+)
+
+
+class ActivityDocument(ActivityFields):
+    """The whole Activity document as stored in events and served by reads."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    id: str
+    tenant_id: str
+    app_id: str | None
+    created_at: datetime
+    updated_at: datetime
+    created_by: str
+    updated_by: str
+    is_deleted: bool
+    deleted_at: datetime | None
+    deleted_by: str | None
+    schema_version: int
+    version: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Ids
+# ---------------------------------------------------------------------------------------------
+
+
+def _ulid() -> str:
+    """A new ULID: 48 bits of milliseconds since the epoch, then 80 random bits, Crockford base32."""
+    value = (time.time_ns() // 1_000_000) << 80 | secrets.randbits(80)
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def new_activity_id() -> str:
+    """A fresh `act_<ULID>` id."""
+    return ID_PREFIX + _ulid()
+
+
+def is_activity_id(value: Any) -> bool:
+    """Whether `value` is an `act_<ULID>` id (ACTIVITY_ID_PATTERN)."""
+    return isinstance(value, str) and bool(_ACTIVITY_ID.match(value))
+
+
+EVENT_KINDS: Final[dict[str, str]] = {
+    "ActivityLogged": "logged",
+    "ActivityPatched": "patched",
+    "ActivityDeleted": "deleted",
+    "ActivityRestored": "restored",
+}
+"""The last token of an event's subject, by event type (CONTRACT.md section 4)."""
+
+
+class EventBody(BaseModel):
+    """The body of an event on JetStream and in `/events` (CONTRACT.md section 4)."""
+
+    event_type: str
+    schema_version: int
+    activity_id: str
+    tenant_id: str
+    app_id: str | None
+    version: int
+    position: int
+    occurred_at: str
+    actor: str
+    changes: dict[str, Any]
+    activity: dict[str, Any]
