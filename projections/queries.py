@@ -22,8 +22,8 @@ import orjson
 from psycopg import sql
 
 from events.activity import ActivityKind, format_datetime, is_activity_id, parse_datetime
+from events.caller import Caller
 from events.errors import field_error
-from services.domain import Caller
 
 READ_MODEL_TABLE: Final = "activities"
 TRACKING_TABLE: Final = "activities_projection_tracking"

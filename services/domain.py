@@ -26,6 +26,7 @@ from events.activity import (
     format_datetime,
     parse_datetime,
 )
+from events.caller import Caller as Caller  # re-exported: `services.domain.Caller` keeps working
 from events.commands import (
     Command,
     CreateActivity,
@@ -35,15 +36,6 @@ from events.commands import (
     validate_fields,
 )
 from events.errors import Gone, NotFound, VersionConflict
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who is calling, from a verified JWT."""
-
-    tenant_id: str
-    sub: str
-    app_id: str | None = None
 
 
 @dataclass(frozen=True)
