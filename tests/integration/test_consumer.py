@@ -141,6 +141,10 @@ async def until(predicate: Callable[[], bool], timeout_s: float = 10.0, what: st
     return time.monotonic() - started
 
 
+def reached(consumer: TrackedConsumer[ToyHandler], position: int) -> Callable[[], bool]:
+    return lambda: consumer.position == position
+
+
 def consumer_of(
     app: ActivitiesApplication, database_url: str, label: str = "toy", **settings: Any
 ) -> TrackedConsumer[ToyHandler]:
@@ -188,7 +192,7 @@ async def test_wakes_on_notify_without_waiting_for_the_poll(
     await asyncio.sleep(0.3)  # idle: waiting on its (long) poll
     for _ in range(3):
         [position] = await append_async(app, 1)
-        took = await until(lambda p=position: consumer.position == p, timeout_s=5.0, what="the NOTIFY")
+        took = await until(reached(consumer, position), timeout_s=5.0, what="the NOTIFY")
         assert took < 2.0, took
     listened: list[int] = []
     consumer.add_listener(listened.append)
