@@ -245,6 +245,8 @@ class TrackedConsumer(Generic[H]):
                 async for _ in conn.notifies(timeout=self.settings.heartbeat_s):
                     self._wake.set()
                 await conn.execute("SELECT 1")  # the session, and with it the lock, is still ours
+                if runner.done():  # cannot happen (the loop catches everything): start a new term
+                    raise RuntimeError("the processing loop ended on its own")
         finally:
             self.active = False
             log.info("stopping the active instance", extra={"consumer": self.name})
