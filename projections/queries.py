@@ -32,7 +32,7 @@ from activities_client.filters import (
     SORT_FIELDS,
     ListFilter,
 )
-from services.domain import Caller
+from events.caller import Caller
 
 READ_MODEL_TABLE: Final = "activities"
 TRACKING_TABLE: Final = "activities_projection_tracking"

@@ -5,34 +5,34 @@ by id, guarded by version, and needs no state of its own. Rows and the tracking 
 written in one transaction (exactly once: a batch either lands with its position or not at all),
 many events per transaction for throughput.
 
-`Projector` runs the projection inside the service: a processing thread reads pages of the log
-after its tracked position, woken by LISTEN/NOTIFY (its own supervised connection) and by a short
-poll as a fallback; any database error makes it back off and resume from the tracked position.
+`Projector` is the projection as a handler of the tracked-consumer core (projections/consumer.py),
+which pages the log after the tracked position, wakes on LISTEN/NOTIFY, backs off on failure and
+runs one active instance; `PROJECTOR_SETTINGS` is how the service runs it.
 `rebuild` builds a fresh copy aside while the old one keeps serving, then switches in one
 transaction.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, TypeVar
 
 import orjson
-import psycopg
+from eventsourcing.application import Application
 from eventsourcing.persistence import IntegrityError, Notification, Tracking
 from eventsourcing.postgres import PostgresDatastore, PostgresTrackingRecorder
-from eventsourcing.projection import Projection
 from psycopg import Cursor, sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow
 
+from projections.consumer import ConsumerSettings, Entry, schema_lock
 from projections.queries import (
     READ_MODEL_TABLE,
     TRACKING_TABLE,
@@ -43,12 +43,10 @@ from projections.queries import (
     schema_statements,
     table_identifier,
 )
-from services.application import schema_lock
-
-if TYPE_CHECKING:
-    from services.application import ActivitiesApplication
 
 log = logging.getLogger("activities.read_model")
+
+T = TypeVar("T")
 
 BATCH_SIZE: Final = 500
 """Events applied per transaction at most (one page of the log)."""
@@ -189,162 +187,82 @@ def latest_rows(events: Sequence[tuple[Any, int]]) -> list[Row]:
     return list(latest.values())
 
 
-class ActivitiesProjection(Projection[ReadModelRecorder]):
-    """Projects the activity events into the read model; batches are the fast path."""
-
-    name = "activities"
-    topics = ()
-
-    def process_event(self, domain_event: Any, tracking: Tracking) -> None:
-        """One event (the eventsourcing ProjectionRunner's entry)."""
-        self.view.apply(latest_rows([(domain_event, tracking.notification_id)]), tracking)
-
-    def process_batch(self, events: Sequence[tuple[Any, int]], tracking: Tracking) -> None:
-        """Many events in one transaction, tracked at the last position of the page."""
-        self.view.apply(latest_rows(events), tracking)
-
-
-def read_page(app: ActivitiesApplication, after: int, limit: int, stop: int | None = None) -> list[Notification]:
+def read_page(app: Application[Any], after: int, limit: int, stop: int | None = None) -> list[Notification]:
     """The notifications of the log after a position (the library caps its own log reader at 10)."""
     return list(app.recorder.select_notifications(after + 1, limit, stop=stop))
 
 
-def to_events(app: ActivitiesApplication, notifications: Sequence[Notification]) -> list[tuple[Any, int]]:
+def to_events(app: Application[Any], notifications: Sequence[Notification]) -> list[tuple[Any, int]]:
     return [(app.mapper.to_domain_event(n), n.id) for n in notifications]
 
 
 # ---------------------------------------------------------------------------------------------
-# The supervised runner
+# The projector: a handler of the tracked-consumer core
 # ---------------------------------------------------------------------------------------------
 
 
-class Projector:
-    """Runs the projection in background threads; a Component of the `projector` role.
+PROJECTOR_SETTINGS: Final = ConsumerSettings(
+    name="activities:projector", page_size=BATCH_SIZE, poll_interval_s=POLL_INTERVAL_S
+)
+"""How the service runs the projector (one active per store, by this name)."""
 
-    `position` is the last position applied by this process; listeners are called (from the
-    processing thread) each time it advances, so in-process readers waiting for a position
-    wake at once instead of polling.
+
+class Projector:
+    """Projects pages of the log into the read model: a `Handler` of `TrackedConsumer`.
+
+    Each page is one transaction: the newest document of each activity in the page, upserted
+    (newer versions only), and the tracking position of the page's last event. A page this
+    projector has already applied (another instance got there first, or a crash after the
+    commit) is refused whole by the tracking guard; the projector then moves to the recorded
+    position instead. Its database work runs in `executor` (default: asyncio's).
     """
 
     def __init__(
         self,
-        app: ActivitiesApplication,
+        app: Application[Any],
         database_url: str,
         *,
         table: str = READ_MODEL_TABLE,
-        batch_size: int = BATCH_SIZE,
-        poll_interval: float = POLL_INTERVAL_S,
+        executor: Executor | None = None,
     ) -> None:
-        self.app = app
         self.database_url = database_url
         self.table = table
-        self.batch_size = batch_size
-        self.poll_interval = poll_interval
+        self.executor = executor
         self.application_name = app.name
-        self.position = 0
-        self.restarts = 0
-        self._listeners: list[Callable[[int], None]] = []
-        self._stopping = threading.Event()
-        self._wake = threading.Event()
-        self._threads: list[threading.Thread] = []
         self._datastore: PostgresDatastore | None = None
+        self._recorder: ReadModelRecorder | None = None
 
-    def add_listener(self, listener: Callable[[int], None]) -> None:
-        self._listeners.append(listener)
+    async def _in_thread(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
 
-    async def start(self) -> None:
-        self._stopping.clear()
-        self._threads = [
-            threading.Thread(target=self._process_forever, name="projector", daemon=True),
-            threading.Thread(target=self._listen_forever, name="projector-listen", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
+    async def resume(self) -> int:
+        return await self._in_thread(self._resume)
 
-    async def stop(self) -> None:
-        import asyncio
+    def _resume(self) -> int:
+        if self._datastore is None:
+            self._datastore = read_model_datastore(self.database_url)
+        recorder = ReadModelRecorder(self._datastore, self.table)
+        recorder.create_table()
+        self._recorder = recorder
+        return recorder.position(self.application_name)
 
-        self._stopping.set()
-        self._wake.set()
-        loop = asyncio.get_running_loop()
-        for thread in self._threads:
-            await loop.run_in_executor(None, thread.join, 10)
-        if self._datastore is not None:
-            self._datastore.close()
-            self._datastore = None  # a restarted projector (a regained leadership) opens a fresh pool
+    async def handle(self, page: Sequence[Entry]) -> int:
+        return await self._in_thread(self._apply, page)
 
-    # processing ---------------------------------------------------------------------------
-
-    def _process_forever(self) -> None:
-        backoff = 0.1
-        while not self._stopping.is_set():
-            try:
-                if self._datastore is None:
-                    self._datastore = read_model_datastore(self.database_url)
-                recorder = ReadModelRecorder(self._datastore, self.table)
-                recorder.create_table()
-                projection = ActivitiesProjection(recorder)
-                self._advance(recorder.position(self.application_name))
-                backoff = 0.1
-                self._run(recorder, projection)
-            except Exception as exc:  # supervised: any failure backs off and resumes from tracking
-                if self._stopping.is_set():
-                    return
-                self.restarts += 1
-                log.warning("projector failed; resuming from its tracked position", extra={"error": str(exc)})
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
-
-    def _run(self, recorder: ReadModelRecorder, projection: ActivitiesProjection) -> None:
-        while not self._stopping.is_set():
-            self._wake.clear()
-            applied = self.step(recorder, projection)
-            if applied == 0:
-                self._wake.wait(self.poll_interval)
-
-    def step(self, recorder: ReadModelRecorder, projection: ActivitiesProjection) -> int:
-        """Apply one page of the log; the number of events applied."""
-        notifications = read_page(self.app, self.position, self.batch_size)
-        if not notifications:
-            return 0
-        last = notifications[-1].id
+    def _apply(self, page: Sequence[Entry]) -> int:
+        assert self._recorder is not None, "resume() first"
+        last = page[-1].position
         try:
-            projection.process_batch(to_events(self.app, notifications), Tracking(self.application_name, last))
+            self._recorder.apply(latest_rows(page), Tracking(self.application_name, last))
         except IntegrityError:
             # Another projector got there first: its rows are as good as ours. Re-read its position.
-            self._advance(recorder.position(self.application_name))
-            return len(notifications)
-        self._advance(last)
-        return len(notifications)
+            return self._recorder.position(self.application_name)
+        return last
 
-    def _advance(self, position: int) -> None:
-        self.position = position
-        for listener in self._listeners:
-            try:
-                listener(position)
-            except Exception:  # a listener must never stop the projection
-                log.exception("position listener failed")
-
-    # waking -------------------------------------------------------------------------------
-
-    def _listen_forever(self) -> None:
-        channel = sql.SQL("LISTEN {}").format(sql.Identifier(self.app.recorder.channel_name))  # type: ignore[attr-defined]
-        backoff = 0.1
-        while not self._stopping.is_set():
-            try:
-                with psycopg.connect(self.database_url, autocommit=True, connect_timeout=5) as conn:
-                    conn.execute(channel)
-                    self._wake.set()  # anything written while we were not listening
-                    backoff = 0.1
-                    while not self._stopping.is_set():
-                        for _ in conn.notifies(timeout=0.5, stop_after=1):
-                            self._wake.set()
-            except Exception as exc:
-                if self._stopping.is_set():
-                    return
-                log.info("projector LISTEN connection lost; reconnecting", extra={"error": str(exc)})
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+    async def close(self) -> None:
+        datastore, self._datastore, self._recorder = self._datastore, None, None
+        if datastore is not None:  # a regained leadership opens a fresh pool
+            await self._in_thread(datastore.close)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,7 +283,7 @@ class Status:
         return max(self.log_position - self.position, 0)
 
 
-def status(app: ActivitiesApplication, datastore: PostgresDatastore, table: str = READ_MODEL_TABLE) -> Status:
+def status(app: Application[Any], datastore: PostgresDatastore, table: str = READ_MODEL_TABLE) -> Status:
     recorder = ReadModelRecorder(datastore, table)
     recorder.create_table()
     with datastore.transaction(commit=False) as curs:
@@ -402,7 +320,7 @@ def _table_exists(curs: Cursor[DictRow], table: str) -> bool:
 
 
 def rebuild(
-    app: ActivitiesApplication,
+    app: Application[Any],
     datastore: PostgresDatastore,
     progress: Callable[[int, int], None] = lambda done, total: None,
     table: str = READ_MODEL_TABLE,
@@ -444,7 +362,7 @@ PostgreSQL (parsing the events' JSON, sorting for an index), one core each."""
 
 
 def _load_in_sql(
-    app: ActivitiesApplication,
+    app: Application[Any],
     datastore: PostgresDatastore,
     table: str,
     tracking_name: str,
@@ -481,7 +399,7 @@ def _load_in_sql(
     return head
 
 
-def _decoded_pages(app: ActivitiesApplication, batch_size: int) -> Iterator[tuple[list[Row], int]]:
+def _decoded_pages(app: Application[Any], batch_size: int) -> Iterator[tuple[list[Row], int]]:
     """(rows, last position) of each page of the whole log, read and decoded one page ahead."""
     pages: queue.Queue[tuple[list[Row], int] | BaseException | None] = queue.Queue(maxsize=2)
 
@@ -506,7 +424,7 @@ def _decoded_pages(app: ActivitiesApplication, batch_size: int) -> Iterator[tupl
 
 
 def _switch(
-    app: ActivitiesApplication,
+    app: Application[Any],
     datastore: PostgresDatastore,
     recorder: ReadModelRecorder,
     table: str,
@@ -544,13 +462,3 @@ def _switch(
         _delete_tracking(curs, aside_name)
     log.info("read model rebuilt and switched", extra={"position": final})
     return final
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
-    """Poll a predicate until it holds or the timeout passes (for tools and tests)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()

@@ -22,11 +22,13 @@ duplicates. A session starts again, without the expectation, after any failure.
 
 Failure. NATS down or slow: acks time out, the relay backs off (capped), reconnects and
 resumes from its position; commands are untouched because they never wait for the relay.
-PostgreSQL down: reads and the tracking write fail, the relay backs off and retries. It wakes on
-the store's LISTEN/NOTIFY channel and also polls, so a lost LISTEN connection only adds latency.
+PostgreSQL down: reads and the tracking write fail, the relay backs off and retries. Paging,
+waking on the store's LISTEN/NOTIFY channel (and polling), backing off and running as the one
+active instance are the tracked-consumer core's (projections/consumer.py): `Relay` is its
+handler, `RELAY_SETTINGS` how the service runs it.
 
 The relay assumes it is the only publisher to the stream and that one relay runs per stream
-(see README: one active relay; standbys).
+(the core's advisory lock; standbys take over).
 """
 
 from __future__ import annotations
@@ -38,12 +40,11 @@ import logging
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import nats
 import orjson
-import psycopg
-from eventsourcing.persistence import Notification
+from eventsourcing.application import Application
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import PubAck, RetentionPolicy, StorageType, StreamConfig
@@ -53,8 +54,7 @@ from psycopg.sql import SQL, Identifier
 from activities_client.document import EVENT_KINDS
 from activities_client.subjects import Subjects
 from events.activity import ActivityEvent, event_body, event_type_name
-from services.application import ActivitiesApplication
-from services.config import Settings
+from projections.consumer import ConsumerSettings, Entry, TrackedConsumer, event_store
 
 log = logging.getLogger("activities.relay")
 
@@ -71,15 +71,26 @@ EXPECTED_LAST_MSG_ID: Final = "Nats-Expected-Last-Msg-Id"
 # ---------------------------------------------------------------------------------------------
 
 
-def stream_config(settings: Settings) -> StreamConfig:
+@dataclass(frozen=True)
+class StreamSpec:
+    """The stream the relay publishes to, as configured (the composition root fills it from Settings)."""
+
+    name: str
+    subject_prefix: str
+    retention: Literal["limits", "interest", "workqueue"] = "limits"
+    replicas: int = 1
+    duplicate_window_s: float = MIN_DUPLICATE_WINDOW_S
+
+
+def stream_config(spec: StreamSpec) -> StreamConfig:
     """The stream the contract asks for: all events, file storage, a dedup window of >= 2 minutes."""
     return StreamConfig(
-        name=settings.stream_name,
-        subjects=[Subjects(settings.subject_prefix).all_events],
-        retention=RetentionPolicy(settings.stream_retention),
+        name=spec.name,
+        subjects=[Subjects(spec.subject_prefix).all_events],
+        retention=RetentionPolicy(spec.retention),
         storage=StorageType.FILE,
-        num_replicas=settings.stream_replicas,
-        duplicate_window=max(settings.stream_duplicate_window_s, MIN_DUPLICATE_WINDOW_S),
+        num_replicas=spec.replicas,
+        duplicate_window=max(spec.duplicate_window_s, MIN_DUPLICATE_WINDOW_S),
         description="Activity events (CONTRACT.md section 4), published by the activities relay",
     )
 
@@ -128,36 +139,18 @@ def chained_headers(message: Outgoing, previous_msg_id: str | None) -> dict[str,
     return {**message.headers, EXPECTED_LAST_MSG_ID: previous_msg_id}
 
 
-@dataclass
-class Backoff:
-    """Capped exponential back-off between failed attempts."""
-
-    initial_s: float = 0.1
-    max_s: float = 5.0
-    current_s: float = 0.0
-
-    def next(self) -> float:
-        self.current_s = min(self.max_s, self.current_s * 2 if self.current_s else self.initial_s)
-        return self.current_s
-
-    def reset(self) -> None:
-        self.current_s = 0.0
-
-
 # ---------------------------------------------------------------------------------------------
 # PostgreSQL: the log and the relay's position (synchronous; called through a thread pool)
 # ---------------------------------------------------------------------------------------------
 
 
 class RelayStore:
-    """Reads the event store's log and keeps the relay's position next to it."""
+    """The relay's position, kept in the event store's database (its own table)."""
 
-    def __init__(self, app: ActivitiesApplication, subjects: Subjects, name: str = RELAY_NAME) -> None:
-        self.app = app
-        self.subjects = subjects
+    def __init__(self, app: Application[Any], name: str = RELAY_NAME) -> None:
         self.name = name
-        datastore = app.activities_recorder.datastore
-        table = SQL("{}.{}").format(Identifier(datastore.schema), Identifier(TRACKING_TABLE))
+        self.datastore = event_store(app).datastore
+        table = SQL("{}.{}").format(Identifier(self.datastore.schema), Identifier(TRACKING_TABLE))
         self._create = SQL(
             "CREATE TABLE IF NOT EXISTS {table} (name text PRIMARY KEY, position bigint NOT NULL, "
             "updated_at timestamptz NOT NULL DEFAULT now())"
@@ -170,28 +163,25 @@ class RelayStore:
         ).format(table=table)
 
     def ensure_table(self) -> None:
-        with self.app.activities_recorder.datastore.transaction(commit=True) as curs:
+        with self.datastore.transaction(commit=True) as curs:
             curs.execute(self._create)
 
     def load_position(self) -> int:
         """The last position known to be on the stream (0: nothing yet)."""
         self.ensure_table()
-        with self.app.activities_recorder.datastore.transaction(commit=False) as curs:
+        with self.datastore.transaction(commit=False) as curs:
             curs.execute(self._select, (self.name,))
             row = curs.fetchone()
         return int(row["position"]) if row else 0
 
     def save_position(self, position: int) -> None:
-        with self.app.activities_recorder.datastore.transaction(commit=True) as curs:
+        with self.datastore.transaction(commit=True) as curs:
             curs.execute(self._upsert, (self.name, position))
 
-    def read(self, after: int, limit: int) -> list[Outgoing]:
-        """The next `limit` events after a position, as messages, in log order."""
-        notifications: Sequence[Notification] = self.app.recorder.select_notifications(
-            after, limit, inclusive_of_start=False
-        )
-        mapper = self.app.mapper
-        return [outgoing(self.subjects, mapper.to_domain_event(n), n.id) for n in notifications]  # type: ignore[arg-type]
+
+def messages(subjects: Subjects, page: Sequence[Entry]) -> list[Outgoing]:
+    """A page of the log as messages, in log order."""
+    return [outgoing(subjects, entry.event, entry.position) for entry in page]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +231,7 @@ class PublishInterrupted(Exception):
 
 @dataclass
 class RelayStats:
-    """Counters, for tests, metrics and the benchmark."""
+    """Counters, for tests, metrics and the benchmark (see `relay_stats`)."""
 
     position: int = 0
     published: int = 0
@@ -306,152 +296,91 @@ async def publish_in_order(
 
 @dataclass
 class RelayOptions:
-    """Tuning of the relay; the defaults suit the contract's guarantees and the benchmark."""
+    """Tuning of the relay's NATS side; the defaults suit the contract's guarantees and the benchmark."""
 
-    page_size: int = 1000
     ack_timeout_s: float = 5.0
-    poll_interval_s: float = 1.0
-    max_backoff_s: float = 5.0
-    stop_timeout_s: float = 10.0
     nats_reconnect_wait_s: float = 0.5
 
 
+RELAY_SETTINGS: Final = ConsumerSettings(name="activities:relay", page_size=1000, poll_interval_s=1.0)
+"""How the service runs the relay (one active per store, by this name)."""
+
+
 class Relay:
-    """The `relay` role: publishes the event store's log to JetStream from a tracked position."""
+    """Publishes the event store's log to JetStream: a `Handler` of `TrackedConsumer`.
+
+    `resume` connects to NATS (once; nats-py reconnects by itself), makes sure of the stream and
+    returns the later of the relay's record and the position in the stream's last message; each
+    page is published chained and its acknowledged prefix recorded (`handle`); `close`
+    disconnects. The record lives in the event store's database; its synchronous reads and
+    writes run in `executor` (default: asyncio's).
+    """
 
     def __init__(
         self,
-        app: ActivitiesApplication,
-        settings: Settings,
+        app: Application[Any],
+        stream: StreamSpec,
         nats_url: str,
-        database_url: str,
-        executor: Executor,
+        executor: Executor | None = None,
         options: RelayOptions | None = None,
+        name: str = RELAY_NAME,
     ) -> None:
-        self.settings = settings
-        self.subjects = Subjects(settings.subject_prefix)
-        self.store = RelayStore(app, self.subjects)
+        self.stream = stream
+        self.subjects = Subjects(stream.subject_prefix)
+        self.store = RelayStore(app, name)
         self.nats_url = nats_url
-        self.database_url = database_url
-        self.channel = app.activities_recorder.channel_name
         self.executor = executor
         self.options = options or RelayOptions()
-        self.stats = RelayStats()
+        self.position = 0
+        self.published = 0
+        self.duplicates = 0
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._stream_ready = False
-        self._position: int | None = None
         self._chain_tail: str | None = None  # msg id the next publish must follow, in this session
-        self._wake = asyncio.Event()
-        self._stopping = False
-        self._tasks: list[asyncio.Task[None]] = []
-
-    # Lifecycle ----------------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Start relaying in the background; never blocks on NATS or PostgreSQL being up."""
-        self._stopping = False
-        self._position = None  # read again: another instance may have moved it while this one stood by
-        self._chain_tail = None
-        loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._run(), name="relay"),
-            loop.create_task(self._listen(), name="relay-listen"),
-        ]
-
-    async def stop(self) -> None:
-        """Graceful: finish the page in flight (its acks and its position), then disconnect."""
-        self._stopping = True
-        self._wake.set()
-        run, others = (self._tasks[0], self._tasks[1:]) if self._tasks else (None, [])
-        for task in others:
-            task.cancel()
-        if run is not None and self._nc is None:
-            run.cancel()  # still waiting for NATS: there is nothing in flight to finish
-        elif run is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(run), self.options.stop_timeout_s)
-            except TimeoutError:
-                run.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await run
-        for task in others:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
-        if self._nc is not None:
-            with contextlib.suppress(Exception):
-                await self._nc.close()
-            self._nc = self._js = None
-            self._stream_ready = False
-
-    # The loop -----------------------------------------------------------------------------------
-
-    async def _run(self) -> None:
-        backoff = Backoff(max_s=self.options.max_backoff_s)
-        while not self._stopping:
-            self._wake.clear()  # before reading, so a NOTIFY during the read is not lost
-            try:
-                moved = await self.step()
-                backoff.reset()
-            except Exception as exc:
-                self._chain_tail = None
-                self._position = None  # read again, from the store and the stream: acks may have been lost
-                self.stats.failures += 1
-                self.stats.last_error = f"{type(exc).__name__}: {exc}"
-                delay = backoff.next()
-                log.warning("relay interrupted; retrying", extra={"error": self.stats.last_error, "retry_in_s": delay})
-                await self._sleep(delay)
-                continue
-            if not moved:
-                await self._sleep(self.options.poll_interval_s)
-
-    async def _sleep(self, seconds: float) -> None:
-        """Wait for a NOTIFY, a stop, or the time to pass."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
 
     async def _in_thread(self, function: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
 
-    async def step(self) -> bool:
-        """Publish the next page and record its position; False when the log is at its end."""
+    # Handler ----------------------------------------------------------------------------------
+
+    async def resume(self) -> int:
+        """Where to continue: read again from the store and the stream, as acks may have been lost."""
+        self._chain_tail = None  # a new publishing session: its first message carries no expectation
         js = await self._jetstream()
-        if self._position is None:
-            recorded = await self._in_thread(self.store.load_position)
-            published = await last_position_on_stream(js, self.settings.stream_name)
-            self._position = self.stats.position = max(recorded, published)
-        page: list[Outgoing] = await self._in_thread(self.store.read, self._position, self.options.page_size)
-        if not page:
-            return False
-        outcome = await publish_in_order(js, page, self._chain_tail, self.options.ack_timeout_s)
-        self.stats.published += outcome.acked
-        self.stats.duplicates += outcome.duplicates
+        recorded = await self._in_thread(self.store.load_position)
+        published = await last_position_on_stream(js, self.stream.name)
+        self.position = max(recorded, published)
+        return self.position
+
+    async def handle(self, page: Sequence[Entry]) -> int:
+        """Publish a page and record the position of its acknowledged prefix; raises
+        `PublishInterrupted` when only a prefix was acknowledged."""
+        js = await self._jetstream()
+        outgoing_page: list[Outgoing] = await self._in_thread(messages, self.subjects, page)
+        outcome = await publish_in_order(js, outgoing_page, self._chain_tail, self.options.ack_timeout_s)
+        self.published += outcome.acked
+        self.duplicates += outcome.duplicates
         if outcome.acked:
-            last = page[outcome.acked - 1]
+            last = outgoing_page[outcome.acked - 1]
             self._chain_tail = last.msg_id
             await self.record(last.position)
         if outcome.error is not None:
             raise PublishInterrupted(f"{outcome.acked}/{len(page)} acknowledged: {outcome.error!r}")
-        return True
+        return self.position
 
     async def record(self, position: int) -> None:
         """Save the position (only ever called once everything up to it is acknowledged)."""
         await self._in_thread(self.store.save_position, position)
-        self._position = self.stats.position = position
+        self.position = position
 
-    async def publish_page(self) -> int:
-        """Publish the next page without recording the position (what a crash right after a publish leaves).
-
-        For tests and tools; returns the number of messages acknowledged.
-        """
-        js = await self._jetstream()
-        position = self._position if self._position is not None else await self._in_thread(self.store.load_position)
-        page = await self._in_thread(self.store.read, position, self.options.page_size)
-        outcome = await publish_in_order(js, page, None, self.options.ack_timeout_s)
-        if outcome.error is not None:
-            raise PublishInterrupted(repr(outcome.error))
-        return outcome.acked
+    async def close(self) -> None:
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+        self._nc = self._js = None
+        self._stream_ready = False
+        self._chain_tail = None
 
     # NATS ---------------------------------------------------------------------------------------
 
@@ -472,7 +401,7 @@ class Relay:
         if not self._nc.is_connected:
             raise ConnectionError("NATS is not connected")
         if not self._stream_ready:
-            await ensure_stream(self._js, stream_config(self.settings))
+            await ensure_stream(self._js, stream_config(self.stream))
             self._stream_ready = True
         return self._js
 
@@ -483,22 +412,14 @@ class Relay:
         self._chain_tail = None
         log.info("relay disconnected from NATS")
 
-    # PostgreSQL LISTEN --------------------------------------------------------------------------
 
-    async def _listen(self) -> None:
-        """Wake the loop on every NOTIFY of the events table; reconnect when the connection drops."""
-        backoff = Backoff(max_s=self.options.max_backoff_s)
-        channel = SQL("LISTEN {}").format(Identifier(self.channel))
-        while not self._stopping:
-            try:
-                async with await psycopg.AsyncConnection.connect(
-                    self.database_url, autocommit=True, connect_timeout=5
-                ) as conn:
-                    await conn.execute(channel)
-                    backoff.reset()
-                    self._wake.set()  # catch up on anything written while not listening
-                    async for _ in conn.notifies():
-                        self._wake.set()
-            except (psycopg.Error, OSError) as exc:
-                log.debug("relay LISTEN connection lost", extra={"error": repr(exc)})
-            await asyncio.sleep(backoff.next())
+def relay_stats(consumer: TrackedConsumer[Relay]) -> RelayStats:
+    """The counters of a relay and the consumer running it."""
+    relay = consumer.handler
+    return RelayStats(
+        position=consumer.position,
+        published=relay.published,
+        duplicates=relay.duplicates,
+        failures=consumer.failures,
+        last_error=consumer.last_error,
+    )

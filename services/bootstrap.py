@@ -24,13 +24,13 @@ from psycopg.conninfo import conninfo_to_dict
 
 from activities_client.subjects import Subjects
 from events.registry import COMMANDS
-from projections.relay import Relay
+from projections.consumer import TrackedConsumer
+from projections.relay import RELAY_SETTINGS, Relay, StreamSpec
 from services.application import ActivitiesApplication, CommandBatcher, CommandService, application_env
 from services.auth import TokenVerifier
 from services.config import Settings
 from services.embedded import EmbeddedNats, EmbeddedPostgres
 from services.gateway import CommandGateway
-from services.leadership import SingleActive
 from services.metrics import Metrics, Operations
 from services.nats_app import RequestServer
 from services.read_side import read_side_components
@@ -101,6 +101,17 @@ def build_application(settings: Settings, database_url: str) -> ActivitiesApplic
     app = ActivitiesApplication(env=env)
     app.activities_recorder.idempotency_ttl_s = settings.idempotency_ttl_hours * 3600
     return app
+
+
+def stream_spec(settings: Settings) -> StreamSpec:
+    """The relay's stream, as configured."""
+    return StreamSpec(
+        name=settings.stream_name,
+        subject_prefix=settings.subject_prefix,
+        retention=settings.stream_retention,
+        replicas=settings.stream_replicas,
+        duplicate_window_s=settings.stream_duplicate_window_s,
+    )
 
 
 def check_database(database_url: str) -> None:
@@ -198,8 +209,9 @@ class Runtime:
         if "commands" in self.roles:
             self.components.append(CommandsRole(self, gateway))
         if "relay" in self.roles:  # independent of NATS commands: reads the store, publishes to JetStream
-            relay = Relay(self.app, settings, self.servers.nats_url, self.servers.database_url, self.executor)
-            self.components.append(SingleActive(relay, self.servers.database_url, "activities:relay"))
+            relay = Relay(self.app, stream_spec(settings), self.servers.nats_url, self.executor)
+            database_url = self.servers.database_url
+            self.components.append(TrackedConsumer(self.app, database_url, relay, RELAY_SETTINGS, self.executor))
         self.components += read_side_components(self, verifier, gateway)  # projector, http (+ NATS queries)
         self.batcher.start()
         await self.broker.start()

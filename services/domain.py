@@ -18,6 +18,7 @@ from eventsourcing.domain import Aggregate
 from activities_client.document import DATETIME_FIELDS, SCHEMA_VERSION, client_fields, format_datetime, parse_datetime
 from activities_client.errors import Gone, NotFound, VersionConflict
 from events.activity import ActivityDeleted, ActivityLogged, ActivityPatched, ActivityRestored
+from events.caller import Caller as Caller  # re-exported: `services.domain.Caller` keeps working
 from events.commands import (
     Command,
     CreateActivity,
@@ -26,15 +27,6 @@ from events.commands import (
     RestoreActivity,
     validate_fields,
 )
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who is calling, from a verified JWT."""
-
-    tenant_id: str
-    sub: str
-    app_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from projections.read_model import Projector
+from projections.consumer import TrackedConsumer
+from projections.read_model import PROJECTOR_SETTINGS, Projector
 from services.http_app import HttpRole
-from services.leadership import SingleActive
 
 if TYPE_CHECKING:
     from services.auth import TokenVerifier
@@ -24,10 +24,11 @@ def read_side_components(runtime: Runtime, verifier: TokenVerifier, commands: Co
     """The components of the runtime's read-side roles, in start order."""
     assert runtime.app is not None and runtime.servers is not None
     components: list[Any] = []
-    projector: Projector | None = None
+    projector: TrackedConsumer[Projector] | None = None
     if "projector" in runtime.roles:
-        projector = Projector(runtime.app, runtime.servers.database_url)
-        components.append(SingleActive(projector, runtime.servers.database_url, "activities:projector"))
+        database_url = runtime.servers.database_url
+        projector = TrackedConsumer(runtime.app, database_url, Projector(runtime.app, database_url), PROJECTOR_SETTINGS)
+        components.append(projector)
     if "http" in runtime.roles:
         http = HttpRole(runtime, verifier, commands)
         if projector is not None and not runtime.settings.read_database_url:

@@ -5,6 +5,7 @@ equals the live one row for row, also when built while activities are being writ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -13,23 +14,27 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from projections.read_model import Projector
-from services.leadership import SingleActive
+from projections.consumer import TrackedConsumer
+from projections.read_model import PROJECTOR_SETTINGS, Projector
 from services.bootstrap import Runtime
 from services.cli import main
 
 Send = Callable[..., Any]
 
 
-def active_projector(runtime: Runtime) -> SingleActive:
-    """The projector role's wrapper: one active projector per store (advisory lock)."""
-    return next(c for c in runtime.components if isinstance(c, SingleActive) and c.name == "activities:projector")
+def projector_of(runtime: Runtime) -> TrackedConsumer[Projector]:
+    """The projector role's consumer: one active projector per store (advisory lock)."""
+    return next(
+        c for c in runtime.components if isinstance(c, TrackedConsumer) and c.name == PROJECTOR_SETTINGS.name
+    )
 
 
-def projector_of(runtime: Runtime) -> Projector:
-    inner = active_projector(runtime).inner
-    assert isinstance(inner, Projector)
-    return inner
+def new_projector(runtime: Runtime, **settings: Any) -> TrackedConsumer[Projector]:
+    assert runtime.app is not None and runtime.servers is not None
+    handler = Projector(runtime.app, runtime.servers.database_url)
+    return TrackedConsumer(
+        runtime.app, runtime.servers.database_url, handler, dataclasses.replace(PROJECTOR_SETTINGS, **settings)
+    )
 
 
 def db(runtime: Runtime) -> psycopg.Connection[dict[str, Any]]:
@@ -113,7 +118,7 @@ async def test_projector_resumes_from_its_tracked_position_exactly_once(
     await asyncio.sleep(0.3)
     assert tracked(runtime) == stopped_at and len(rows(runtime)) == 1  # nothing applied while stopped
 
-    resumed = Projector(runtime.app, runtime.servers.database_url, batch_size=7)  # several batches
+    resumed = new_projector(runtime, page_size=7)  # several batches
     await resumed.start()
     try:
         await caught_up(runtime)
@@ -126,19 +131,15 @@ async def test_projector_resumes_from_its_tracked_position_exactly_once(
 
         # A projector that lost its place (e.g. crashed after committing) re-reads a page it already
         # applied: the tracking guard refuses the whole transaction, and nothing moves backwards.
-        stale = Projector(runtime.app, runtime.servers.database_url)
-        from projections.read_model import ActivitiesProjection, ReadModelRecorder, read_model_datastore
-
-        datastore = read_model_datastore(runtime.servers.database_url)
-        recorder = ReadModelRecorder(datastore)
-        applied = stale.step(recorder, ActivitiesProjection(recorder))
-        datastore.close()
+        stale = new_projector(runtime)  # not started: at position 0, and not the active instance
+        await stale.handler.resume()
+        applied = await stale.step()
+        await stale.handler.close()
         assert applied > 0 and stale.position == position
         assert tracked(runtime) == position
         assert {row["id"]: row for row in rows(runtime)} == table
     finally:
         await resumed.stop()
-        active_projector(runtime).inner = resumed  # stopped twice is harmless; keep the runtime's shape
 
 
 async def test_projector_and_reads_survive_dropped_connections(runtime: Runtime, request_command: Send) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -23,17 +24,73 @@ from nats.js.errors import NotFoundError
 
 from activities_client.document import CLIENT_FIELDS
 from events.commands import DeleteActivity, PatchActivity, RestoreActivity, parse_create
-from projections.relay import Relay, RelayOptions
+from projections.consumer import TrackedConsumer
+from projections.relay import RELAY_SETTINGS, Relay, RelayOptions, RelayStats, relay_stats
 from services.application import CommandRequest, CommandResult
 from services.auth import mint_token
-from services.bootstrap import Runtime
+from services.bootstrap import Runtime, stream_spec
+from tests.conftest import JWT_SECRET
 from services.config import Settings
 from services.domain import Caller
 from services.embedded import EmbeddedNats, EmbeddedPostgres
 from tests.conftest import JWT_SECRET
 
 CALLER = Caller(tenant_id="acme", sub="usr-1")
-FAST = RelayOptions(ack_timeout_s=2.0, poll_interval_s=0.2, max_backoff_s=0.5, nats_reconnect_wait_s=0.2)
+FAST = RelayOptions(ack_timeout_s=2.0, nats_reconnect_wait_s=0.2)
+FAST_CONSUMER = dataclasses.replace(RELAY_SETTINGS, poll_interval_s=0.2, max_backoff_s=0.5)
+
+
+class RelayUnderTest:
+    """A relay as the service runs it (a handler of a tracked consumer), with the handles tests use."""
+
+    def __init__(self, consumer: TrackedConsumer[Relay]) -> None:
+        self.consumer = consumer
+
+    @property
+    def store(self) -> Any:
+        return self.consumer.handler.store
+
+    @property
+    def stats(self) -> RelayStats:
+        return relay_stats(self.consumer)
+
+    async def start(self) -> None:
+        await self.consumer.start()
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+
+
+def new_relay(
+    runtime: Runtime, nats_url: str | None = None, options: RelayOptions = FAST, **settings: Any
+) -> RelayUnderTest:
+    assert runtime.app is not None and runtime.servers is not None
+    handler = Relay(
+        runtime.app, stream_spec(runtime.settings), nats_url or runtime.servers.nats_url, runtime.executor, options
+    )
+    consumer_settings = dataclasses.replace(FAST_CONSUMER, **settings)
+    return RelayUnderTest(
+        TrackedConsumer(runtime.app, runtime.servers.database_url, handler, consumer_settings, runtime.executor)
+    )
+
+
+async def published_unrecorded(runtime: Runtime, count: int) -> None:
+    """A relay that publishes the log and is gone before it records a position (its records fail):
+    what a crash right after a publish leaves."""
+
+    def refuse(position: int) -> None:
+        raise ConnectionError("the relay died before recording")
+
+    relay = new_relay(runtime)
+    relay.consumer.handler.store.save_position = refuse  # type: ignore[method-assign]
+    await relay.start()
+    try:
+        deadline = time.monotonic() + 10
+        while relay.consumer.handler.published < count:
+            assert time.monotonic() < deadline, "the relay did not publish"
+            await asyncio.sleep(0.02)
+    finally:
+        await relay.stop()
 
 
 @dataclass(frozen=True)
@@ -120,10 +177,10 @@ def assert_once_in_log_order(messages: list[StreamMessage], log: list[tuple[str,
         assert message.headers["Nats-Msg-Id"] == f"{message.ref[0]}:{message.ref[1]}"
 
 
-def runtime_relay(runtime: Runtime) -> Relay:
-    """The relay component of a runtime (it may be wrapped to run as the single active instance)."""
-    relays = [getattr(c, "inner", c) for c in runtime.components]
-    return next(r for r in relays if isinstance(r, Relay))
+def runtime_relay(runtime: Runtime) -> RelayUnderTest:
+    """The relay of a runtime (a tracked consumer running the relay handler)."""
+    consumer = next(c for c in runtime.components if isinstance(c, TrackedConsumer) and c.name == RELAY_SETTINGS.name)
+    return RelayUnderTest(consumer)
 
 
 @pytest_asyncio.fixture
@@ -210,7 +267,8 @@ async def test_nats_outage_loses_repeats_and_reorders_nothing(
     runtime = Runtime(make_settings(nats_url=url))
     await runtime.start()
     relay = runtime_relay(runtime)
-    relay.options = FAST
+    relay.consumer.handler.options = FAST
+    relay.consumer.settings = FAST_CONSUMER
     client = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     js = client.jetstream()
     stream = runtime.settings.stream_name
@@ -265,8 +323,8 @@ async def test_nats_killed_mid_page_keeps_the_stream_a_gapless_copy_of_the_log(
     assert runtime.servers is not None and runtime.app is not None
     client = await nats.connect(own_nats.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     js = client.jetstream()
-    options = RelayOptions(page_size=5000, ack_timeout_s=2.0, poll_interval_s=0.2, max_backoff_s=0.5)
-    relay = Relay(runtime.app, runtime.settings, own_nats.url, runtime.servers.database_url, runtime.executor, options)
+    options = RelayOptions(ack_timeout_s=2.0)
+    relay = new_relay(runtime, own_nats.url, options, page_size=5000)
     try:
         created = await asyncio.gather(
             *(execute(runtime, parse_create({"account_id": f"acc_{n}", "custom_fields": {"pad": "x" * 2000}}))
@@ -301,19 +359,17 @@ async def test_relay_killed_before_recording_resumes_after_the_streams_last_mess
     runtime = Runtime(make_settings(), roles=("commands",))  # no relay of its own: the test runs them
     await runtime.start()
     assert runtime.servers is not None and runtime.app is not None
-    servers, app = runtime.servers, runtime.app
-    first: Relay | None = None
-    second: Relay | None = None
+    first: RelayUnderTest | None = None
+    second: RelayUnderTest | None = None
     try:
         for n in range(5):
             await lifecycle(runtime, n)
-        first = Relay(app, runtime.settings, servers.nats_url, servers.database_url, runtime.executor, FAST)
-        assert await first.publish_page() == 20  # published and acknowledged ...
-        await first.stop()  # ... then gone before it recorded its position
+        first = new_relay(runtime)
+        await published_unrecorded(runtime, 20)  # published and acknowledged, then gone before recording
         assert await asyncio.to_thread(first.store.load_position) == 0
 
         await lifecycle(runtime, 5)
-        second = Relay(app, runtime.settings, servers.nats_url, servers.database_url, runtime.executor, FAST)
+        second = new_relay(runtime)
         await second.start()
         log = await logged_refs(runtime)
         await wait_for_messages(js, runtime.settings.stream_name, len(log))
@@ -342,12 +398,11 @@ async def test_a_foreign_last_message_on_the_stream_leaves_the_relay_on_its_own_
     runtime = Runtime(make_settings(), roles=("commands",))
     await runtime.start()
     assert runtime.servers is not None and runtime.app is not None
-    relay: Relay | None = None
+    relay: RelayUnderTest | None = None
     try:
         await lifecycle(runtime, 0)
-        relay = Relay(runtime.app, runtime.settings, runtime.servers.nats_url, runtime.servers.database_url,
-                      runtime.executor, FAST)
-        await relay.publish_page()  # creates the stream and fills it
+        relay = new_relay(runtime)
+        await published_unrecorded(runtime, 4)  # creates the stream and fills it
         stream = runtime.settings.stream_name
         await js.publish(f"{runtime.settings.subject_prefix}.events.acme.logged", b"not an event", stream=stream)
         await relay.start()  # recorded nothing yet: everything again, the repeats dropped by their ids
@@ -372,7 +427,8 @@ async def test_postgres_restart_is_survived_and_the_relay_resumes(
     try:
         await runtime.start()
         relay = runtime_relay(runtime)
-        relay.options = FAST
+        relay.consumer.handler.options = FAST
+        relay.consumer.settings = FAST_CONSUMER
         await lifecycle(runtime, 0)
         await wait_for_messages(js, runtime.settings.stream_name, 4)
 

@@ -11,7 +11,9 @@ from nats.js.api import StreamConfig
 from activities_client.document import new_activity_id
 from activities_client.subjects import Subjects
 from events.activity import ActivityPatched, activity_uuid
-from projections.relay import Backoff, chained_headers, config_changes, outgoing, stream_config
+from projections.consumer import Backoff
+from projections.relay import chained_headers, config_changes, outgoing, stream_config
+from services.bootstrap import stream_spec
 from services.config import Settings
 
 
@@ -57,15 +59,15 @@ def test_stream_config_follows_settings_with_a_two_minute_dedup_floor() -> None:
         subject_prefix="x.act", stream_name="XS", stream_replicas=3, stream_retention="interest",
         stream_duplicate_window_s=10,
     )  # fmt: skip
-    config = stream_config(settings)
+    config = stream_config(stream_spec(settings))
     assert config.name == "XS" and config.subjects == ["x.act.events.>"] and config.num_replicas == 3
     assert config.retention == "interest" and config.storage == "file"
     assert config.duplicate_window == 120
-    assert stream_config(Settings(stream_duplicate_window_s=600)).duplicate_window == 600
+    assert stream_config(stream_spec(Settings(stream_duplicate_window_s=600))).duplicate_window == 600
 
 
 def test_config_changes_lists_only_the_owned_fields_that_differ() -> None:
-    wanted = stream_config(Settings())
+    wanted = stream_config(stream_spec(Settings()))
     current = StreamConfig(
         name=wanted.name, subjects=wanted.subjects, retention=wanted.retention, storage=wanted.storage,
         num_replicas=1, duplicate_window=60, max_msgs=1000,
