@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 import nats
 import psycopg
 import uvloop
-from psycopg.conninfo import conninfo_to_dict
 
 from bench.http_client import KeepAliveClient
 from bench.load import Stats
@@ -36,7 +35,7 @@ def _progress(message: str) -> None:
 
 def seed_events(database_url: str, count: int) -> ActivitiesApplication:
     """`count` creates and patches appended through the real command path, in batches of 500."""
-    app = ActivitiesApplication(env=application_env(conninfo_to_dict(database_url), pool_size=4))
+    app = ActivitiesApplication(env=application_env(database_url, pool_size=4))
     asyncio.run(_seed(CommandService(app), count))
     return app
 

@@ -30,7 +30,6 @@ from eventsourcing.persistence import IntegrityError, Notification, Tracking
 from eventsourcing.postgres import PostgresDatastore, PostgresTrackingRecorder
 from eventsourcing.projection import Projection
 from psycopg import Cursor, sql
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow
 
 from projections.queries import (
@@ -44,6 +43,7 @@ from projections.queries import (
     table_identifier,
 )
 from services.application import schema_lock
+from services.database import conninfo, url_datastore
 
 if TYPE_CHECKING:
     from services.application import ActivitiesApplication
@@ -98,13 +98,8 @@ def schema_template() -> str:
 
 def read_model_datastore(database_url: str, pool_size: int = 2) -> PostgresDatastore:
     """A small connection pool of the read model's own (separate from the command path's)."""
-    parts = conninfo_to_dict(database_url)
-    return PostgresDatastore(
-        dbname=str(parts.get("dbname") or "postgres"),
-        host=str(parts.get("host") or "127.0.0.1"),
-        port=str(parts.get("port") or "5432"),
-        user=str(parts.get("user") or "postgres"),
-        password=str(parts.get("password") or ""),
+    return url_datastore(
+        database_url,
         pool_size=pool_size,
         max_overflow=2,
         connect_timeout=5,
@@ -332,7 +327,7 @@ class Projector:
         backoff = 0.1
         while not self._stopping.is_set():
             try:
-                with psycopg.connect(self.database_url, autocommit=True, connect_timeout=5) as conn:
+                with psycopg.connect(conninfo(self.database_url, connect_timeout=5), autocommit=True) as conn:
                     conn.execute(channel)
                     self._wake.set()  # anything written while we were not listening
                     backoff = 0.1

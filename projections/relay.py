@@ -54,6 +54,7 @@ from events.activity import EVENT_KINDS, ActivityEvent, event_body, event_type_n
 from events.subjects import Subjects
 from services.application import ActivitiesApplication
 from services.config import Settings
+from services.database import conninfo
 
 log = logging.getLogger("activities.relay")
 
@@ -491,7 +492,7 @@ class Relay:
         while not self._stopping:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    self.database_url, autocommit=True, connect_timeout=5
+                    conninfo(self.database_url, connect_timeout=5), autocommit=True
                 ) as conn:
                     await conn.execute(channel)
                     backoff.reset()

@@ -20,13 +20,13 @@ from typing import Any, Protocol
 
 import psycopg
 from faststream.nats import NatsBroker
-from psycopg.conninfo import conninfo_to_dict
 
 from events.subjects import COMMAND_NAMES, Subjects
 from projections.relay import Relay
 from services.application import ActivitiesApplication, CommandBatcher, CommandService, application_env
 from services.auth import TokenVerifier
 from services.config import Settings
+from services.database import conninfo
 from services.embedded import EmbeddedNats, EmbeddedPostgres
 from services.gateway import CommandGateway
 from services.leadership import SingleActive
@@ -95,8 +95,7 @@ def token_verifier(settings: Settings) -> TokenVerifier:
 
 
 def build_application(settings: Settings, database_url: str) -> ActivitiesApplication:
-    conninfo = conninfo_to_dict(database_url)
-    env = application_env(conninfo, settings.db_pool_size, settings.cipher_key)
+    env = application_env(database_url, settings.db_pool_size, settings.cipher_key)
     app = ActivitiesApplication(env=env)
     app.activities_recorder.idempotency_ttl_s = settings.idempotency_ttl_hours * 3600
     return app
@@ -105,7 +104,7 @@ def build_application(settings: Settings, database_url: str) -> ActivitiesApplic
 def check_database(database_url: str) -> None:
     """Fail early with an actionable message when PostgreSQL cannot be reached."""
     try:
-        with psycopg.connect(database_url, connect_timeout=5):
+        with psycopg.connect(conninfo(database_url, connect_timeout=5)):
             pass
     except psycopg.OperationalError as exc:
         raise SystemExit(

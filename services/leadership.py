@@ -17,6 +17,8 @@ from typing import Any
 
 import psycopg
 
+from services.database import conninfo
+
 log = logging.getLogger("activities.leadership")
 
 
@@ -51,7 +53,7 @@ class SingleActive:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    self._database_url, autocommit=True, connect_timeout=5
+                    conninfo(self._database_url, connect_timeout=5), autocommit=True
                 ) as conn:
                     row = await (await conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,))).fetchone()
                     if row and row[0]:

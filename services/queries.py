@@ -46,6 +46,7 @@ from projections.queries import (
 from projections.read_model import READER_ROLE
 from services.application import ActivitiesApplication
 from services.auth import TokenVerifier
+from services.database import conninfo
 from services.domain import Caller, is_visible
 from services.gateway import header
 
@@ -68,7 +69,7 @@ class ReadModel:
         self.table = table
         self.application_name = application_name
         self._pool = AsyncConnectionPool(
-            database_url,
+            conninfo(database_url),
             min_size=1,
             max_size=pool_size,
             open=False,
