@@ -9,12 +9,17 @@ those five parts only, are pointed at the whole URL by `connect_by_url`.
 
 from __future__ import annotations
 
-from typing import Any
+import secrets
+from typing import Any, Final
 
+import psycopg
 from eventsourcing.postgres import PostgresDatastore, PostgresFactory
 from eventsourcing.utils import Environment, EnvType
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
+
+SECRETS_TABLE: Final = "activities_secrets"
+SECRETS_LOCK: Final = 7_146_501_223  # advisory lock key of the secrets table's creation and first inserts
 
 URL_KEY = "POSTGRES_URL"
 """The eventsourcing environment key of the event store's URL (see `EventStoreFactory`)."""
@@ -67,3 +72,25 @@ class EventStoreFactory(PostgresFactory):
         if not url:
             raise OSError(f"set {URL_KEY} in the application's environment")
         connect_by_url(self.datastore, url)
+
+
+def shared_secret(database_url: str, name: str, size: int = 32) -> bytes:
+    """A random secret shared by every instance on a database, created by the first that asks.
+
+    It lives in the database (not in settings, nor derived from them) so that no configured key,
+    public or secret, tells anyone what it is. Instances starting together agree: under one
+    advisory lock each creates the table if missing, inserts its own candidate (only the first
+    insert lands) and reads back the stored one."""
+    with psycopg.connect(conninfo(database_url, connect_timeout=5), autocommit=True) as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (SECRETS_LOCK,))
+        conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {SECRETS_TABLE} ("
+            "name text PRIMARY KEY, value bytea NOT NULL, created_at timestamptz NOT NULL DEFAULT now())"
+        )
+        conn.execute(
+            f"INSERT INTO {SECRETS_TABLE} (name, value) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
+            (name, secrets.token_bytes(size)),
+        )
+        row = conn.execute(f"SELECT value FROM {SECRETS_TABLE} WHERE name = %s", (name,)).fetchone()
+    assert row is not None
+    return bytes(row[0])
