@@ -24,7 +24,7 @@ from faststream.nats import NatsBroker
 from events.subjects import COMMAND_NAMES, Subjects
 from projections.relay import Relay
 from services.application import ActivitiesApplication, CommandBatcher, CommandService, application_env
-from services.auth import TokenVerifier
+from services.auth import JwksKeys, TokenVerifier, jwks_file_loader, jwks_url_loader
 from services.config import Settings
 from services.database import conninfo
 from services.embedded import EmbeddedNats, EmbeddedPostgres
@@ -88,10 +88,19 @@ def dev_secret(data_dir: Path) -> str:
 
 
 def token_verifier(settings: Settings) -> TokenVerifier:
+    jwks = None
+    if settings.jwt_jwks_url and settings.jwt_jwks_file:
+        raise SystemExit("set ACTIVITIES_JWT_JWKS_URL or ACTIVITIES_JWT_JWKS_FILE, not both")
+    if settings.jwt_jwks_url:
+        jwks = JwksKeys(jwks_url_loader(settings.jwt_jwks_url))
+    elif settings.jwt_jwks_file:
+        jwks = JwksKeys(jwks_file_loader(settings.jwt_jwks_file))
     secret = settings.jwt_secret
-    if not secret and not settings.jwt_public_key:
+    if not secret and not settings.jwt_public_key and jwks is None:
         secret = dev_secret(settings.data_dir)
-    return TokenVerifier(secret, settings.jwt_public_key, settings.jwt_issuer, settings.jwt_audience)
+    return TokenVerifier(
+        secret, settings.jwt_public_key, settings.jwt_issuer, settings.jwt_audience, settings.jwt_leeway_s, jwks
+    )
 
 
 def build_application(settings: Settings, database_url: str) -> ActivitiesApplication:
