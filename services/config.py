@@ -15,7 +15,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ACTIVITIES_", extra="ignore")
 
     database_url: str | None = Field(
-        default=None, description="libpq URL of PostgreSQL; unset starts an embedded server in the data dir"
+        default=None,
+        description="libpq URL of PostgreSQL (every parameter honoured); unset starts an embedded server in data_dir",
     )
     read_database_url: str | None = Field(
         default=None,

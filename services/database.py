@@ -5,6 +5,8 @@ An operator's URL may carry `sslmode`, `sslrootcert`, `options`, `application_na
 port, user and password would silently drop them (e.g. connect without TLS). So every
 connection is made from `conninfo(url)`, and eventsourcing's datastores, whose pools connect with
 those five parts only, are pointed at the whole URL by `connect_by_url`.
+
+`shared_secret` keeps the random secrets that every instance on a database must agree on.
 """
 
 from __future__ import annotations
