@@ -160,7 +160,7 @@ class TokenVerifier:
         if not self._keys:
             if self._jwks is not None and not isinstance(kid, str):
                 raise Unauthorized("invalid token: its header has no `kid` to choose a key of the JWKS")
-            raise Unauthorized(f"invalid token: no key of the JWKS has the token's kid {kid!r}")
+            raise Unauthorized(f"invalid token: no key of the JWKS (if it could be read) has the kid {kid!r}")
         return self._keys
 
     def _decode(self, token: str) -> dict[str, Any]:

@@ -300,3 +300,16 @@ def test_settings_build_a_verifier_with_the_leeway_and_the_jwks(
     with pytest.raises(Unauthorized, match="not yet valid"):
         verifier.verify(_signed(key_a, "a", nbf=int(time.time()) + 20))
     assert not (tmp_path / "data").exists()  # no dev secret: the JWKS is a key
+
+
+def test_an_unreadable_jwks_refuses_tokens_as_unauthorized(tmp_path: Path) -> None:
+    key_a = ec.generate_private_key(ec.SECP256R1())
+    path = tmp_path / "jwks.json"
+    verifier = TokenVerifier(jwks=JwksKeys(jwks_file_loader(path), refresh_interval_s=0))
+    with pytest.raises(Unauthorized, match="JWKS"):  # missing
+        verifier.verify(_signed(key_a, "a"))
+    path.write_text("{not json")
+    with pytest.raises(Unauthorized, match="JWKS"):  # malformed
+        verifier.verify(_signed(key_a, "a"))
+    path.write_text(json.dumps(_jwks(("a", key_a))))
+    assert verifier.verify(_signed(key_a, "a")).sub == "usr-1"
