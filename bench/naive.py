@@ -16,7 +16,6 @@ import orjson
 import uvloop
 from faststream import FastStream
 from faststream.nats import NatsBroker, NatsMessage
-from psycopg.conninfo import conninfo_to_dict
 
 from activities_client.document import new_activity_id
 from activities_client.errors import ActivitiesError
@@ -30,7 +29,7 @@ CALLER = Caller(tenant_id="bench", sub="usr-bench")
 
 def main() -> None:
     nats_url, database_url, subject = sys.argv[1:4]
-    env = application_env(conninfo_to_dict(database_url), pool_size=8)
+    env = application_env(database_url, pool_size=8)
     del env["APPLICATION_RECORDER_TOPIC"]  # the library's stock recorder, not the service's
     app = ActivitiesApplication(env=env)
     broker = NatsBroker(nats_url)

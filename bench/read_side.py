@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING, Any
 import nats
 import psycopg
 import uvloop
-from psycopg.conninfo import conninfo_to_dict
 
 from bench.http_client import KeepAliveClient
 from bench.load import Stats
 from bench.nats_client import LeanNatsClient
-from projections.queries import CursorCodec, Keyset, ListQuery, derive_cursor_key
+from projections.queries import CURSOR_KEY_NAME, CursorCodec, Keyset, ListQuery
 from projections.read_model import read_model_datastore, rebuild
 from services.application import ActivitiesApplication, CommandRequest, CommandService, application_env
 from services.auth import mint_token
+from projections.database import shared_secret
 from services.domain import Caller
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ def _progress(message: str) -> None:
 
 def seed_events(database_url: str, count: int) -> ActivitiesApplication:
     """`count` creates and patches appended through the real command path, in batches of 500."""
-    app = ActivitiesApplication(env=application_env(conninfo_to_dict(database_url), pool_size=4))
+    app = ActivitiesApplication(env=application_env(database_url, pool_size=4))
     asyncio.run(_seed(CommandService(app), count))
     return app
 
@@ -160,10 +160,10 @@ def seed_read_model(database_url: str, rows: int) -> None:
         conn.execute("ANALYZE activities")
 
 
-def deep_cursors(rows: int, count: int = 1000) -> list[str]:
+def deep_cursors(database_url: str, rows: int, count: int = 1000) -> list[str]:
     """Cursors of the default list (-activity_date, no filter) at random depths of the seeded tenant,
     signed as the service signs them: following `next_cursor` that far would take too long."""
-    codec = CursorCodec(derive_cursor_key(_secret()))
+    codec = CursorCodec(shared_secret(database_url, CURSOR_KEY_NAME))  # the service's key
     caller = Caller("bench", "usr-bench")
     start = datetime(2020, 1, 1, tzinfo=UTC)
     cursors = []
@@ -174,10 +174,10 @@ def deep_cursors(rows: int, count: int = 1000) -> list[str]:
     return cursors
 
 
-async def _queries(http_url: str, seconds: float, rows: int) -> dict[str, Any]:
+async def _queries(http_url: str, database_url: str, seconds: float, rows: int) -> dict[str, Any]:
     token = mint_token(_secret(), "bench", "usr-bench")
     results: dict[str, Any] = {}
-    cursors = deep_cursors(rows)
+    cursors = deep_cursors(database_url, rows)
     cases = {
         "get": lambda i: (f"/api/v1/crm/activities/act_{format(1 + (i * 7919) % rows, 'X').rjust(26, '0')}", {}),
         "list_by_account": lambda i: ("/api/v1/crm/activities", {"account_id": f"acc_{i % 1000}", "limit": 50}),
@@ -290,7 +290,8 @@ def run_read_side(servers: BenchServers, root: Path, durations: Durations) -> di
         _progress(f"  seeding {durations.read_model_rows} rows into the read model")
         seed_read_model(fresh_db, durations.read_model_rows)
         settle(fresh_db)
-        results["queries"] = uvloop.run(_queries(endpoints["http_url"], durations.load_s, durations.read_model_rows))
+        results["queries"] = uvloop.run(
+            _queries(endpoints["http_url"], fresh_db, durations.load_s, durations.read_model_rows))
         results["queries_rows"] = durations.read_model_rows
         results["read_side_rss_mb"] = [round(peak_rss_mb(process.pid), 1), results["relay"]["peak_rss_mb"]]
     return results

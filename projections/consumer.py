@@ -56,6 +56,8 @@ from eventsourcing.application import Application
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from psycopg.sql import SQL, Identifier
 
+from projections.database import conninfo
+
 log = logging.getLogger("activities.consumer")
 
 
@@ -213,7 +215,7 @@ class TrackedConsumer(Generic[H]):
         while not self._stopped.is_set():
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    self.database_url, autocommit=True, connect_timeout=5
+                    conninfo(self.database_url, connect_timeout=5), autocommit=True
                 ) as conn:
                     while not self._stopped.is_set():
                         row = await (await conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,))).fetchone()

@@ -266,9 +266,8 @@ def parse_get_query(params: Params) -> GetQuery:
 # ---------------------------------------------------------------------------------------------
 
 
-def derive_cursor_key(secret: str) -> bytes:
-    """The cursor signing key, derived from the JWT secret (so every instance agrees on it)."""
-    return hmac.new(secret.encode(), b"activities/list-cursor/v1", hashlib.sha256).digest()
+CURSOR_KEY_NAME: Final = "list-cursor"
+"""The name of the cursors' signing key among the database's shared secrets (projections.database)."""
 
 
 def _b64encode(data: bytes) -> str:

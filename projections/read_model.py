@@ -29,10 +29,10 @@ from eventsourcing.application import Application
 from eventsourcing.persistence import IntegrityError, Notification, Tracking
 from eventsourcing.postgres import PostgresDatastore, PostgresTrackingRecorder
 from psycopg import Cursor, sql
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow
 
 from projections.consumer import ConsumerSettings, Entry, schema_lock
+from projections.database import url_datastore
 from projections.queries import (
     READ_MODEL_TABLE,
     TRACKING_TABLE,
@@ -96,13 +96,8 @@ def schema_template() -> str:
 
 def read_model_datastore(database_url: str, pool_size: int = 2) -> PostgresDatastore:
     """A small connection pool of the read model's own (separate from the command path's)."""
-    parts = conninfo_to_dict(database_url)
-    return PostgresDatastore(
-        dbname=str(parts.get("dbname") or "postgres"),
-        host=str(parts.get("host") or "127.0.0.1"),
-        port=str(parts.get("port") or "5432"),
-        user=str(parts.get("user") or "postgres"),
-        password=str(parts.get("password") or ""),
+    return url_datastore(
+        database_url,
         pool_size=pool_size,
         max_overflow=2,
         connect_timeout=5,

@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import logging
 import random
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, cast
@@ -45,8 +45,9 @@ from activities_client.document import new_activity_id
 from activities_client.errors import ActivitiesError, IdempotencyConflict, InternalError, NotFound, Unavailable
 from events.activity import ActivityEvent, activity_id_of, activity_uuid
 from events.commands import Command, CreateActivity
+from projections.consumer import lock_key, schema_lock
+from projections.database import URL_KEY, conninfo, datastore_url
 from services.domain import Activity, Caller, decide
-from services.leadership import lock_key
 from services.logs import correlation_id
 
 log = logging.getLogger("activities.application")
@@ -54,17 +55,6 @@ log = logging.getLogger("activities.application")
 APP_NAME = "Activities"
 IDEMPOTENCY_TABLE = "activities_idempotency"
 EVENTS_SCHEMA_LOCK: Final = 7_146_501_220  # advisory lock key of event-store schema changes
-
-
-@contextlib.contextmanager
-def schema_lock(datastore: PostgresDatastore, key: int) -> Iterator[None]:
-    """Hold a session advisory lock while changing a schema (processes start together)."""
-    with datastore.get_connection() as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (key,))
-        try:
-            yield
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
 
 
 _BATCH_ATTEMPTS = 3
@@ -265,11 +255,11 @@ class CommandStore:
     async def _cursor(self) -> AsyncIterator[psycopg.AsyncCursor[Any]]:
         try:
             if self._connection is None or self._connection.closed:
-                params = cast(dict[str, Any], self._recorder.datastore.pool.kwargs)  # the library's pool's
+                url = conninfo(
+                    datastore_url(self._recorder.datastore), connect_timeout=max(1, round(self._connect_timeout_s))
+                )
                 self._connection = await psycopg.AsyncConnection.connect(
-                    **{name: params[name] for name in ("dbname", "host", "port", "user", "password")},
-                    connect_timeout=max(1, round(self._connect_timeout_s)),
-                    autocommit=True,  # each statement is its own transaction
+                    url, autocommit=True  # each statement is its own transaction
                 )
             async with self._connection.cursor() as cursor:
                 yield cursor
@@ -436,16 +426,17 @@ class ActivitiesApplication(Application[UUID]):
         return activity
 
 
-def application_env(conninfo: dict[str, Any], pool_size: int, cipher_key: str | None = None) -> dict[str, str]:
-    """The eventsourcing environment for a libpq connection (as a dict of its parts)."""
+def application_env(database_url: str, pool_size: int, cipher_key: str | None = None) -> dict[str, str]:
+    """The eventsourcing environment for a libpq URL (every parameter of it is honoured)."""
     env = {
-        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "PERSISTENCE_MODULE": "projections.database:EventStoreFactory",
         "APPLICATION_RECORDER_TOPIC": "services.application:ActivitiesRecorder",
-        "POSTGRES_DBNAME": str(conninfo.get("dbname") or "postgres"),
-        "POSTGRES_HOST": str(conninfo.get("host") or "127.0.0.1"),
-        "POSTGRES_PORT": str(conninfo.get("port") or "5432"),
-        "POSTGRES_USER": str(conninfo.get("user") or "postgres"),
-        "POSTGRES_PASSWORD": str(conninfo.get("password") or ""),
+        URL_KEY: database_url,
+        # required by the library's factory, unused: its pool connects with the URL above
+        "POSTGRES_DBNAME": "",
+        "POSTGRES_HOST": "",
+        "POSTGRES_USER": "",
+        "POSTGRES_PASSWORD": "",
         "POSTGRES_POOL_SIZE": str(pool_size),
         "POSTGRES_MAX_OVERFLOW": "4",
         "POSTGRES_CONNECT_TIMEOUT": "2",

@@ -20,14 +20,14 @@ from typing import Any, Protocol
 
 import psycopg
 from faststream.nats import NatsBroker
-from psycopg.conninfo import conninfo_to_dict
 
 from activities_client.subjects import Subjects
 from events.registry import COMMANDS
 from projections.consumer import TrackedConsumer
+from projections.database import conninfo
 from projections.relay import RELAY_SETTINGS, Relay, StreamSpec
 from services.application import ActivitiesApplication, CommandBatcher, CommandService, application_env
-from services.auth import TokenVerifier
+from services.auth import JwksKeys, TokenVerifier, jwks_file_loader, jwks_url_loader
 from services.config import Settings
 from services.embedded import EmbeddedNats, EmbeddedPostgres
 from services.gateway import CommandGateway
@@ -89,15 +89,23 @@ def dev_secret(data_dir: Path) -> str:
 
 
 def token_verifier(settings: Settings) -> TokenVerifier:
+    jwks = None
+    if settings.jwt_jwks_url and settings.jwt_jwks_file:
+        raise SystemExit("set ACTIVITIES_JWT_JWKS_URL or ACTIVITIES_JWT_JWKS_FILE, not both")
+    if settings.jwt_jwks_url:
+        jwks = JwksKeys(jwks_url_loader(settings.jwt_jwks_url))
+    elif settings.jwt_jwks_file:
+        jwks = JwksKeys(jwks_file_loader(settings.jwt_jwks_file))
     secret = settings.jwt_secret
-    if not secret and not settings.jwt_public_key:
+    if not secret and not settings.jwt_public_key and jwks is None:
         secret = dev_secret(settings.data_dir)
-    return TokenVerifier(secret, settings.jwt_public_key, settings.jwt_issuer, settings.jwt_audience)
+    return TokenVerifier(
+        secret, settings.jwt_public_key, settings.jwt_issuer, settings.jwt_audience, settings.jwt_leeway_s, jwks
+    )
 
 
 def build_application(settings: Settings, database_url: str) -> ActivitiesApplication:
-    conninfo = conninfo_to_dict(database_url)
-    env = application_env(conninfo, settings.db_pool_size, settings.cipher_key)
+    env = application_env(database_url, settings.db_pool_size, settings.cipher_key)
     app = ActivitiesApplication(env=env)
     app.activities_recorder.idempotency_ttl_s = settings.idempotency_ttl_hours * 3600
     return app
@@ -117,7 +125,7 @@ def stream_spec(settings: Settings) -> StreamSpec:
 def check_database(database_url: str) -> None:
     """Fail early with an actionable message when PostgreSQL cannot be reached."""
     try:
-        with psycopg.connect(database_url, connect_timeout=5):
+        with psycopg.connect(conninfo(database_url, connect_timeout=5)):
             pass
     except psycopg.OperationalError as exc:
         raise SystemExit(

@@ -87,7 +87,7 @@ def _banner(settings: Settings, runtime: Runtime) -> None:
         f"  PostgreSQL: {endpoints['database_url']}",
         f"  endpoints:  {settings.data_dir / 'endpoints.json'}",
     ]
-    if not settings.jwt_secret and not settings.jwt_public_key:
+    if not (settings.jwt_secret or settings.jwt_public_key or settings.jwt_jwks_url or settings.jwt_jwks_file):
         lines.append("  dev mode: tokens are signed with a secret generated into the data dir; get one with")
         lines.append("            activities token --tenant acme --sub usr-1")
     print("\n".join(lines), flush=True)

@@ -15,7 +15,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ACTIVITIES_", extra="ignore")
 
     database_url: str | None = Field(
-        default=None, description="libpq URL of PostgreSQL; unset starts an embedded server in the data dir"
+        default=None,
+        description="libpq URL of PostgreSQL (every parameter honoured); unset starts an embedded server in data_dir",
     )
     read_database_url: str | None = Field(
         default=None,
@@ -35,7 +36,16 @@ class Settings(BaseSettings):
     )
     jwt_public_key: str | None = Field(default=None, description="RS256/ES256 public key, PEM text or a path")
     jwt_issuer: str | None = Field(default=None, description="required `iss` when set")
-    jwt_audience: str | None = Field(default=None, description="required `aud` when set")
+    jwt_audience: str | None = Field(
+        default=None, description="required `aud` when set; unset: a token carrying an `aud` is refused"
+    )
+    jwt_jwks_url: str | None = Field(
+        default=None, description="http(s) URL of a JWKS; keys chosen by the token's `kid`, fetched again every 5 min"
+    )
+    jwt_jwks_file: Path | None = Field(
+        default=None, description="path of a JWKS file; keys chosen by the token's `kid`, re-read when it changes"
+    )
+    jwt_leeway_s: float = Field(default=30.0, description="clock leeway of the time claims exp, nbf and iat, seconds")
 
     http_host: str = Field(default="127.0.0.1", description="HTTP listen address")
     http_port: int = Field(default=8080, description="HTTP port; 0 picks a free one")

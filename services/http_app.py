@@ -33,7 +33,8 @@ from activities_client.filters import LIST_FILTERS, PAGE_PARAMETERS
 from activities_client.wire import ActivityListReply, ActivityReply, ErrorReply, EventHistoryReply
 from events.commands import parse_json_object
 from events.registry import COMMANDS, QUERIES, CommandSpec, HttpRoute
-from projections.queries import CursorCodec, derive_cursor_key, params_from_pairs
+from projections.database import shared_secret
+from projections.queries import CURSOR_KEY_NAME, CursorCodec, params_from_pairs
 from projections.read_model import prepare_read_model
 from services.asyncapi import add_asyncapi_route
 from services.gateway import CommandGateway
@@ -386,16 +387,15 @@ def query_gateway(runtime: Runtime, verifier: TokenVerifier) -> QueryGateway:
     read_model = ReadModel(
         settings.read_database_url or runtime.servers.database_url, settings.db_pool_size, runtime.app.name
     )
-    secret = settings.jwt_secret or settings.jwt_public_key or ""
-    if not secret:
-        from services.bootstrap import dev_secret
-
-        secret = dev_secret(settings.data_dir)
+    # every instance on the database signs with the same random key, independent of the JWT
+    # settings (a key derived from them let anyone who knows a public key forge cursors);
+    # read once at start, from the primary (a replica cannot create it)
+    cursor_key = shared_secret(runtime.servers.database_url, CURSOR_KEY_NAME)
     return QueryGateway(
         verifier,
         read_model,
         EventStoreReads(runtime.app, runtime.executor),
-        CursorCodec(derive_cursor_key(secret)),
+        CursorCodec(cursor_key),
         settings.consistency_wait_ms,
     )
 

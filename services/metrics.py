@@ -14,6 +14,8 @@ from typing import Any
 import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from projections.database import conninfo
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500)
 
@@ -75,7 +77,8 @@ async def _scalar(conn: psycopg.AsyncConnection[Any], statement: str, params: tu
 
 async def read_positions(database_url: str, application_name: str) -> Positions:
     """Head of the log and the readers' tracked positions (None where a reader never ran)."""
-    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True, connect_timeout=3) as conn:
+    url = conninfo(database_url, connect_timeout=3)
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         head = await _scalar(conn, "SELECT coalesce(max(notification_id), 0) FROM activities_events")
         projector = await _scalar(
             conn,

@@ -27,6 +27,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from activities_client.errors import ActivitiesError, Gone, InternalError, NotFound, Unavailable, field_error
 from events.activity import activity_uuid, event_body
+from projections.database import conninfo
 from projections.queries import (
     READ_MODEL_TABLE,
     TRACKING_TABLE,
@@ -68,7 +69,7 @@ class ReadModel:
         self.table = table
         self.application_name = application_name
         self._pool = AsyncConnectionPool(
-            database_url,
+            conninfo(database_url),
             min_size=1,
             max_size=pool_size,
             open=False,

@@ -16,7 +16,6 @@ from uuid import UUID
 
 import pytest
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import tuple_row
 
 from activities_client.errors import NotFound
@@ -41,7 +40,7 @@ def make_service(make_database: Callable[[], str]) -> Iterator[Callable[[], Comm
     apps: list[ActivitiesApplication] = []
 
     def make() -> CommandService:
-        app = ActivitiesApplication(env=application_env(conninfo_to_dict(database_url), pool_size=2))
+        app = ActivitiesApplication(env=application_env(database_url, pool_size=2))
         apps.append(app)
         return CommandService(app)
 
