@@ -19,21 +19,26 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import psycopg
+from fastapi import FastAPI
 from faststream.nats import NatsBroker
+from nats.aio.client import Client as NatsClient
 
 from activities_client.subjects import Subjects
-from events.registry import COMMANDS
 from projections.consumer import TrackedConsumer
-from projections.database import conninfo
+from projections.database import conninfo, shared_secret
+from projections.queries import CURSOR_KEY_NAME, CursorCodec
+from projections.read_model import PROJECTOR_SETTINGS, Projector, prepare_read_model
 from projections.relay import RELAY_SETTINGS, Relay, StreamSpec
 from services.application import ActivitiesApplication, CommandBatcher, CommandService, application_env
+from services.asyncapi import add_asyncapi_route
 from services.auth import JwksKeys, TokenVerifier, jwks_file_loader, jwks_url_loader
 from services.config import Settings
 from services.embedded import EmbeddedNats, EmbeddedPostgres
 from services.gateway import CommandGateway
+from services.http_app import HttpRole, add_operations_routes, create_http_app
 from services.metrics import Metrics, Operations
-from services.nats_app import RequestServer
-from services.read_side import read_side_components
+from services.nats_app import CommandsRole, RequestServer
+from services.queries import EventStoreReads, QueryGateway, ReadModel
 
 log = logging.getLogger("activities.bootstrap")
 
@@ -134,43 +139,6 @@ def check_database(database_url: str) -> None:
         ) from None
 
 
-class CommandsRole:
-    """NATS command subscribers (queue group `activities`) in front of the group-commit batcher,
-    and the hourly purge of expired Idempotency-Keys."""
-
-    PURGE_EVERY_S = 3600.0
-
-    def __init__(self, runtime: Runtime, gateway: CommandGateway) -> None:
-        assert runtime.broker is not None and runtime.app is not None
-        self._broker = runtime.broker
-        self._subjects = runtime.subjects
-        self._app = runtime.app
-        self._executor = runtime.executor
-        self._server = RequestServer(gateway.handle_message, runtime.settings.command_concurrency)
-        self._purger: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        for name in COMMANDS:
-            await self._server.serve(self._broker.connection, self._subjects.command(name), name)
-        await self._broker.connection.flush()
-        self._purger = asyncio.get_running_loop().create_task(self._purge_forever(), name="idempotency-purge")
-
-    async def _purge_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                purged = await loop.run_in_executor(self._executor, self._app.activities_recorder.purge_expired_keys)
-                log.info("expired idempotency keys purged", extra={"purged": purged})
-            except Exception as exc:  # the database is away: next time
-                log.warning("idempotency purge failed", extra={"error": str(exc)})
-            await asyncio.sleep(self.PURGE_EVERY_S)
-
-    async def stop(self) -> None:
-        if self._purger is not None:
-            self._purger.cancel()
-        await self._server.drain()
-
-
 class Runtime:
     """One service process: its servers, store, broker and the components of its roles."""
 
@@ -191,6 +159,7 @@ class Runtime:
         self.metrics = Metrics()
         self.operations: Operations | None = None
         self.endpoints: dict[str, Any] = {}
+        self.http: HttpRole | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -214,13 +183,7 @@ class Runtime:
         self.operations = Operations(self.metrics, self.servers.database_url, self.app.name)
         self.operations.pools["event_store"] = self.app.activities_recorder.datastore.pool
         self.operations.nats_connected = self._nats_connected
-        if "commands" in self.roles:
-            self.components.append(CommandsRole(self, gateway))
-        if "relay" in self.roles:  # independent of NATS commands: reads the store, publishes to JetStream
-            relay = Relay(self.app, stream_spec(settings), self.servers.nats_url, self.executor)
-            database_url = self.servers.database_url
-            self.components.append(TrackedConsumer(self.app, database_url, relay, RELAY_SETTINGS, self.executor))
-        self.components += read_side_components(self, verifier, gateway)  # projector, http (+ NATS queries)
+        self.components = self._components(verifier, gateway)
         self.batcher.start()
         await self.broker.start()
         await self.broker.connection.flush()  # the server knows our subscriptions before we say we serve
@@ -228,10 +191,76 @@ class Runtime:
             await component.start()
         self.endpoints = {
             "nats_url": self.servers.nats_url,
-            "http_url": self.endpoints.get("http_url"),
+            "http_url": self.http.url if self.http is not None else None,
             "database_url": self.servers.database_url,
         }
         self._write_endpoints()
+
+    def _components(self, verifier: TokenVerifier, commands: CommandGateway) -> list[Component]:
+        """The parts of this process's roles, each given exactly what it needs, in start order."""
+        assert self.app is not None and self.servers is not None and self.operations is not None
+        settings, app, database_url = self.settings, self.app, self.servers.database_url
+        components: list[Component] = []
+        if "commands" in self.roles:
+            server = RequestServer(commands.handle_message, settings.command_concurrency)
+            purge = app.activities_recorder.purge_expired_keys
+            components.append(CommandsRole(server, self._connection, self.subjects, purge, self.executor))
+        if "relay" in self.roles:  # independent of NATS commands: reads the store, publishes to JetStream
+            relay = Relay(app, stream_spec(settings), self.servers.nats_url, self.executor)
+            components.append(TrackedConsumer(app, database_url, relay, RELAY_SETTINGS, self.executor))
+        projector: TrackedConsumer[Projector] | None = None
+        if "projector" in self.roles:
+            projector = TrackedConsumer(app, database_url, Projector(app, database_url), PROJECTOR_SETTINGS)
+            components.append(projector)
+        if "http" in self.roles:
+            queries = self._query_gateway(verifier)
+            self.operations.pools["read_model"] = queries.read_model.pool
+            if projector is not None and not settings.read_database_url:
+                # a replica lags the projector: there, `min_position` waits poll the replica's own position
+                projector.add_listener(queries.read_model.notify_position)
+            self.http = HttpRole(
+                self._http_app(queries, commands),
+                queries,
+                self._prepare_read_model,
+                self._connection,
+                self.subjects,
+                settings.http_host,
+                settings.http_port,
+                settings.command_concurrency,
+            )
+            components.append(self.http)
+        return components
+
+    def _query_gateway(self, verifier: TokenVerifier) -> QueryGateway:
+        """The query gateway: the read model's pool, the event store's reads, the cursor key."""
+        assert self.app is not None and self.servers is not None
+        settings = self.settings
+        database_url = self.servers.database_url
+        read_model = ReadModel(settings.read_database_url or database_url, settings.db_pool_size, self.app.name)
+        return QueryGateway(
+            verifier,
+            read_model,
+            EventStoreReads(self.app, self.executor),
+            CursorCodec(shared_secret(database_url, CURSOR_KEY_NAME)),
+            settings.consistency_wait_ms,
+        )
+
+    def _http_app(self, queries: QueryGateway, commands: CommandGateway) -> FastAPI:
+        assert self.operations is not None
+        http_app = create_http_app(queries, commands)
+        add_asyncapi_route(http_app, self.settings.subject_prefix)
+        add_operations_routes(http_app, self.operations)
+        return http_app
+
+    async def _prepare_read_model(self) -> None:
+        assert self.servers is not None
+        await asyncio.get_running_loop().run_in_executor(
+            self.executor, prepare_read_model, self.servers.database_url
+        )
+
+    def _connection(self) -> NatsClient:
+        assert self.broker is not None
+        return self.broker.connection
 
     def _nats_connected(self) -> bool:
         try:

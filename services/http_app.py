@@ -16,7 +16,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Annotated, Any, Final
 
 import orjson
@@ -30,21 +30,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from activities_client.errors import ActivitiesError, NotFound, ValidationError, field_error
 from activities_client.filters import LIST_FILTERS, PAGE_PARAMETERS
+from activities_client.subjects import Subjects
 from activities_client.wire import ActivityListReply, ActivityReply, ErrorReply, EventHistoryReply
 from events.commands import parse_json_object
 from events.registry import COMMANDS, QUERIES, CommandSpec, HttpRoute
-from projections.database import shared_secret
-from projections.queries import CURSOR_KEY_NAME, CursorCodec, params_from_pairs
-from projections.read_model import prepare_read_model
-from services.asyncapi import add_asyncapi_route
+from projections.queries import params_from_pairs
 from services.gateway import CommandGateway
 from services.logs import start_request
 from services.nats_app import RequestServer
-from services.queries import EventStoreReads, QueryGateway, ReadModel
+from services.queries import QueryGateway
 
 if TYPE_CHECKING:
-    from services.auth import TokenVerifier
-    from services.bootstrap import Runtime
+    from nats.aio.client import Client as NatsClient
+
     from services.metrics import Metrics, Operations
 
 log = logging.getLogger("activities.http")
@@ -380,61 +378,45 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
-def query_gateway(runtime: Runtime, verifier: TokenVerifier) -> QueryGateway:
-    """The query gateway of a runtime (read model pool + event store reads)."""
-    assert runtime.app is not None and runtime.servers is not None
-    settings = runtime.settings
-    read_model = ReadModel(
-        settings.read_database_url or runtime.servers.database_url, settings.db_pool_size, runtime.app.name
-    )
-    # every instance on the database signs with the same random key, independent of the JWT
-    # settings (a key derived from them let anyone who knows a public key forge cursors);
-    # read once at start, from the primary (a replica cannot create it)
-    cursor_key = shared_secret(runtime.servers.database_url, CURSOR_KEY_NAME)
-    return QueryGateway(
-        verifier,
-        read_model,
-        EventStoreReads(runtime.app, runtime.executor),
-        CursorCodec(cursor_key),
-        settings.consistency_wait_ms,
-    )
-
-
 class HttpRole:
-    """The read side of a process: NATS query subscribers and the HTTP server (queries + writes)."""
+    """The read side of a process: the NATS query subscribers and the HTTP server (queries and writes).
 
-    def __init__(self, runtime: Runtime, verifier: TokenVerifier, commands: CommandGateway) -> None:
-        assert runtime.broker is not None
-        self.runtime = runtime
-        self.queries = query_gateway(runtime, verifier)
-        self._nats_queries = RequestServer(self.queries.handle_message, runtime.settings.command_concurrency)
-        self.http_app = create_http_app(self.queries, commands)
-        add_asyncapi_route(self.http_app, runtime.settings.subject_prefix)
-        if runtime.operations is not None:
-            runtime.operations.pools["read_model"] = self.queries.read_model.pool
-            add_operations_routes(self.http_app, runtime.operations)
+    `prepare` readies the read model (its table and reader role) before anything is served;
+    `connection` is the process's NATS connection, known once its broker has started."""
+
+    def __init__(
+        self,
+        http_app: FastAPI,
+        queries: QueryGateway,
+        prepare: Callable[[], Awaitable[None]],
+        connection: Callable[[], NatsClient],
+        subjects: Subjects,
+        host: str,
+        port: int,
+        concurrency: int,
+    ) -> None:
+        self.http_app = http_app
+        self.queries = queries
+        self._prepare = prepare
+        self._connection = connection
+        self._subjects = subjects
+        self._host = host
+        self._port = port
+        self._nats_queries = RequestServer(queries.handle_message, concurrency)
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
+        self.url: str | None = None
 
     async def start(self) -> None:
-        settings = self.runtime.settings
-        loop = asyncio.get_running_loop()
-        assert self.runtime.servers is not None
-        await loop.run_in_executor(self.runtime.executor, prepare_read_model, self.runtime.servers.database_url)
-        self.queries.read_model.bind_loop(loop)
+        await self._prepare()
+        self.queries.read_model.bind_loop(asyncio.get_running_loop())
         await self.queries.read_model.open()
-        assert self.runtime.broker is not None
-        connection = self.runtime.broker.connection
+        connection = self._connection()
         for name in QUERIES:
-            await self._nats_queries.serve(connection, self.runtime.subjects.query(name), name)
+            await self._nats_queries.serve(connection, self._subjects.query(name), name)
         await connection.flush()
         config = uvicorn.Config(
-            self.http_app,
-            host=settings.http_host,
-            port=settings.http_port,
-            lifespan="off",
-            log_config=None,
-            access_log=False,
+            self.http_app, host=self._host, port=self._port, lifespan="off", log_config=None, access_log=False
         )
         server = _EmbeddedServer(config)
         self._server = server
@@ -442,12 +424,12 @@ class HttpRole:
         while not server.started:
             if self._task.done():
                 self._task.result()
-                raise RuntimeError(f"HTTP server did not start on {settings.http_host}:{settings.http_port}")
+                raise RuntimeError(f"HTTP server did not start on {self._host}:{self._port}")
             await asyncio.sleep(0.01)
         host, port = server.servers[0].sockets[0].getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
-        self.runtime.endpoints["http_url"] = f"http://{shown}:{port}"
-        log.info("HTTP serving", extra={"http_url": self.runtime.endpoints["http_url"]})
+        self.url = f"http://{shown}:{port}"
+        log.info("HTTP serving", extra={"http_url": self.url})
 
     async def stop(self) -> None:
         await self._nats_queries.drain()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from typing import Any
 
 import orjson
@@ -16,9 +18,12 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from activities_client.subjects import COMMAND_QUEUE
+from activities_client.subjects import COMMAND_QUEUE, Subjects
+from events.registry import COMMANDS
 from services.application import internal_error
 from services.logs import start_request
+
+log = logging.getLogger("activities.commands")
 
 Handler = Callable[[str, bytes, dict[str, str]], Awaitable[tuple[int, dict[str, Any]]]]
 
@@ -71,3 +76,47 @@ class RequestServer:
         self._subscriptions.clear()
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+class CommandsRole:
+    """The `commands` role: the command subjects (queue group `activities`) served by `server`,
+    and the hourly purge of expired Idempotency-Keys (`purge`, run on `executor`)."""
+
+    PURGE_EVERY_S = 3600.0
+
+    def __init__(
+        self,
+        server: RequestServer,
+        connection: Callable[[], NatsClient],
+        subjects: Subjects,
+        purge: Callable[[], int],
+        executor: Executor,
+    ) -> None:
+        self._server = server
+        self._connection = connection
+        self._subjects = subjects
+        self._purge = purge
+        self._executor = executor
+        self._purger: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        connection = self._connection()
+        for name in COMMANDS:
+            await self._server.serve(connection, self._subjects.command(name), name)
+        await connection.flush()
+        self._purger = asyncio.get_running_loop().create_task(self._purge_forever(), name="idempotency-purge")
+
+    async def _purge_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                purged = await loop.run_in_executor(self._executor, self._purge)
+                log.info("expired idempotency keys purged", extra={"purged": purged})
+            except Exception as exc:  # the database is away: next time
+                log.warning("idempotency purge failed", extra={"error": str(exc)})
+            await asyncio.sleep(self.PURGE_EVERY_S)
+
+    async def stop(self) -> None:
+        if self._purger is not None:
+            self._purger.cancel()
+        await self._server.drain()
