@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from activities_client.document import ACTIVITY_ID_PATTERN
 from activities_client.errors import ActivitiesError, NotFound, ValidationError, field_error
 from activities_client.filters import LIST_FILTERS, PAGE_PARAMETERS
 from activities_client.subjects import Subjects
@@ -48,10 +49,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("activities.http")
 
 BASE = "/api/v1/crm/activities"
+ACTIVITY_ID_DESCRIPTION: Final = "act_ followed by a 26-character ULID"
 _IF_MATCH = re.compile(r'^\s*(?:W/)?"?([0-9]{1,18})"?\s*$')
 
 SCHEMA_REF: Final = "#/components/schemas/{model}"
-ActivityId = Annotated[str, Path(alias="id", description="act_ followed by a 26-character ULID")]
+ActivityId = Annotated[
+    str,  # documented with the id pattern; checked by the query gateway, which answers HTTP and NATS alike
+    Path(alias="id", description=ACTIVITY_ID_DESCRIPTION, json_schema_extra={"pattern": ACTIVITY_ID_PATTERN}),
+]
 
 BEARER_AUTH: Final = {"type": "http", "scheme": "bearer", "bearerFormat": "JWT", "description": "Bearer <JWT>"}
 IDEMPOTENCY_KEY_PARAMETER: Final = {
@@ -228,8 +233,9 @@ def create_http_app(queries: QueryGateway, commands: CommandGateway) -> FastAPI:
 def command_route_documentation(spec: CommandSpec) -> dict[str, Any]:
     """OpenAPI of a command route: its path parameters, its headers and its request body."""
     route = spec.http
+    fields = spec.body.model_json_schema()["properties"]
     parameters: list[dict[str, Any]] = [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in route.path_parameters
+        {"name": name, "in": "path", "required": True, "schema": fields[name]} for name in route.path_parameters
     ]
     parameters.append(IDEMPOTENCY_KEY_PARAMETER)
     if route.if_match:
