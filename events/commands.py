@@ -1,16 +1,23 @@
-"""The imperative commands other services send (CONTRACT.md section 3), parsed from JSON bodies.
+"""The imperative commands other services send (CONTRACT.md section 3): their typed forms, their
+parsers, and the registry `COMMANDS`.
 
-Parsing turns any wire body into a typed command or a `ValidationError` naming the field.
+Parsing turns any wire body into a typed command or a `ValidationError` naming the field. A new
+command is its body model (activities_client/wire.py), its parser and registry entry (here), its
+rule (services/domain.py) and its event class (events/activity.py). Everything that is only
+dispatch follows from `COMMANDS`: the NATS subjects the service serves, the HTTP write routes, and
+the AsyncAPI and OpenAPI documents.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import orjson
 import pydantic
+from pydantic import BaseModel
 
 from activities_client.document import (
     MAX_BODY_BYTES,
@@ -20,6 +27,7 @@ from activities_client.document import (
     is_activity_id,
 )
 from activities_client.errors import ValidationError, field_error
+from activities_client.wire import ActivityRefBody, ActivityReply, PatchActivityBody
 
 
 @dataclass(frozen=True)
@@ -188,6 +196,94 @@ def parse_restore(body: bytes | str | dict[str, Any]) -> RestoreActivity:
     data = parse_json_object(body)
     _only_keys(data, {"id", "expected_version"})
     return RestoreActivity(_activity_id(data), _expected_version(data))
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry: one entry per command
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HttpRoute:
+    """How a command is reached over HTTP, below `/api/v1/crm/activities`.
+
+    The command's body is built from the request: each path parameter goes in under its own name,
+    the JSON body under `body_field` (or is the whole command body when `body_field` is None),
+    and `If-Match: "<version>"` becomes `expected_version` when `if_match` is set (a conflict is
+    then 412 instead of 409).
+    """
+
+    method: str
+    path: str
+    status: int = 200
+    has_body: bool = True
+    body_field: str | None = None
+    media_type: str = "application/json"
+    if_match: bool = False
+    errors: tuple[int, ...] = ()
+
+    @property
+    def path_parameters(self) -> tuple[str, ...]:
+        return tuple(part[1:-1] for part in self.path.split("/") if part.startswith("{") and part.endswith("}"))
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """A command: served on `<prefix>.cmd.<name>` and at `http`."""
+
+    name: str
+    summary: str
+    parse: Callable[[dict[str, Any]], Command]
+    body: type[BaseModel]
+    reply: type[BaseModel]
+    http: HttpRoute
+
+
+COMMANDS: Final[Mapping[str, CommandSpec]] = {
+    spec.name: spec
+    for spec in (
+        CommandSpec(
+            "create",
+            "Log a new activity. Body: the client-settable fields of an Activity.",
+            parse_create,
+            ActivityFields,
+            ActivityReply,
+            HttpRoute("POST", "", status=201, errors=(409,)),
+        ),
+        CommandSpec(
+            "patch",
+            "Apply a JSON Merge Patch to an activity; a patch that changes nothing appends nothing.",
+            parse_patch,
+            PatchActivityBody,
+            ActivityReply,
+            HttpRoute(
+                "PATCH",
+                "/{id}",
+                body_field="changes",
+                media_type="application/merge-patch+json",
+                if_match=True,
+                errors=(404, 409, 410, 412),
+            ),
+        ),
+        CommandSpec(
+            "delete",
+            "Soft-delete an activity (a no-op when already deleted).",
+            parse_delete,
+            ActivityRefBody,
+            ActivityReply,
+            HttpRoute("DELETE", "/{id}", has_body=False, if_match=True, errors=(404, 409, 412)),
+        ),
+        CommandSpec(
+            "restore",
+            "Restore a soft-deleted activity (a no-op when live).",
+            parse_restore,
+            ActivityRefBody,
+            ActivityReply,
+            HttpRoute("POST", "/{id}/restore", has_body=False, if_match=True, errors=(404, 409, 412)),
+        ),
+    )
+}
+"""Every command, by name (the last part of its subject)."""
 
 
 def command_fingerprint(name: str, body: dict[str, Any]) -> str:

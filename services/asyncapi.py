@@ -25,7 +25,8 @@ from pydantic.json_schema import models_json_schema
 from activities_client.document import EventBody
 from activities_client.subjects import COMMAND_QUEUE, Subjects
 from activities_client.wire import ErrorReply
-from events.registry import COMMANDS, QUERIES, CommandSpec, QuerySpec
+from events.commands import COMMANDS, CommandSpec
+from events.queries import QUERIES, QuerySpec
 
 ASYNCAPI_PATH: Final = "/asyncapi.json"
 EVENT_KINDS: Final = {

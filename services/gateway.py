@@ -13,8 +13,7 @@ from typing import Any
 
 from activities_client.errors import ActivitiesError, field_error
 from events.activity import valid_traceparent
-from events.commands import Command, command_fingerprint, parse_json_object
-from events.registry import COMMANDS
+from events.commands import COMMANDS, Command, command_fingerprint, parse_json_object
 from services.application import CommandBatcher, CommandRequest, CommandResult, internal_error
 from services.auth import TokenVerifier
 from services.metrics import Metrics

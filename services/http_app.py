@@ -33,8 +33,8 @@ from activities_client.errors import ActivitiesError, NotFound, ValidationError,
 from activities_client.filters import LIST_FILTERS, PAGE_PARAMETERS
 from activities_client.subjects import Subjects
 from activities_client.wire import ActivityListReply, ActivityReply, ErrorReply, EventHistoryReply
-from events.commands import parse_json_object
-from events.registry import COMMANDS, QUERIES, CommandSpec, HttpRoute
+from events.commands import COMMANDS, CommandSpec, HttpRoute, parse_json_object
+from events.queries import QUERIES
 from projections.queries import params_from_pairs
 from services.gateway import CommandGateway
 from services.logs import start_request

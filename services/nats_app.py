@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from activities_client.subjects import COMMAND_QUEUE, Subjects
-from events.registry import COMMANDS
+from events.commands import COMMANDS
 from services.application import internal_error
 from services.logs import start_request
 

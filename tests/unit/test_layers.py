@@ -110,7 +110,7 @@ def package_of(module: str) -> str:
 
 def test_the_graph_sees_the_project() -> None:
     graph = import_graph()
-    assert "services.bootstrap" in graph and "events.registry" in graph
+    assert "services.bootstrap" in graph and "events.commands" in graph
     assert "services.domain" in graph["services.application"]  # the parser resolves real imports
 
 

@@ -18,7 +18,8 @@ from ulid import ULID
 from activities_client.document import is_activity_id
 from activities_client.errors import ERRORS_BY_CODE
 from activities_client.filters import LIST_FILTERS, PAGE_PARAMETERS
-from events.registry import COMMANDS, QUERIES
+from events.commands import COMMANDS
+from events.queries import QUERIES
 from services.asyncapi import asyncapi_document
 from services.gateway import CommandGateway
 from services.http_app import BASE, create_http_app

@@ -1,0 +1,42 @@
+"""The queries served over NATS request/reply, one entry each: their subjects and the AsyncAPI
+document follow from this table (the commands' table is `events.commands.COMMANDS`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from pydantic import BaseModel
+
+from activities_client.wire import ActivityListReply, ActivityReply, GetActivityBody, ListActivitiesBody
+
+
+@dataclass(frozen=True)
+class QuerySpec:
+    """A query: served on `<prefix>.query.<name>` (its HTTP routes read query strings, see http_app)."""
+
+    name: str
+    summary: str
+    body: type[BaseModel]
+    reply: type[BaseModel]
+
+
+QUERIES: Final[Mapping[str, QuerySpec]] = {
+    spec.name: spec
+    for spec in (
+        QuerySpec(
+            "get",
+            "One activity; `version` gives it as it was; `min_position` waits for the read model.",
+            GetActivityBody,
+            ActivityReply,
+        ),
+        QuerySpec(
+            "list",
+            "A page of activities matching the filters, from the read model; follow `next_cursor`.",
+            ListActivitiesBody,
+            ActivityListReply,
+        ),
+    )
+}
+"""Every query served over NATS request/reply, by name."""
