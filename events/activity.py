@@ -14,7 +14,7 @@ from uuid import UUID
 from eventsourcing.domain import AggregateCreated, AggregateEvent
 from ulid import ULID
 
-from activities_client.document import ID_PREFIX, client_fields, format_datetime
+from activities_client.document import ID_PREFIX, SCHEMA_VERSION, client_fields, format_datetime, upcast_document
 
 
 def activity_uuid(activity_id: str) -> UUID:
@@ -31,12 +31,19 @@ def activity_id_of(originator_id: UUID) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def upcast_to_schema_2(state: dict[str, Any]) -> None:
+    """An event stored with a schema 1 document, read as schema 2 (the new fields' defaults)."""
+    state["document"] = upcast_document(state["document"])
+    state["schema_version"] = SCHEMA_VERSION
+
+
 class ActivityLogged(AggregateCreated):
     """A new activity was logged. Its `changes` (the initial client document) are not stored: they
     are the client fields of `document`, and storing them twice doubled the JSON every rebuild and
-    every reader parses (class version 2; version 1 stored them, and is upcast by dropping them)."""
+    every reader parses (class version 2; version 1 stored them, and is upcast by dropping them).
+    Class version 3 carries a schema 2 document (version 2 a schema 1 one, upcast when read)."""
 
-    class_version = 2
+    class_version = 3
 
     document: dict[str, Any]
     actor: str
@@ -51,13 +58,19 @@ class ActivityLogged(AggregateCreated):
     def upcast_v1_v2(state: dict[str, Any]) -> None:
         state.pop("changes", None)
 
+    upcast_v2_v3 = staticmethod(upcast_to_schema_2)
+
     def apply(self, aggregate: Any) -> None:
         aggregate.document = self.document
 
 
 class ActivityChanged(AggregateEvent):
     """What every event after the first carries (never stored itself: it has no topic of its own).
-    Its fields are ActivityLogged's; each event holds the whole document after it."""
+    Its fields are ActivityLogged's; each event holds the whole document after it. Class version 2
+    carries a schema 2 document (version 1 a schema 1 one, upcast when read)."""
+
+    class_version = 2
+    upcast_v1_v2 = staticmethod(upcast_to_schema_2)
 
     document: dict[str, Any]
     changes: dict[str, Any]

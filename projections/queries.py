@@ -21,7 +21,13 @@ from typing import Any, Final
 import orjson
 from psycopg import sql
 
-from activities_client.document import format_datetime, is_activity_id, parse_datetime
+from activities_client.document import (
+    SCHEMA_2_DEFAULTS,
+    SCHEMA_VERSION,
+    format_datetime,
+    is_activity_id,
+    parse_datetime,
+)
 from activities_client.errors import field_error
 from activities_client.filters import (
     DEFAULT_LIMIT,
@@ -437,10 +443,11 @@ def build_list_sql(
         ranges = [([condition], values) for condition, values in _after(query.sort, after)]
     pages = [
         sql.SQL(
-            "SELECT id, {sort} AS sort_value, document::text AS document "
+            "SELECT id, {sort} AS sort_value, {document}::text AS document "
             "FROM {table} WHERE {where} ORDER BY {order} LIMIT %s"
         ).format(
             sort=sql.Identifier(query.sort.field),
+            document=upcast_sql(sql.Identifier("document")),
             table=table_identifier(table),
             where=sql.SQL(" AND ").join([*where, *conditions]),
             order=_order(query.sort),
@@ -457,11 +464,28 @@ def build_list_sql(
     return statement, [*page_params[0], *page_params[1], rows]
 
 
+def upcast_sql(document: sql.Composable) -> sql.Composable:
+    """A stored document (a jsonb expression) in the current schema: `upcast_document` in SQL.
+
+    Rows written from schema 1 documents (by release 1.0, or by a 1.0 projector still running
+    during a rolling upgrade) are served in the current schema all the same."""
+    defaults = orjson.dumps(SCHEMA_2_DEFAULTS).decode()
+    current = orjson.dumps({"schema_version": SCHEMA_VERSION}).decode()
+    return sql.SQL(
+        "(CASE WHEN ({d}->>'schema_version')::int < {version} THEN {defaults}::jsonb || {d} || {current}::jsonb "
+        "ELSE {d} END)"
+    ).format(
+        d=document, version=sql.Literal(SCHEMA_VERSION), defaults=sql.Literal(defaults), current=sql.Literal(current)
+    )
+
+
 def build_get_sql(table: str, activity_id: str, caller: Caller) -> tuple[sql.Composed, list[Any]]:
     """The current document of one activity visible to the caller (no row: not found)."""
     where, params = _scope(caller)
-    statement = sql.SQL("SELECT document FROM {table} WHERE id = %s AND {where}").format(
-        table=table_identifier(table), where=sql.SQL(" AND ").join(where)
+    statement = sql.SQL("SELECT {document} AS document FROM {table} WHERE id = %s AND {where}").format(
+        document=upcast_sql(sql.Identifier("document")),
+        table=table_identifier(table),
+        where=sql.SQL(" AND ").join(where),
     )
     return statement, [activity_id, *params]
 
@@ -560,16 +584,23 @@ def build_load_from_log_sql(table: str, events_table: str) -> sql.Composed:
     names, values, updates = _row_sql(table)
     return sql.SQL(
         "INSERT INTO {table} ({names}) "
-        "SELECT {values} FROM ("
+        "SELECT {values} FROM (SELECT {upcast} AS d, raw.value FROM ("
         "  SELECT (convert_from(e.state, 'UTF8')::jsonb)->'document' AS d, to_jsonb(e.notification_id) AS value "
         "  FROM (SELECT DISTINCT ON (originator_id) notification_id FROM {events} "
         "        WHERE notification_id > %s AND notification_id <= %s "
         "          AND get_byte(uuid_send(originator_id), 15) %% %s = %s "  # a partition of the activities
         "        ORDER BY originator_id, originator_version DESC) AS latest "
         "  JOIN {events} AS e ON e.notification_id = latest.notification_id "
-        "  OFFSET 0) AS p "  # OFFSET 0 keeps `d` computed once per row, not once per column
+        "  OFFSET 0) AS raw OFFSET 0) AS p "  # OFFSET 0 keeps `d` computed once per row, not once per column
         "ON CONFLICT (id) DO UPDATE SET {updates} WHERE {table}.version < EXCLUDED.version"
-    ).format(table=ident, names=names, values=values, updates=updates, events=table_identifier(events_table))
+    ).format(
+        table=ident,
+        names=names,
+        values=values,
+        updates=updates,
+        events=table_identifier(events_table),
+        upcast=upcast_sql(sql.SQL("raw.d")),
+    )
 
 
 def schema_statements(template: str, table: str) -> list[str]:

@@ -147,6 +147,8 @@ def new_document(activity_id: str, fields: dict[str, Any], caller: Caller, now: 
         "deleted_by": None,
         "schema_version": SCHEMA_VERSION,
         "version": 1,
+        "external_key": None,
+        "is_erased": False,
         **fields,
     }
 

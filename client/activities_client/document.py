@@ -22,11 +22,13 @@ from pydantic import (
     field_validator,
 )
 
-SCHEMA_VERSION: Final = 1
-"""Version of the Activity document schema (the `schema_version` field)."""
+SCHEMA_VERSION: Final = 2
+"""Version of the Activity document schema (the `schema_version` field). Schema 2 added
+`remind_at`, `external_key` and `is_erased` (SCHEMA_2_DEFAULTS); documents of schema 1, in events
+stored before, are read as schema 2 by `upcast_document`."""
 
-EVENT_SCHEMA_VERSION: Final = 1
-"""Version of the event body schema (CONTRACT.md section 4)."""
+SCHEMA_2_DEFAULTS: Final = {"remind_at": None, "external_key": None, "is_erased": False}
+"""What a schema 1 document holds of the fields schema 2 added."""
 
 MAX_BODY_BYTES: Final = 256 * 1024
 MAX_CUSTOM_FIELDS_DEPTH: Final = 8
@@ -123,10 +125,12 @@ SERVER_FIELDS: Final = frozenset(
         "deleted_by",
         "schema_version",
         "version",
+        "external_key",
+        "is_erased",
     }
 )
 
-DATETIME_FIELDS: Final = ("activity_date", "due_date", "completed_at", "occurred_at")
+DATETIME_FIELDS: Final = ("activity_date", "due_date", "completed_at", "occurred_at", "remind_at")
 
 
 class ActivityFields(BaseModel):
@@ -167,6 +171,7 @@ class ActivityFields(BaseModel):
     tags: list[NonEmptyStr] = Field(default_factory=list)
     type: ActivityKind | None = None
     owner_id: StrictStr | None = None
+    remind_at: AwareDateTime | None = Field(default=None, strict=False)
 
     @field_validator("contact_ids", "attachment_refs", "tags")
     @classmethod
@@ -242,6 +247,16 @@ class ActivityDocument(ActivityFields):
     deleted_by: str | None
     schema_version: int
     version: int
+    external_key: str | None = None
+    is_erased: bool = False
+
+
+def upcast_document(document: dict[str, Any]) -> dict[str, Any]:
+    """A stored document in the current schema: the fields added since its schema take their
+    defaults (pure; a document already current is returned as it is)."""
+    if document.get("schema_version", SCHEMA_VERSION) >= SCHEMA_VERSION:
+        return document
+    return {**SCHEMA_2_DEFAULTS, **document, "schema_version": SCHEMA_VERSION}
 
 
 # ---------------------------------------------------------------------------------------------

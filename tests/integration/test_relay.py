@@ -215,7 +215,7 @@ async def test_lifecycle_is_published_in_order_with_documents_and_changes(
         assert message.headers["Activity-Version"] == str(version)
         assert message.headers["Event-Type"] == event_type
         body = message.body
-        assert body["event_type"] == event_type and body["schema_version"] == 1
+        assert body["event_type"] == event_type and body["schema_version"] == 2
         assert (body["activity_id"], body["tenant_id"], body["app_id"]) == (activity_id, "acme", None)
         assert body["version"] == version and body["activity"]["version"] == version
         assert body["activity"] == reply["data"]  # the whole document after the event

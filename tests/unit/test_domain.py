@@ -74,7 +74,7 @@ def test_create_logs_an_activity_with_server_fields_from_the_caller() -> None:
     assert (document["tenant_id"], document["app_id"]) == ("acme", "gong")
     assert document["created_by"] == document["updated_by"] == "svc-sync"
     assert document["created_at"] == document["updated_at"] == "2026-11-27T12:00:00Z"
-    assert document["version"] == 1 and document["schema_version"] == 1
+    assert document["version"] == 1 and document["schema_version"] == 2
     assert document["is_deleted"] is False and document["deleted_at"] is None and document["deleted_by"] is None
     assert decision.changes["account_id"] == "acc_1" and decision.changes["type"] == "call"
 
@@ -104,7 +104,8 @@ def test_create_without_account_deal_or_contact_is_refused() -> None:
 
 
 @pytest.mark.parametrize("field", ["id", "tenant_id", "app_id", "created_at", "updated_at", "created_by", "updated_by",
-                                   "is_deleted", "deleted_at", "deleted_by", "schema_version", "version"])
+                                   "is_deleted", "deleted_at", "deleted_by", "schema_version", "version",
+                                   "external_key", "is_erased"])
 def test_server_fields_cannot_be_sent(field: str) -> None:
     with pytest.raises(ValidationError) as caught:
         parse_create({"account_id": "acc_1", field: "x"})
