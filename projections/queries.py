@@ -403,6 +403,7 @@ FILTER_SQL: Final[dict[str, FilterSql]] = {
     "activity_date_from": _compare("activity_date", ">="),
     "activity_date_to": _compare("activity_date", "<="),
     "updated_since": _compare("updated_at", ">="),
+    "external_key": _equals("external_key"),
 }
 """The WHERE term of each filter of activities_client/filters.py (each served by an index of schema.sql);
 tests/unit/test_queries.py checks that every filter has one."""
@@ -526,6 +527,7 @@ _ROW_COLUMNS: Final = (
     ("updated_at", "(d->>'updated_at')::timestamptz"),
     ("is_deleted", "(d->>'is_deleted')::boolean"),
     ("version", "(d->>'version')::integer"),
+    ("external_key", "d->>'external_key'"),  # read-model migration 3
     ("position", "(p.value)::bigint"),
     ("document", "d"),
 )
@@ -603,8 +605,14 @@ def build_load_from_log_sql(table: str, events_table: str) -> sql.Composed:
     )
 
 
-def schema_statements(template: str, table: str) -> list[str]:
-    """The DDL of schema.sql for a table name: `{table}` and `{table}_suffix` become identifiers."""
+def split_statements(template: str) -> list[str]:
+    """The statements of a DDL template (`--` comment lines dropped), still naming `{table}`."""
+    lines = [line for line in template.splitlines() if not line.lstrip().startswith("--")]
+    return [statement.strip() for statement in "\n".join(lines).split(";") if statement.strip()]
+
+
+def render_statement(statement: str, table: str) -> str:
+    """A DDL statement for a table name: `{table}` and `{table}_suffix` become quoted identifiers."""
     table_identifier(table)
 
     def identifier(match: re.Match[str]) -> str:
@@ -613,6 +621,9 @@ def schema_statements(template: str, table: str) -> list[str]:
             raise ValueError(f"derived identifier too long or invalid: {name!r}")
         return f'"{name}"'
 
-    lines = [line for line in template.splitlines() if not line.lstrip().startswith("--")]
-    text = re.sub(r"\{table\}(\w*)", identifier, "\n".join(lines))
-    return [statement.strip() for statement in text.split(";") if statement.strip()]
+    return re.sub(r"\{table\}(\w*)", identifier, statement)
+
+
+def schema_statements(template: str, table: str) -> list[str]:
+    """The DDL of a template (schema.sql) for a table name."""
+    return [render_statement(statement, table) for statement in split_statements(template)]

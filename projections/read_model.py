@@ -21,7 +21,6 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any, Final, TypeVar
 
 import orjson
@@ -33,6 +32,7 @@ from psycopg.rows import DictRow
 
 from projections.consumer import ConsumerSettings, Entry, schema_lock
 from projections.database import url_datastore
+from projections.migrations import create_fresh, migrate
 from projections.queries import (
     READ_MODEL_TABLE,
     TRACKING_TABLE,
@@ -40,7 +40,6 @@ from projections.queries import (
     build_load_from_log_sql,
     build_position_sql,
     build_upsert_sql,
-    schema_statements,
     table_identifier,
 )
 
@@ -80,18 +79,19 @@ def ensure_reader_role(datastore: PostgresDatastore, table: str) -> None:
         log.warning("read-model reader role not set up", extra={"error": str(exc)})
 
 
-def prepare_read_model(database_url: str) -> None:
-    """Create the read model's tables, policies and reader role if missing (idempotent), so that
-    query connections can take the reader role before the projector has run."""
+def prepare_read_model(database_url: str) -> list[int]:
+    """Bring the read model to the current schema: its pending migrations (projections/migrations.py),
+    then the reader role's grants on it; the versions applied. When nothing is pending this only
+    reads the migrations table, so every process may call it on start."""
+    return migrate(database_url, after_first=grant_reader)
+
+
+def grant_reader(database_url: str, table: str) -> None:
     datastore = read_model_datastore(database_url, pool_size=1)
     try:
-        ReadModelRecorder(datastore).create_table()
+        ensure_reader_role(datastore, table)
     finally:
         datastore.close()
-
-
-def schema_template() -> str:
-    return resources.files("projections").joinpath("schema.sql").read_text()
 
 
 def read_model_datastore(database_url: str, pool_size: int = 2) -> PostgresDatastore:
@@ -119,12 +119,8 @@ class ReadModelRecorder(PostgresTrackingRecorder):
     def __init__(self, datastore: PostgresDatastore, table: str = READ_MODEL_TABLE, with_indexes: bool = True) -> None:
         super().__init__(datastore, tracking_table_name=TRACKING_TABLE)
         self.table = table
-        self.index_statements: list[str] = []
-        for statement in schema_statements(schema_template(), table):
-            if not with_indexes and statement.upper().startswith("CREATE INDEX"):
-                self.index_statements.append(statement)  # built after a bulk load, which is much faster
-            else:
-                self.sql_create_statements.append(sql.SQL(statement))  # type: ignore[arg-type]
+        self.with_indexes = with_indexes
+        self.index_statements: list[str] = []  # left out by `with_indexes=False`: built after a bulk load
         self._upsert = build_upsert_sql(table)
         self._apply = build_apply_sql(table, TRACKING_TABLE)
 
@@ -141,11 +137,12 @@ class ReadModelRecorder(PostgresTrackingRecorder):
             list(pool.map(build, self.index_statements))
 
     def create_table(self) -> None:
-        """Idempotent. Serialised by an advisory lock: two processes creating the schema at once
-        collide in pg_type, and their DROP/CREATE POLICY statements deadlock on the table."""
-        with schema_lock(self.datastore, SCHEMA_LOCK):
-            super().create_table()
-            ensure_reader_role(self.datastore, self.table)
+        """A new table (a rebuild's copy aside, a test's) with every migration. The live table is
+        made and changed by `prepare_read_model` instead, once. Serialised by an advisory lock: two
+        processes creating tables at once collide in pg_type."""
+        with schema_lock(self.datastore, SCHEMA_LOCK), self.datastore.get_connection() as conn:
+            self.index_statements = create_fresh(conn, self.table, self.with_indexes)
+        ensure_reader_role(self.datastore, self.table)
 
     def upsert(self, curs: Cursor[DictRow], rows: Sequence[Row]) -> None:
         """Upsert documents (newer versions only) inside the caller's transaction."""
@@ -236,8 +233,7 @@ class Projector:
     def _resume(self) -> int:
         if self._datastore is None:
             self._datastore = read_model_datastore(self.database_url)
-        recorder = ReadModelRecorder(self._datastore, self.table)
-        recorder.create_table()
+        recorder = ReadModelRecorder(self._datastore, self.table)  # the table: `prepare_read_model`, on start
         self._recorder = recorder
         return recorder.position(self.application_name)
 
@@ -279,13 +275,14 @@ class Status:
 
 
 def status(app: Application[Any], datastore: PostgresDatastore, table: str = READ_MODEL_TABLE) -> Status:
-    recorder = ReadModelRecorder(datastore, table)
-    recorder.create_table()
+    """Read-only: a read model not created yet is at position 0 with no rows."""
     with datastore.transaction(commit=False) as curs:
+        if not _table_exists(curs, table) or not _table_exists(curs, TRACKING_TABLE):
+            return Status(0, app.recorder.max_notification_id() or 0, 0)
         curs.execute(sql.SQL("SELECT count(*) AS n FROM {}").format(table_identifier(table)))
         row = curs.fetchone()
     rows = int(row["n"]) if row else 0
-    return Status(recorder.position(app.name), app.recorder.max_notification_id() or 0, rows)
+    return Status(ReadModelRecorder(datastore, table).position(app.name), app.recorder.max_notification_id() or 0, rows)
 
 
 def _drop_table(curs: Cursor[DictRow], table: str) -> None:

@@ -167,6 +167,8 @@ class Runtime:
         self.servers = await loop.run_in_executor(None, resolve_servers, settings)
         await loop.run_in_executor(None, check_database, self.servers.database_url)
         self.app = await loop.run_in_executor(None, build_application, settings, self.servers.database_url)
+        if {"projector", "http"} & set(self.roles):  # the read model in the current schema (a no-op when it is)
+            await loop.run_in_executor(None, prepare_read_model, self.servers.database_url)
         verifier = token_verifier(settings)
         self.broker = NatsBroker(
             self.servers.nats_url,
@@ -221,7 +223,6 @@ class Runtime:
             self.http = HttpRole(
                 self._http_app(queries, commands),
                 queries,
-                self._prepare_read_model,
                 self._connection,
                 self.subjects,
                 settings.http_host,
@@ -251,12 +252,6 @@ class Runtime:
         add_asyncapi_route(http_app, self.settings.subject_prefix)
         add_operations_routes(http_app, self.operations)
         return http_app
-
-    async def _prepare_read_model(self) -> None:
-        assert self.servers is not None
-        await asyncio.get_running_loop().run_in_executor(
-            self.executor, prepare_read_model, self.servers.database_url
-        )
 
     def _connection(self) -> NatsClient:
         assert self.broker is not None

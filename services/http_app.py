@@ -16,7 +16,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Annotated, Any, Final
 
 import orjson
@@ -387,14 +387,12 @@ class _EmbeddedServer(uvicorn.Server):
 class HttpRole:
     """The read side of a process: the NATS query subscribers and the HTTP server (queries and writes).
 
-    `prepare` readies the read model (its table and reader role) before anything is served;
     `connection` is the process's NATS connection, known once its broker has started."""
 
     def __init__(
         self,
         http_app: FastAPI,
         queries: QueryGateway,
-        prepare: Callable[[], Awaitable[None]],
         connection: Callable[[], NatsClient],
         subjects: Subjects,
         host: str,
@@ -403,7 +401,6 @@ class HttpRole:
     ) -> None:
         self.http_app = http_app
         self.queries = queries
-        self._prepare = prepare
         self._connection = connection
         self._subjects = subjects
         self._host = host
@@ -414,7 +411,6 @@ class HttpRole:
         self.url: str | None = None
 
     async def start(self) -> None:
-        await self._prepare()
         self.queries.read_model.bind_loop(asyncio.get_running_loop())
         await self.queries.read_model.open()
         connection = self._connection()

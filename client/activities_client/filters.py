@@ -46,6 +46,7 @@ LIST_FILTERS: Final = (
     ListFilter("activity_date_from", "datetime", "inclusive lower bound of activity_date (RFC 3339)"),
     ListFilter("activity_date_to", "datetime", "inclusive upper bound of activity_date (RFC 3339)"),
     ListFilter("updated_since", "datetime", "only activities updated at or after this time (RFC 3339)"),
+    ListFilter("external_key", "text", "the activity an upsert created under this key"),
 )
 FILTERS_BY_NAME: Final = {spec.name: spec for spec in LIST_FILTERS}
 

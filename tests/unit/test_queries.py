@@ -25,7 +25,8 @@ from projections.queries import (
     parse_list_query,
     schema_statements,
 )
-from projections.read_model import latest_rows, schema_template
+from projections.migrations import schema_template
+from projections.read_model import latest_rows
 from services.domain import Caller
 from services.http_app import parse_if_match
 

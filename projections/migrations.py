@@ -1,0 +1,254 @@
+"""Read-model migrations: versioned changes of the read model's schema, each applied once.
+
+The read model is a table the service serves from while it changes, so a migration is written in
+steps that never stop reads:
+
+- `ddl`: statements run in one transaction under a short `lock_timeout` (retried with backoff):
+  adding a nullable column is instant, but its ACCESS EXCLUSIVE lock queues every later read
+  while it waits, so it never waits long;
+- `backfill`: `SET <backfill_set> WHERE <backfill_where>` over the rows, in batches of primary-key
+  ranges, each its own short transaction (row locks only: reads go on);
+- `concurrent`: index builds `CONCURRENTLY`, outside any transaction (they do not block writes);
+- `needs_rebuild`: a change that cannot be made in place says so, and `activities projections
+  rebuild` builds a copy aside with every migration and switches it in.
+
+`migrate` applies what is pending, once, in one process at a time (a session advisory lock), and
+records each version in `activities_read_model_migrations`. When nothing is pending it only reads
+that table: no lock and no DDL on ordinary paths (a start, a projector restart, `status`).
+Migration 1 is the read model of release 1.0 (schema.sql, frozen: later changes are migrations).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Final
+
+import psycopg
+from psycopg import sql
+
+from projections.database import conninfo
+from projections.queries import (
+    READ_MODEL_TABLE,
+    TRACKING_TABLE,
+    render_statement,
+    split_statements,
+    table_identifier,
+    upcast_sql,
+)
+
+log = logging.getLogger("activities.migrations")
+
+MIGRATIONS_TABLE: Final = "activities_read_model_migrations"
+MIGRATION_LOCK: Final = 7_146_501_224  # advisory lock key: one migrating process at a time
+DDL_LOCK_TIMEOUT: Final = "100ms"
+"""How long a migration's DDL may wait for its lock: reads queue behind a waiting ACCESS
+EXCLUSIVE request, so it gives up quickly and tries again instead."""
+DDL_ATTEMPTS: Final = 100
+BACKFILL_BATCH: Final = 5000
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One versioned change of the read model; statements name the table `{table}` (see schema.sql)."""
+
+    version: int
+    description: str
+    ddl: tuple[str, ...] = ()
+    backfill_set: str | None = None
+    backfill_where: str = "true"
+    concurrent: tuple[str, ...] = ()
+    needs_rebuild: bool = False
+
+
+class MigrationNeedsRebuild(RuntimeError):
+    """A pending migration cannot be applied in place."""
+
+
+TRACKING_DDL: Final = (
+    f"CREATE TABLE IF NOT EXISTS {TRACKING_TABLE} (application_name text, notification_id bigint, "
+    "PRIMARY KEY (application_name)) WITH (autovacuum_enabled = true, autovacuum_vacuum_threshold = 100000000, "
+    "autovacuum_vacuum_scale_factor = 0.5, autovacuum_analyze_threshold = 1000, "
+    "autovacuum_analyze_scale_factor = 0.01)"
+)
+"""The projections' tracking table, as eventsourcing's single-row tracking recorder creates it."""
+
+
+def schema_template() -> str:
+    """schema.sql: the read model of release 1.0, frozen (every later change is a migration)."""
+    return resources.files("projections").joinpath("schema.sql").read_text()
+
+
+def _release_1_0() -> tuple[str, ...]:
+    return (TRACKING_DDL, *split_statements(schema_template()))
+
+
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    Migration(1, "the read model of release 1.0: table, indexes, row-level security", ddl=_release_1_0()),
+    Migration(
+        2,
+        "documents in schema 2 (remind_at, external_key, is_erased)",
+        backfill_set=sql.SQL("document = {}")
+        .format(upcast_sql(sql.SQL("t.document")))
+        .as_string(None),
+        backfill_where="(t.document->>'schema_version')::int < 2",
+    ),
+    Migration(
+        3,
+        "external_key column, filled from the documents, and its index",
+        ddl=("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS external_key text",),
+        backfill_set="external_key = t.document->>'external_key'",
+        backfill_where="t.external_key IS DISTINCT FROM t.document->>'external_key'",
+        concurrent=(
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {table}_external_key "
+            "ON {table} (tenant_id, external_key) WHERE external_key IS NOT NULL",
+        ),
+    ),
+)
+"""Every migration, in order. Append; never edit one that has shipped."""
+
+
+def render(statement: str, table: str) -> str:
+    """A migration statement for a table: `{table}` and `{table}_suffix` become quoted identifiers."""
+    return render_statement(statement, table)
+
+
+def applied_versions(conn: psycopg.Connection[Any], table: str = READ_MODEL_TABLE) -> set[int]:
+    """The versions applied to `table` (none when the migrations table does not exist yet)."""
+    present = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (MIGRATIONS_TABLE,)).fetchone()
+    if not present or not present[0]:
+        return set()
+    rows = conn.execute(f"SELECT version FROM {MIGRATIONS_TABLE} WHERE tbl = %s", (table,)).fetchall()
+    return {int(row[0]) for row in rows}
+
+
+def pending(
+    conn: psycopg.Connection[Any], table: str = READ_MODEL_TABLE, migrations: Sequence[Migration] = MIGRATIONS
+) -> list[Migration]:
+    done = applied_versions(conn, table)
+    return [migration for migration in migrations if migration.version not in done]
+
+
+def migrate(
+    database_url: str,
+    table: str = READ_MODEL_TABLE,
+    migrations: Sequence[Migration] = MIGRATIONS,
+    after_first: Callable[[str, str], None] | None = None,
+    wait_s: float = 300.0,
+) -> list[int]:
+    """Apply the pending migrations to `table`, once, one process at a time; the versions applied.
+
+    `after_first(database_url, table)` runs after any migration was applied (the reader role's
+    grants, which need the table). Waits up to `wait_s` for another process that is migrating."""
+    with psycopg.connect(conninfo(database_url, connect_timeout=5), autocommit=True) as conn:
+        if not pending(conn, table, migrations):
+            return []
+        _lock(conn, wait_s)
+        try:
+            conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (tbl text NOT NULL, version integer NOT NULL, "
+                "description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (tbl, version))"
+            )
+            applied: list[int] = []
+            for migration in pending(conn, table, migrations):  # again: another process may have done some
+                if migration.needs_rebuild:
+                    raise MigrationNeedsRebuild(
+                        f"read-model migration {migration.version} ({migration.description}) cannot be applied in "
+                        "place: run `activities projections rebuild`, which builds the read model aside and switches"
+                    )
+                apply(conn, migration, table)
+                conn.execute(
+                    f"INSERT INTO {MIGRATIONS_TABLE} (tbl, version, description) VALUES (%s, %s, %s)",
+                    (table, migration.version, migration.description),
+                )
+                applied.append(migration.version)
+                log.info("read-model migration applied", extra={"version": migration.version, "table": table})
+            if applied and after_first is not None:
+                after_first(database_url, table)
+            return applied
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+
+
+def _lock(conn: psycopg.Connection[Any], wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while True:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (MIGRATION_LOCK,)).fetchone()
+        if row and row[0]:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"another process has been migrating the read model for over {wait_s:g} s")
+        log.info("waiting for another process migrating the read model")
+        time.sleep(0.5)
+
+
+def apply(conn: psycopg.Connection[Any], migration: Migration, table: str) -> None:
+    """Apply one migration's steps to `table` on an autocommit connection (no record kept)."""
+    if migration.ddl:
+        _ddl(conn, [render(statement, table) for statement in migration.ddl])
+    if migration.backfill_set is not None:
+        _backfill(conn, migration, table)
+    for statement in migration.concurrent:
+        _drop_if_invalid(conn, statement, table)
+        conn.execute(render(statement, table))
+
+
+def _ddl(conn: psycopg.Connection[Any], statements: list[str]) -> None:
+    for attempt in range(DDL_ATTEMPTS):
+        try:
+            with conn.transaction():
+                conn.execute(f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'")
+                for statement in statements:
+                    conn.execute(statement)
+            return
+        except psycopg.errors.LockNotAvailable:
+            time.sleep(min(0.05 * 2**attempt, 2.0))
+    raise TimeoutError(f"could not take the read model's lock in {DDL_ATTEMPTS} tries; try again when it is quieter")
+
+
+def _backfill(conn: psycopg.Connection[Any], migration: Migration, table: str) -> None:
+    """`backfill_set` on the rows matching `backfill_where`, a primary-key range per transaction."""
+    ident = table_identifier(table)
+    statement = sql.SQL(
+        "WITH batch AS (SELECT id FROM {table} WHERE id > %s ORDER BY id LIMIT %s), "
+        "done AS (UPDATE {table} AS t SET {set} FROM batch WHERE t.id = batch.id AND ({where}) RETURNING 1) "
+        "SELECT (SELECT max(id) FROM batch), (SELECT count(*) FROM done)"
+    ).format(table=ident, set=sql.SQL(migration.backfill_set or ""), where=sql.SQL(migration.backfill_where))
+    after, changed = "", 0
+    while True:
+        row = conn.execute(statement, (after, BACKFILL_BATCH)).fetchone()
+        if row is None or row[0] is None:
+            break
+        after, changed = row[0], changed + int(row[1])
+        log.info("read-model backfill", extra={"version": migration.version, "after": after, "changed": changed})
+
+
+def _drop_if_invalid(conn: psycopg.Connection[Any], statement: str, table: str) -> None:
+    """An index build CONCURRENTLY that failed leaves an invalid index, which IF NOT EXISTS would keep."""
+    name = render(statement, table).split(" IF NOT EXISTS ", 1)[1].split()[0].strip('"')
+    row = conn.execute(
+        "SELECT NOT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = %s",
+        (name,),
+    ).fetchone()
+    if row and row[0]:
+        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def create_fresh(conn: psycopg.Connection[Any], table: str, with_indexes: bool = True) -> list[str]:
+    """Every migration's DDL on a new, empty `table` (for a rebuild aside); the index statements,
+    built now or returned to be built after a bulk load (`with_indexes=False`)."""
+    indexes: list[str] = []
+    for migration in MIGRATIONS:
+        statements = [render(statement, table) for statement in migration.ddl]
+        later = [s for s in statements if s.upper().startswith("CREATE INDEX")]
+        _ddl(conn, [s for s in statements if s not in later])
+        later += [render(statement, table).replace(" CONCURRENTLY", "") for statement in migration.concurrent]
+        indexes += later
+    if with_indexes:
+        for statement in indexes:
+            conn.execute(statement)
+        return []
+    return indexes
