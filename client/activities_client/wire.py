@@ -123,4 +123,3 @@ class EventHistoryReply(BaseModel):
 
     data: list[EventBody]
     meta: Meta
-
