@@ -245,7 +245,7 @@ def error_lines(error: ActivitiesError) -> list[str]:
     lines = [f"error: {error.code}: {error.message}"]
     for detail in error.details:
         line = f"{detail.get('field')}: {detail.get('message')}"
-        if line != error.message:
+        if line not in error.message:
             lines.append(f"  {line}")
     return lines
 
