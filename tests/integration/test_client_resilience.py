@@ -94,6 +94,30 @@ async def test_nats_without_the_service_fails_unavailable(
     assert_quiet(caplog, capfd)
 
 
+async def test_a_lost_connection_is_unavailable_then_comes_back_with_the_server(
+    tmp_path: Path, token: Callable[..., str], caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    server = EmbeddedNats(tmp_path / "nats", port=None)
+    url = server.start()
+    try:
+        async with AsyncClient(nats_url=url, token=token(), retry=FAST, timeout=1.0) as client:
+            server.stop()
+            started = time.monotonic()
+            with pytest.raises(Unavailable) as caught:
+                await asyncio.wait_for(client.customer.activities.list(), 20)
+            assert time.monotonic() - started < 15
+            assert f"no service at {url} (connection lost" in caught.value.message
+            assert server.start() == url  # the same port again
+            await asyncio.sleep(1.0)  # nats-py reconnects in the background
+            with pytest.raises(Unavailable) as caught:
+                await asyncio.wait_for(client.customer.activities.list(), 20)
+            assert "no instance is listening" in caught.value.message, "connected again: NATS answers"
+    finally:
+        server.stop()
+    assert_quiet(caplog, capfd)
+
+
 def test_blocking_client_fails_unavailable_and_stops_its_thread(
     token: Callable[..., str], capfd: pytest.CaptureFixture[str]
 ) -> None:
