@@ -6,6 +6,7 @@ COPY pyproject.toml README.md ./
 COPY events ./events
 COPY services ./services
 COPY projections ./projections
+COPY client ./client
 RUN pip install .
 RUN useradd --system --uid 10001 activities && mkdir -p /data && chown activities /data
 USER activities

@@ -9,6 +9,7 @@ subscribers with group commit), `projector` (read model), `relay` (events to Jet
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -270,8 +271,18 @@ class Runtime:
         tmp.write_text(json.dumps(self.endpoints, indent=2))
         os.replace(tmp, path)
 
+    def _remove_endpoints(self) -> None:
+        """Stopped: endpoints.json no longer names a running service (unless another instance rewrote it)."""
+        if not self.endpoints:
+            return
+        path = self.settings.data_dir / "endpoints.json"
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text()) == self.endpoints:
+                path.unlink()
+
     async def stop(self) -> None:
         """Graceful: stop taking requests, answer those in flight, stop the parts, then the servers."""
+        self._remove_endpoints()  # first: no client should find a service that is going away
         for component in reversed(self.components):
             await component.stop()
         if self.batcher is not None:

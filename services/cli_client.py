@@ -16,7 +16,6 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Final
 
 from activities_client import ActivitiesError, Activity, AsyncClient, Event, StartAt
@@ -140,15 +139,6 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
 # ---------------------------------------------------------------------------------------------
 
 
-def load_endpoints(data_dir: Path) -> dict[str, Any]:
-    """`<data dir>/endpoints.json`, or {} when the service never ran here."""
-    path = data_dir / "endpoints.json"
-    if not path.exists():
-        return {}
-    loaded = json.loads(path.read_text())
-    return loaded if isinstance(loaded, dict) else {}
-
-
 def resolve_token(args: argparse.Namespace, settings: Settings) -> str:
     """--token, $ACTIVITIES_TOKEN, or a dev token minted with the known HS256 secret."""
     token = args.token or os.environ.get(TOKEN_ENV)
@@ -164,19 +154,16 @@ def resolve_token(args: argparse.Namespace, settings: Settings) -> str:
 
 
 def build_client(args: argparse.Namespace, settings: Settings) -> AsyncClient:
-    endpoints = load_endpoints(settings.data_dir)
-    nats_url = args.nats_url or endpoints.get("nats_url") or settings.nats_url
-    if not nats_url:
-        raise CliError(
-            f"no NATS URL: start the service (activities serve) so that {settings.data_dir / 'endpoints.json'} "
-            "exists, or pass --nats-url"
-        )
+    """--nats-url, else the running service's `<data dir>/endpoints.json` (read by the client when it
+    connects), else ACTIVITIES_NATS_URL; with none of them the client says that no service runs."""
+    use_data_dir = not args.nats_url and ((settings.data_dir / "endpoints.json").exists() or not settings.nats_url)
     return AsyncClient(
-        nats_url=nats_url,
+        nats_url=None if use_data_dir else (args.nats_url or settings.nats_url),
         token=resolve_token(args, settings),
-        http_url=args.http_url or endpoints.get("http_url"),
+        http_url=args.http_url,
         subject_prefix=settings.subject_prefix,
         stream_name=settings.stream_name,
+        data_dir=settings.data_dir if use_data_dir else None,
     )
 
 
@@ -249,6 +236,20 @@ def event_row(event: Event) -> tuple[Any, ...]:
     )
 
 
+def _count(n: int) -> str:
+    return f"{n} activity" if n == 1 else f"{n} activities"
+
+
+def error_lines(error: ActivitiesError) -> list[str]:
+    """An error as printed: its code and message, then the details the message does not already say."""
+    lines = [f"error: {error.code}: {error.message}"]
+    for detail in error.details:
+        line = f"{detail.get('field')}: {detail.get('message')}"
+        if line not in error.message:
+            lines.append(f"  {line}")
+    return lines
+
+
 def _json(value: Any) -> str:
     return json.dumps(value, default=str, indent=2)
 
@@ -280,7 +281,7 @@ async def _run(args: argparse.Namespace, settings: Settings, out: Callable[[str]
                 out(_json({"data": [a.model_dump(mode="json") for a in rows], "next_cursor": cursor}))
             else:
                 out(activities_table(rows))
-                out(f"{len(rows)} activities" + (f"; next page: --cursor {cursor}" if cursor else ""))
+                out(_count(len(rows)) + (f"; next page: --cursor {cursor}" if cursor else ""))
         elif args.command == "history":
             events = await activities.history(args.id)
             if args.json:
@@ -321,9 +322,7 @@ def run_client_command(args: argparse.Namespace, settings: Settings) -> int:
     except KeyboardInterrupt:
         return 130
     except ActivitiesError as error:
-        print(f"error: {error.code}: {error.message}", file=sys.stderr)
-        for detail in error.details:
-            print(f"  {detail.get('field')}: {detail.get('message')}", file=sys.stderr)
+        print("\n".join(error_lines(error)), file=sys.stderr)
         return 1
     except CliError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+import psycopg
+
 from projections.read_model import read_model_datastore, rebuild, status
 from services.config import Settings
 
@@ -45,6 +47,11 @@ def database_url(settings: Settings) -> str:
     )
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
 class ProgressBar:
     """A one-line progress bar, redrawn at most ten times a second."""
 
@@ -73,6 +80,12 @@ def run_projection_command(args: argparse.Namespace, settings: Settings) -> int:
     from services.bootstrap import build_application  # the store is built the way the service builds it
 
     url = database_url(settings)
+    try:  # the database down or the URL wrong is one line, not a trace of the libraries' internals
+        with psycopg.connect(url, connect_timeout=5):
+            pass
+    except psycopg.Error as exc:
+        print(f"activities: the database is unreachable: {_one_line(exc)}", file=sys.stderr)
+        return 1
     app = build_application(settings, url)
     datastore = read_model_datastore(url)
     try:

@@ -121,7 +121,12 @@ def _alive(pid: int) -> bool:
 
 
 class EmbeddedNats:
-    """A nats-server with JetStream whose store is `<dir>/jetstream`; 4222 when free, else any port."""
+    """A nats-server with JetStream whose store is `<dir>/jetstream`.
+
+    Its port: the one it got on its first start in this directory (remembered in `nats-server.port`)
+    while that port is free, so that clients and endpoints.json keep one URL across restarts; else
+    the configured port (4222) when free; else any free port.
+    """
 
     def __init__(self, directory: Path, port: int | None = 4222) -> None:
         self.directory = directory.resolve()
@@ -138,6 +143,18 @@ class EmbeddedNats:
     def _url_file(self) -> Path:
         return self.directory / "nats-server.url"
 
+    @property
+    def _port_file(self) -> Path:
+        return self.directory / "nats-server.port"
+
+    def remembered_port(self) -> int | None:
+        """The port of the first start in this directory, if any."""
+        try:
+            port = int(self._port_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return port if 0 < port < 65536 else None
+
     def start(self, timeout_s: float = 10.0) -> str:
         self.directory.mkdir(parents=True, exist_ok=True)
         adopted = self._adopt()
@@ -146,7 +163,8 @@ class EmbeddedNats:
         ports_dir = self.directory / "ports"
         shutil.rmtree(ports_dir, ignore_errors=True)
         ports_dir.mkdir()
-        port = self.port if self.port and _port_is_free(self.port) else -1
+        remembered = self.remembered_port()
+        port = next((p for p in (remembered, self.port) if p and _port_is_free(p)), -1)
         args = [
             nats_server_binary(),
             "-a", "127.0.0.1",
@@ -175,6 +193,8 @@ class EmbeddedNats:
             raise TimeoutError(f"nats-server did not start in {timeout_s}s; see {self.directory / 'nats-server.log'}")
         self._pid_file.write_text(str(self.pid))
         self._url_file.write_text(self.url)
+        if remembered is None:
+            self._port_file.write_text(self.url.rpartition(":")[2])
         return self.url
 
     def _adopt(self) -> str | None:

@@ -438,7 +438,10 @@ class AsyncClient:
                     raise  # no endpoints.json: nothing to retry
                 last = unreachable.message
             except (nats.errors.TimeoutError, httpx.TimeoutException):
-                last = f"no reply within {self.timeout}s"
+                if self._nc is not None and not self._nc.is_connected:
+                    last = f"no service at {self.target} (connection lost; reconnecting)"
+                else:
+                    last = f"no reply within {self.timeout}s"
             except nats.errors.NoRespondersError:
                 last = f"no service at {self.target} (no instance is listening)"
             except httpx.TransportError as exc:

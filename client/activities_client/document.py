@@ -223,6 +223,7 @@ def client_fields(document: dict[str, Any]) -> dict[str, Any]:
     """The client-settable fields of a document (what a create sets, what a patch may change)."""
     return {name: document[name] for name in CLIENT_FIELDS}
 
+
 FIELDS_WITH_DEFAULTS: Final = frozenset(
     name
     for name, info in ActivityFields.model_fields.items()

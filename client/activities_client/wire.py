@@ -126,4 +126,3 @@ class EventHistoryReply(BaseModel):
 
     data: list[EventBody]
     meta: Meta
-

@@ -613,10 +613,11 @@ async def test_cli_create_get_list_history_tail(
     code, out, _ = await run("list", "--tenant", "clitenant", "--account-id", "acc_cli")
     lines = out.splitlines()
     assert code == 0 and lines[0].split()[:3] == ["ID", "TYPE", "SUBJECT"]
-    assert lines[2].startswith(activity_id) and "account:acc_cli" in lines[2] and lines[-1] == "1 activities"
+    assert lines[2].startswith(activity_id) and "account:acc_cli" in lines[2] and lines[-1] == "1 activity"
 
     code, out, err = await run("create", "--tenant", "clitenant", "-f", "account_id=acc_cli", "-f", "type=fax")
     assert code == 1 and "validation_error" in err and "type:" in err
+    assert len(err.strip().splitlines()) == 1, err  # the error once, its one detail not repeated
 
     code, out, err = await run("get", activity_id, "--tenant", "someone-else")
     assert code == 1 and "not_found" in err

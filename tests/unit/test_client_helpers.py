@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import base64
+import re
 from datetime import UTC, datetime, timedelta, timezone
 
 import jwt
 import pytest
 
-from activities_client.client import AsyncClient, RetryPolicy, Unauthorized, _http_params, _query_value, tenant_of
+from activities_client.client import (
+    AsyncClient,
+    RetryPolicy,
+    Unauthorized,
+    _code_of_status,
+    _http_params,
+    _query_value,
+    tenant_of,
+)
+from activities_client.document import ACTIVITY_ID_PATTERN, is_activity_id, new_activity_id
+from activities_client.errors import ERRORS_BY_CODE
+from activities_client.wire import ActivityRefBody, ErrorBody, GetActivityBody, PatchActivityBody
+from events.activity import activity_id_of, activity_uuid
 from services.cli_client import _start, parse_value, table
 
 
@@ -64,3 +78,30 @@ def test_table_aligns_and_truncates() -> None:
     assert lines[0].split() == ["ID", "DELETED", "SUBJECT"]
     assert lines[2].split()[:2] == ["act_1", "-"] and lines[2].endswith("…") and len(lines[2].split()[2]) == 40
     assert lines[3].split() == ["act_22", "yes", "short"]
+
+
+def test_token_payloads_that_are_not_json_objects_are_unauthorized() -> None:
+    with pytest.raises(Unauthorized):
+        tenant_of("a.!!!.c")
+    with pytest.raises(Unauthorized):
+        tenant_of("a." + base64.urlsafe_b64encode(b"[1, 2]").decode().rstrip("=") + ".c")
+
+
+def test_one_activity_id_pattern_for_the_rules_the_wire_models_and_the_store() -> None:
+    for _ in range(200):
+        activity_id = new_activity_id()
+        assert is_activity_id(activity_id) and re.match(ACTIVITY_ID_PATTERN, activity_id)
+        assert activity_id_of(activity_uuid(activity_id)) == activity_id  # python-ulid reads our ULIDs
+    for model in (PatchActivityBody, ActivityRefBody, GetActivityBody):
+        assert model.model_json_schema()["properties"]["id"]["pattern"] == ACTIVITY_ID_PATTERN
+    too_big = "act_8" + "0" * 25  # 26 base32 characters starting above 7 are more than 128 bits
+    assert not is_activity_id(too_big) and not re.match(ACTIVITY_ID_PATTERN, too_big)
+
+
+def test_error_codes_are_the_error_classes_codes() -> None:
+    assert ErrorBody.model_json_schema()["properties"]["code"]["enum"] == list(ERRORS_BY_CODE)
+
+
+def test_gateway_statuses_are_unavailable() -> None:
+    assert [_code_of_status(status) for status in (502, 503, 504)] == ["unavailable"] * 3
+    assert _code_of_status(500) == "internal" and _code_of_status(404) == "not_found"
