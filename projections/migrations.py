@@ -48,6 +48,10 @@ DDL_LOCK_TIMEOUT: Final = "100ms"
 """How long a migration's DDL may wait for its lock: reads queue behind a waiting ACCESS
 EXCLUSIVE request, so it gives up quickly and tries again instead."""
 DDL_ATTEMPTS: Final = 100
+MIGRATIONS_TABLE_DDL: Final = (
+    f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (tbl text NOT NULL, version integer NOT NULL, "
+    "description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (tbl, version))"
+)
 BACKFILL_BATCH: Final = 5000
 
 
@@ -148,10 +152,7 @@ def migrate(
             return []
         _lock(conn, wait_s)
         try:
-            conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (tbl text NOT NULL, version integer NOT NULL, "
-                "description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (tbl, version))"
-            )
+            conn.execute(MIGRATIONS_TABLE_DDL)
             applied: list[int] = []
             for migration in pending(conn, table, migrations):  # again: another process may have done some
                 if migration.needs_rebuild:
@@ -235,6 +236,16 @@ def _drop_if_invalid(conn: psycopg.Connection[Any], statement: str, table: str) 
     ).fetchone()
     if row and row[0]:
         conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def record_all(curs: psycopg.Cursor[Any], table: str) -> None:
+    """Record every migration as applied to `table` (a rebuilt copy switched in under its name)."""
+    curs.execute(MIGRATIONS_TABLE_DDL)
+    for migration in MIGRATIONS:
+        curs.execute(
+            f"INSERT INTO {MIGRATIONS_TABLE} (tbl, version, description) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+            (table, migration.version, migration.description),
+        )
 
 
 def create_fresh(conn: psycopg.Connection[Any], table: str, with_indexes: bool = True) -> list[str]:

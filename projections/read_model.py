@@ -32,7 +32,7 @@ from psycopg.rows import DictRow
 
 from projections.consumer import ConsumerSettings, Entry, schema_lock
 from projections.database import url_datastore
-from projections.migrations import create_fresh, migrate
+from projections.migrations import create_fresh, migrate, record_all
 from projections.queries import (
     READ_MODEL_TABLE,
     TRACKING_TABLE,
@@ -321,9 +321,11 @@ def rebuild(
     """Build the read model again from the whole log, aside, then switch it in; the final position.
 
     The live table keeps serving (and the live projector keeps applying) while the copy is built
-    under `<table>_rebuild` with its own tracking row. The switch is one transaction: it locks the
+    under `<table>_rebuild` with its own tracking row and every read-model migration, then catches
+    up with the log, still outside any lock. Only then the switch, one transaction: it locks the
     live table (waiting for the projector's batch in flight), brings the copy to exactly the live
-    position, drops the live table and renames the copy and its indexes in its place.
+    position (the last few events), drops the live table and renames the copy and its indexes in
+    its place, so reads wait for a few events' work, not for the catch-up.
     """
     aside = table + REBUILD_SUFFIX
     aside_name = app.name + REBUILD_SUFFIX
@@ -345,7 +347,31 @@ def rebuild(
             total = max(total, position)
             progress(position, total)
     recorder.create_indexes(workers=REBUILD_WORKERS)
+    position = _catch_up(app, recorder, aside_name, position, batch_size, progress)
     return _switch(app, datastore, recorder, table, aside, aside_name, position, batch_size)
+
+
+def _catch_up(
+    app: Application[Any],
+    recorder: ReadModelRecorder,
+    tracking_name: str,
+    position: int,
+    batch_size: int,
+    progress: Callable[[int, int], None],
+) -> int:
+    """Apply to the copy what was written since it was loaded, without any lock, until it is
+    within one page of the log's head; the position reached."""
+    while True:
+        head = app.recorder.max_notification_id() or 0
+        if head - position <= batch_size:
+            return position
+        while position < head:
+            notifications = read_page(app, position, batch_size, stop=head)
+            if not notifications:
+                break
+            recorder.apply(latest_rows(to_events(app, notifications)), Tracking(tracking_name, notifications[-1].id))
+            position = notifications[-1].id
+            progress(position, head)
 
 
 REBUILD_WORKERS: Final = 2
@@ -452,5 +478,6 @@ def _switch(
                 )
         _set_tracking(curs, app.name, final)
         _delete_tracking(curs, aside_name)
+        record_all(curs, table)  # the copy was made with every migration
     log.info("read model rebuilt and switched", extra={"position": final})
     return final
