@@ -22,19 +22,13 @@ from faststream.specification import AsyncAPI
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from activities_client.document import EventBody
+from activities_client.document import EVENT_KINDS, EVENT_TYPES, EventBody
 from activities_client.subjects import COMMAND_QUEUE, Subjects
 from activities_client.wire import ErrorReply
 from events.commands import COMMANDS, CommandSpec
 from events.queries import QUERIES, QuerySpec
 
 ASYNCAPI_PATH: Final = "/asyncapi.json"
-EVENT_KINDS: Final = {
-    "logged": "ActivityLogged: a new activity. `changes` is the initial client document.",
-    "patched": "ActivityPatched: a merge patch was applied. `changes` is the patch as applied.",
-    "deleted": "ActivityDeleted: soft-deleted. `changes` is {}.",
-    "restored": "ActivityRestored: restored after a delete. `changes` is {}.",
-}
 OPERATIONS: Final[dict[str, CommandSpec | QuerySpec]] = {**COMMANDS, **QUERIES}
 
 
@@ -59,7 +53,7 @@ EVENT_HEADERS: Final = {
         "Activity-Version": {"type": "string", "pattern": "^[0-9]+$"},
         "Event-Type": {
             "type": "string",
-            "enum": ["ActivityLogged", "ActivityPatched", "ActivityDeleted", "ActivityRestored"],
+            "enum": list(EVENT_KINDS),
         },
     },
 }
@@ -92,9 +86,9 @@ def documentation_broker(subjects: Subjects) -> NatsBroker:
         broker.subscriber(subject, queue=COMMAND_QUEUE, title=subject, description=spec.summary)(
             _documented(spec.body)
         )
-    for kind, description in EVENT_KINDS.items():
-        subject = subjects.event("{tenant_id}", kind)
-        broker.publisher(subject, title=subject, schema=EventBody, description=description)
+    for event in EVENT_TYPES:
+        subject = subjects.event("{tenant_id}", event.kind)
+        broker.publisher(subject, title=subject, schema=EventBody, description=f"{event.name}: {event.description}")
     return broker
 
 
@@ -134,8 +128,8 @@ def _add_replies_and_headers(document: dict[str, Any], subjects: Subjects) -> No
             "address": {"location": "$message.header#/reply_to", "description": "the requester's inbox"},
             "messages": [{"$ref": f"#/components/messages/{subject}:Reply"}],
         }
-    for kind in EVENT_KINDS:
-        subject = subjects.event("{tenant_id}", kind)
+    for event in EVENT_TYPES:
+        subject = subjects.event("{tenant_id}", event.kind)
         channel = document["channels"][subject]
         channel["parameters"] = {"tenant_id": {"description": "tenant_id of the activity (JWT claim)"}}
         for message in channel["messages"].values():

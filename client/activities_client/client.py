@@ -133,7 +133,6 @@ class Activity(ActivityDocument):
     model_config = ConfigDict(extra="ignore", strict=False)
 
 
-EventType = Literal["ActivityLogged", "ActivityPatched", "ActivityDeleted", "ActivityRestored"]
 
 
 class Event(BaseModel):
@@ -141,7 +140,7 @@ class Event(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    event_type: EventType
+    event_type: str  # one of document.EVENT_TYPES; a newer service's new types pass through
     schema_version: int
     activity_id: str
     tenant_id: str
@@ -160,8 +159,8 @@ class Event(BaseModel):
 
     @property
     def kind(self) -> str:
-        """The last subject token: `logged`, `patched`, `deleted` or `restored`."""
-        return EVENT_KINDS[self.event_type]
+        """The last subject token (`logged`, `patched`, ...; see document.EVENT_TYPES)."""
+        return EVENT_KINDS.get(self.event_type, self.event_type)
 
 
 class Page(BaseModel):

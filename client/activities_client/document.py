@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal
 
@@ -281,13 +282,26 @@ def is_activity_id(value: Any) -> bool:
     return isinstance(value, str) and bool(_ACTIVITY_ID.match(value))
 
 
-EVENT_KINDS: Final[dict[str, str]] = {
-    "ActivityLogged": "logged",
-    "ActivityPatched": "patched",
-    "ActivityDeleted": "deleted",
-    "ActivityRestored": "restored",
-}
-"""The last token of an event's subject, by event type (CONTRACT.md section 4)."""
+@dataclass(frozen=True)
+class EventType:
+    """A kind of stored event: its type name, the last token of its subject, what it means."""
+
+    name: str
+    kind: str
+    description: str
+
+
+EVENT_TYPES: Final = (
+    EventType("ActivityLogged", "logged", "a new activity. `changes` is the initial client document."),
+    EventType("ActivityPatched", "patched", "a merge patch was applied. `changes` is the patch as applied."),
+    EventType("ActivityDeleted", "deleted", "soft-deleted. `changes` is {}."),
+    EventType("ActivityRestored", "restored", "restored after a delete. `changes` is {}."),
+)
+"""Every event type (CONTRACT.md section 4), defined once: the relay's subjects, the AsyncAPI
+document and the client's `Event.kind` follow from it; the service's event classes match it."""
+
+EVENT_KINDS: Final[dict[str, str]] = {event.name: event.kind for event in EVENT_TYPES}
+"""The last token of an event's subject, by event type."""
 
 
 class EventBody(BaseModel):

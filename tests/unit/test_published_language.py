@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Any, cast
+from typing import Any, cast, get_args
 
 from hypothesis import given
 from hypothesis import strategies as st
 from ulid import ULID
 
-from activities_client.document import is_activity_id
+from activities_client.document import EVENT_TYPES, is_activity_id
 from activities_client.errors import ERRORS_BY_CODE
 from activities_client.filters import LIST_FILTERS, PAGE_PARAMETERS
+from events.activity import ActivityEvent
 from events.commands import COMMANDS
 from events.queries import QUERIES
 from services.asyncapi import asyncapi_document
@@ -95,3 +96,9 @@ def test_the_documents_list_the_registry_the_filters_and_the_error_codes() -> No
 def test_openapi_declares_bearer_auth() -> None:
     assert OPENAPI["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
     assert OPENAPI["security"] == [{"bearerAuth": []}]
+
+
+def test_the_stored_event_classes_are_the_published_event_types() -> None:
+    assert {cls.__name__ for cls in get_args(ActivityEvent)} == {event.name for event in EVENT_TYPES}
+    published = {channel["address"] for channel in ASYNCAPI["channels"].values() if ".events." in channel["address"]}
+    assert published == {f"crm.activities.events.{{tenant_id}}.{event.kind}" for event in EVENT_TYPES}
