@@ -90,6 +90,56 @@ def _release_1_0() -> tuple[str, ...]:
     return (TRACKING_DDL, *split_statements(schema_template()))
 
 
+DERIVED_COLUMNS: Final = (
+    ("priority", "text", "NEW.document->>'priority'"),
+    ("direction", "text", "NEW.document->>'direction'"),
+    ("outcome", "text", "NEW.document->>'outcome'"),
+    ("source", "text", "NEW.document->>'source'"),
+    ("performed_by_user_id", "text", "NEW.document->>'performed_by_user_id'"),
+    (
+        "participant_ids",
+        "text[]",
+        "ARRAY(SELECT p->>'id' FROM jsonb_array_elements(COALESCE(NEW.document->'participants', '[]'::jsonb)) AS p)",
+    ),
+    (
+        "search",
+        "tsvector",
+        "to_tsvector('simple'::regconfig, concat_ws(' ', NEW.document->>'subject', NEW.document->>'description', "
+        "NEW.document->>'notes'))",
+    ),
+)
+"""Columns the database derives from each row's document (migration 4's trigger), whatever writes
+the row: this release's projector, a rebuild's load, or an older projector during a rolling
+upgrade, whose upsert does not know them."""
+
+
+def _derived_columns_migration() -> Migration:
+    assignments = "; ".join(f"NEW.{name} := {expression}" for name, _, expression in DERIVED_COLUMNS)
+    return Migration(
+        4,
+        "search (full text of subject, description, notes) and the v1.1 filter columns, derived by a trigger",
+        ddl=(
+            *(f"ALTER TABLE {{table}} ADD COLUMN IF NOT EXISTS {name} {kind}" for name, kind, _ in DERIVED_COLUMNS),
+            "CREATE OR REPLACE FUNCTION activities_read_model_derive() RETURNS trigger LANGUAGE plpgsql AS "
+            f"$derive$ BEGIN {assignments}; RETURN NEW; END $derive$",
+            "DROP TRIGGER IF EXISTS {table}_derive ON {table}",
+            "CREATE TRIGGER {table}_derive BEFORE INSERT OR UPDATE OF document ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION activities_read_model_derive()",
+        ),
+        backfill_set="document = t.document",  # fires the trigger, which fills the columns
+        backfill_where="t.search IS NULL",
+        concurrent=(
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {table}_search ON {table} USING gin (search)",
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {table}_participants ON {table} USING gin (participant_ids)",
+            *(
+                f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {{table}}_{name} ON {{table}} "
+                f"(tenant_id, {name}, activity_date DESC NULLS LAST, id DESC) WHERE {name} IS NOT NULL"
+                for name in ("priority", "direction", "outcome", "source", "performed_by_user_id")
+            ),
+        ),
+    )
+
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "the read model of release 1.0: table, indexes, row-level security", ddl=_release_1_0()),
     Migration(
@@ -111,8 +161,11 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             "ON {table} (tenant_id, external_key) WHERE external_key IS NOT NULL",
         ),
     ),
+    _derived_columns_migration(),
 )
 """Every migration, in order. Append; never edit one that has shipped."""
+
+
 
 
 def render(statement: str, table: str) -> str:

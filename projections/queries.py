@@ -1,9 +1,10 @@
 """SQL over the read model: parameter parsing, keyset cursors and statement building.
 
 Everything here is pure (no I/O), so filters, sorts and cursors are unit-tested without a
-database: `parse_list_query` / `parse_get_query` turn wire parameters into typed queries or a
-`validation_error`; `build_list_sql` / `build_get_sql` turn a query and a caller into one SQL
-statement and its parameters; `CursorCodec` signs and checks the opaque `next_cursor`.
+database: `parse_list_query` / `parse_stats_query` / `parse_get_query` turn wire parameters into
+typed queries or a `validation_error`; `build_list_sql` / `build_stats_sql` / `build_get_sql` turn
+a query and a caller into one SQL statement and its parameters; `CursorCodec` signs and checks the
+opaque `next_cursor`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import binascii
 import hashlib
 import hmac
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -35,7 +36,12 @@ from activities_client.filters import (
     LIST_FILTERS,
     LIST_PARAMETERS,
     MAX_LIMIT,
+    MAX_SEARCH_WORDS,
+    PAGE_PARAMETERS,
+    SEARCH_WORD,
     SORT_FIELDS,
+    STATS_GROUPS,
+    STATS_QUERY_PARAMETERS,
     ListFilter,
 )
 from events.caller import Caller
@@ -96,6 +102,20 @@ def _canonical(value: Any) -> Any:
     if isinstance(value, tuple):
         return sorted(set(value))
     return value
+
+
+@dataclass(frozen=True)
+class StatsQuery:
+    """The stats parameters of CONTRACT.md section 5: what to count by, and the list's filters."""
+
+    group_by: str
+    filters: Mapping[str, Any] = field(default_factory=dict)
+    include_deleted: bool = False
+    min_position: int | None = None
+
+    def list_query(self) -> ListQuery:
+        """The same filters as a list query (whose WHERE terms the stats use)."""
+        return ListQuery(filters=self.filters, include_deleted=self.include_deleted)
 
 
 @dataclass(frozen=True)
@@ -232,6 +252,8 @@ def parse_filter(spec: ListFilter, params: Params) -> Any:
         return _text(params, spec.name)
     if spec.kind == "datetime":
         return _datetime(params, spec.name)
+    if spec.kind == "words":
+        return search_words(spec.name, _text(params, spec.name))
     values = _strings(params, spec.name)
     for value in values:
         if spec.choices and value not in spec.choices:
@@ -239,16 +261,62 @@ def parse_filter(spec: ListFilter, params: Params) -> Any:
     return values or None
 
 
+def search_words(name: str, text: str | None) -> tuple[str, ...] | None:
+    """The words of a search, lower-cased and without repeats; a text with none is refused."""
+    if text is None:
+        return None
+    words = tuple(dict.fromkeys(word.lower() for word in re.findall(SEARCH_WORD, text)))
+    if not words:
+        raise field_error(name, "must contain at least one word (letters or digits)")
+    if len(words) > MAX_SEARCH_WORDS:
+        raise field_error(name, f"may contain at most {MAX_SEARCH_WORDS} words")
+    return words
+
+
+def search_query(words: Sequence[str]) -> str:
+    """The tsquery text of a search: every word, each also matching its longer forms (`word:*`).
+    Words are `\\w+` only, so nothing in them is tsquery syntax."""
+    return " & ".join(f"{word}:*" for word in words)
+
+
+def parse_filters(params: Params) -> tuple[dict[str, Any], bool]:
+    """(the filters given, include_deleted): what a list and the stats select."""
+    filters = {spec.name: parse_filter(spec, params) for spec in LIST_FILTERS}
+    include_deleted = parse_bool("include_deleted", _single(params, "include_deleted"))
+    return {name: value for name, value in filters.items() if value is not None}, include_deleted
+
+
 def parse_list_query(params: Params) -> ListQuery:
     """Validated list parameters; an unknown, repeated or malformed parameter is a validation_error."""
     _check_names(params, LIST_PARAMETERS)
-    filters = {spec.name: parse_filter(spec, params) for spec in LIST_FILTERS}
+    filters, include_deleted = parse_filters(params)
     return ListQuery(
-        filters={name: value for name, value in filters.items() if value is not None},
-        include_deleted=parse_bool("include_deleted", _single(params, "include_deleted")),
+        filters=filters,
+        include_deleted=include_deleted,
         sort=parse_sort(_single(params, "sort")),
         limit=_optional_int(params, "limit", 1, MAX_LIMIT) or DEFAULT_LIMIT,
         cursor=_text(params, "cursor"),
+        min_position=_optional_int(params, "min_position", 0),
+    )
+
+
+def parse_stats_query(params: Params) -> StatsQuery:
+    """Validated stats parameters: `group_by` (required), the list filters, `include_deleted` and
+    `min_position`; a list's paging parameters, or any other name, are a validation_error."""
+    for name in params:
+        if name in PAGE_PARAMETERS and name not in STATS_QUERY_PARAMETERS:
+            raise field_error(name, "is not a stats parameter (stats are neither sorted nor paged)")
+    _check_names(params, STATS_QUERY_PARAMETERS)
+    group_by = _single(params, "group_by")
+    if group_by is None:
+        raise field_error("group_by", f"is required: one of {', '.join(STATS_GROUPS)}")
+    if group_by not in STATS_GROUPS:
+        raise field_error("group_by", f"must be one of {', '.join(STATS_GROUPS)}")
+    filters, include_deleted = parse_filters(params)
+    return StatsQuery(
+        group_by=group_by,
+        filters=filters,
+        include_deleted=include_deleted,
         min_position=_optional_int(params, "min_position", 0),
     )
 
@@ -404,6 +472,13 @@ FILTER_SQL: Final[dict[str, FilterSql]] = {
     "activity_date_to": _compare("activity_date", "<="),
     "updated_since": _compare("updated_at", ">="),
     "external_key": _equals("external_key"),
+    "q": lambda words: (sql.SQL("search @@ to_tsquery('simple', %s)"), [search_query(words)]),
+    "priority": _equals("priority"),
+    "direction": _equals("direction"),
+    "outcome": _equals("outcome"),
+    "source": _equals("source"),
+    "performed_by_user_id": _equals("performed_by_user_id"),
+    "participant": lambda value: (sql.SQL("participant_ids @> ARRAY[%s]::text[]"), [value]),
 }
 """The WHERE term of each filter of activities_client/filters.py (each served by an index of schema.sql);
 tests/unit/test_queries.py checks that every filter has one."""
@@ -463,6 +538,33 @@ def build_list_sql(
         _order(query.sort, sql.Identifier("sort_value")),
     )
     return statement, [*page_params[0], *page_params[1], rows]
+
+
+GROUP_BY_SQL: Final[dict[str, sql.Composable]] = {
+    "type": sql.Identifier("type"),
+    "status": sql.Identifier("status"),
+    "owner_id": sql.Identifier("owner_id"),
+    "priority": sql.SQL("document->>'priority'"),  # a column once the read model has one
+    "outcome": sql.SQL("document->>'outcome'"),  # a column once the read model has one
+}
+"""What each `group_by` of activities_client/filters.py (STATS_GROUPS) counts by;
+tests/unit/test_queries.py checks that every group has one."""
+
+
+def build_stats_sql(table: str, query: StatsQuery, caller: Caller) -> tuple[sql.Composed, list[Any]]:
+    """The counts of the caller's activities matching the filters, by `group_by`, as rows of `key`
+    and `count`: largest count first, ties by key (bytewise, as any client sorts strings), NULL last."""
+    where, params = _scope(caller)
+    filters, filter_params = list_filters(query.list_query())
+    statement = sql.SQL(
+        "SELECT {key} AS key, count(*) AS count FROM {table} WHERE {where} "
+        'GROUP BY 1 ORDER BY count(*) DESC, ({key}) COLLATE "C" ASC NULLS LAST'
+    ).format(
+        key=GROUP_BY_SQL[query.group_by],
+        table=table_identifier(table),
+        where=sql.SQL(" AND ").join([*where, *filters]),
+    )
+    return statement, [*params, *filter_params]
 
 
 def upcast_sql(document: sql.Composable) -> sql.Composable:

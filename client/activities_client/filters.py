@@ -13,10 +13,10 @@ from typing import Final, Literal, get_args
 
 from activities_client.document import ActivityKind
 
-FilterKind = Literal["text", "datetime", "any_of", "all_of"]
+FilterKind = Literal["text", "datetime", "any_of", "all_of", "words"]
 """How a filter's value is given: one string; one RFC 3339 date-time; a repeatable string that
 matches when any value matches (`choices` limits the values); a repeatable string that matches
-when every value matches."""
+when every value matches; a text searched word by word (`q`)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,18 @@ LIST_FILTERS: Final = (
     ListFilter("activity_date_to", "datetime", "inclusive upper bound of activity_date (RFC 3339)"),
     ListFilter("updated_since", "datetime", "only activities updated at or after this time (RFC 3339)"),
     ListFilter("external_key", "text", "the activity an upsert created under this key"),
+    ListFilter(
+        "q",
+        "words",
+        "full-text search of subject, description and notes: every word must match, case-insensitively, "
+        "a word also matching its longer forms (`pric` finds `pricing`)",
+    ),
+    ListFilter("priority", "text", "only activities with this priority"),
+    ListFilter("direction", "text", "only activities with this direction"),
+    ListFilter("outcome", "text", "only activities with this outcome"),
+    ListFilter("source", "text", "only activities from this source"),
+    ListFilter("performed_by_user_id", "text", "only activities performed by this user"),
+    ListFilter("participant", "text", "matches the `id` of any participant"),
 )
 FILTERS_BY_NAME: Final = {spec.name: spec for spec in LIST_FILTERS}
 
@@ -65,3 +77,21 @@ PAGE_PARAMETERS: Final = {
 """The list parameters that are not filters: what to include, the order, the page."""
 
 LIST_PARAMETERS: Final = frozenset([*FILTERS_BY_NAME, *PAGE_PARAMETERS])
+
+MAX_SEARCH_WORDS: Final = 16
+SEARCH_WORD: Final = r"\w+"
+"""A word of a search (`q`) and of the searched text: letters, digits and `_`, in any script."""
+
+STATS_GROUPS: Final = ("type", "status", "owner_id", "priority", "outcome")
+"""What a stats query counts by (`group_by`): the parser, the NATS body, the OpenAPI parameter and
+the SQL (`GROUP_BY_SQL` in projections/queries.py, checked to cover every group) follow."""
+
+STATS_PARAMETERS: Final = {
+    "group_by": f"required: count by one of {', '.join(STATS_GROUPS)}",
+    "include_deleted": PAGE_PARAMETERS["include_deleted"],
+    "min_position": PAGE_PARAMETERS["min_position"],
+}
+"""The stats parameters that are not filters (every list filter is also a stats filter); a list's
+`sort`, `limit` and `cursor` are not stats parameters."""
+
+STATS_QUERY_PARAMETERS: Final = frozenset([*FILTERS_BY_NAME, *STATS_PARAMETERS])

@@ -9,6 +9,7 @@ A second property pages while other activities are being created in the same ten
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -29,6 +30,14 @@ STATUSES = ["open", "done"]
 TAGS = ["hot", "cold", "vip"]
 # few distinct instants, so that sort values tie and the id tie-break matters
 DATES = ["2026-01-01T09:00:00Z", "2026-01-01T09:00:00.250000Z", "2026-02-01T00:00:00+02:00", "2026-03-15T12:30:00Z"]
+PRIORITIES = ["high", "low"]
+DIRECTIONS = ["inbound", "outbound"]
+SOURCES = ["edm", "gong"]
+PEOPLE = ["usr-a", "usr-b"]
+PARTICIPANTS = [{"type": "user", "id": "usr-a"}, {"type": "contact", "id": "con_1"}, {"type": "contact", "id": "con_9"}]
+# words that share prefixes (pric, pricing, price), in mixed case, so that prefix matching and case matter
+WORDS = ["Pricing", "price", "renewal", "Renewals", "call", "budget", "Ärger"]
+QUERIES = ["pric", "pricing", "PRICE", "renewal", "renewals budget", "call pric", "ärg", "budgets", "rene-wal"]
 SORTS = [
     "activity_date",
     "-activity_date",
@@ -59,6 +68,15 @@ activity_bodies = st.fixed_dictionaries(
         "tags": st.lists(st.sampled_from(TAGS), unique=True, max_size=2),
         "activity_date": st.sampled_from([None, *DATES]),
         "due_date": st.sampled_from([None, *DATES]),
+        "priority": st.sampled_from([None, *PRIORITIES]),
+        "direction": st.sampled_from([None, *DIRECTIONS]),
+        "outcome": st.sampled_from([None, "won", "lost"]),
+        "source": st.sampled_from(SOURCES),
+        "performed_by_user_id": st.sampled_from([None, *PEOPLE]),
+        "participants": st.lists(st.sampled_from(PARTICIPANTS), unique_by=lambda p: p["id"], max_size=2),
+        "subject": st.one_of(st.none(), st.lists(st.sampled_from(WORDS), max_size=3).map(" ".join)),
+        "description": st.one_of(st.none(), st.lists(st.sampled_from(WORDS), max_size=3).map(" ".join)),
+        "notes": st.one_of(st.none(), st.sampled_from(WORDS)),
     }
 ).map(
     lambda body: (
@@ -80,6 +98,13 @@ filters = st.fixed_dictionaries(
         "tag": st.lists(st.sampled_from(TAGS), unique=True, min_size=1, max_size=2),
         "activity_date_from": st.sampled_from(DATES),
         "activity_date_to": st.sampled_from(DATES),
+        "priority": st.sampled_from(PRIORITIES),
+        "direction": st.sampled_from(DIRECTIONS),
+        "outcome": st.sampled_from(["won", "lost"]),
+        "source": st.sampled_from(SOURCES),
+        "performed_by_user_id": st.sampled_from(PEOPLE),
+        "participant": st.sampled_from([p["id"] for p in PARTICIPANTS]),
+        "q": st.sampled_from(QUERIES),
         "include_deleted": st.booleans(),
         "sort": st.sampled_from(SORTS),
     },
@@ -90,9 +115,15 @@ def matches(doc: dict[str, Any], query: dict[str, Any], app: str | None, tenant:
     """The contract's list filter, written independently of the SQL."""
     if doc["tenant_id"] != tenant or (app is not None and doc["app_id"] != app):
         return False
-    for name in ("account_id", "deal_id", "owner_id", "status"):
+    for name in ("account_id", "deal_id", "owner_id", "status", "priority", "direction", "outcome", "source"):
         if name in query and doc[name] != query[name]:
             return False
+    if "performed_by_user_id" in query and doc["performed_by_user_id"] != query["performed_by_user_id"]:
+        return False
+    if "participant" in query and query["participant"] not in {p["id"] for p in doc["participants"]}:
+        return False
+    if "q" in query and not found(doc, query["q"]):
+        return False
     if (
         "contact_id" in query
         and doc["contact_id"] != query["contact_id"]
@@ -111,6 +142,16 @@ def matches(doc: dict[str, Any], query: dict[str, Any], app: str | None, tenant:
     if "updated_since" in query and parse(doc["updated_at"]) < parse(query["updated_since"]):  # type: ignore[operator]
         return False
     return bool(query.get("include_deleted")) or not doc["is_deleted"]
+
+
+def words_of(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def found(doc: dict[str, Any], q: str) -> bool:
+    """Every word of `q` begins a word of the subject, description or notes, ignoring case."""
+    text = words_of(" ".join(doc[name] or "" for name in ("subject", "description", "notes")))
+    return all(any(word.startswith(term) for word in text) for term in words_of(q))
 
 
 def expected_order(docs: list[dict[str, Any]], sort: str) -> list[str]:
