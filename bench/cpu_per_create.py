@@ -1,0 +1,397 @@
+"""CPU per create: the service process's CPU time over a fixed load of creates, per create.
+
+The measure of "no slower" for a change of the service's code: the same fixed load (by default
+20,000 creates offered at 1,000/s, at most 64 in flight, after 2,000 unmeasured warm-up creates)
+is sent over NATS to one `activities serve --role commands` process, and the process's own CPU
+time (user + sys of all its threads, from /proc/<pid>/stat) over exactly that load is divided by
+the number of creates. CPU time, not wall time, so that other work on a shared machine changes
+the result as little as possible (it still does somewhat: caches, frequency, hyperthreads, so the
+machine's load is recorded with every run).
+
+Several source trees can be measured side by side in one run: every `--source DIR` is run with
+that tree's own `services`, `events` and `projections` (the service process is started with
+`PYTHONPATH=DIR`, which comes before the editable install of the venv; the process reports which
+files it imported and the run stops if they are not under DIR). Runs alternate between the
+sources (A B A B ...) to cancel drift of the machine, each on a fresh database of the same
+embedded PostgreSQL (fsync on) and NATS. The first source is the baseline ("old"); the report
+gives every other source's median and the median of its per-round ratios against it.
+
+Compare two commits (OLD and NEW are commits or branches; run from this tree's venv, which has
+the dependencies of both, or give one interpreter per tree as DIR=PYTHON):
+
+    git worktree add /tmp/cpu-old OLD && git worktree add /tmp/cpu-new NEW
+    .venv/bin/python -m bench.cpu_per_create --source /tmp/cpu-old --source /tmp/cpu-new --repeats 5
+    git worktree remove /tmp/cpu-old && git worktree remove /tmp/cpu-new
+
+Results go to bench/results/<date-time>-cpu/ (cpu_per_create.json and cpu_per_create.md).
+`--quick` is a smoke run (2,000 creates, one round). `python -m bench.run` also runs this measure
+once for the current tree as its last phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import uvloop
+
+from bench.load import Stats, _one
+from bench.nats_client import LeanNatsClient
+from bench.run import RESULTS, ROOT, BenchServers, bench_servers, create_body, headers, progress, service_env
+
+SUBJECT = "crm.activities.cmd.create"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+# The service process, started from one source tree: it says which files its packages came from
+# (a line on stderr, into its log) before it runs the console script's main.
+LAUNCH = """\
+import sys, services, events, projections, services.cli
+print("cpu_per_create imported " + repr({m.__name__: m.__file__ for m in (services, events, projections)}),
+      file=sys.stderr, flush=True)
+sys.argv = ["activities", "serve", "--role", "commands"]
+sys.exit(services.cli.main())
+"""
+
+
+@dataclass(frozen=True)
+class Source:
+    directory: Path
+    python: str
+    label: str
+
+    @classmethod
+    def parse(cls, text: str, default_python: str) -> Source:
+        directory, _, python = text.partition("=")
+        path = Path(directory).resolve()
+        if not (path / "services" / "cli.py").is_file():
+            raise SystemExit(f"--source {directory}: no services/cli.py there")
+        return cls(path, python or default_python, path.name)
+
+    def describe(self) -> dict[str, Any]:
+        def git(*args: str) -> str:
+            done = subprocess.run(["git", "-C", str(self.directory), *args], capture_output=True, text=True)
+            return done.stdout.strip() if done.returncode == 0 else "?"
+
+        changed = git("status", "--porcelain", "--", "services", "events", "projections")
+        return {"directory": str(self.directory), "python": self.python, "commit": git("rev-parse", "HEAD"),
+                "subject": git("log", "-1", "--format=%s"),
+                "service_code_changed_since_commit": bool(changed) if changed != "?" else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# What the machine and the process did
+# ---------------------------------------------------------------------------------------------
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU time of the process (all its threads, living and exited), in seconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "; fields[0] is field 3 (state)
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14 utime, 15 stime
+
+
+def machine_ticks() -> list[int]:
+    """The first line of /proc/stat: user nice system idle iowait irq softirq steal ..."""
+    return [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+@contextmanager
+def machine_meanwhile() -> Iterator[dict[str, Any]]:
+    """Load average before and after, and the machine's busy and stolen shares of CPU meanwhile."""
+    found: dict[str, Any] = {"loadavg_before": loadavg()}
+    before = machine_ticks()
+    yield found
+    after = machine_ticks()
+    delta = [b - a for a, b in zip(before, after, strict=True)]
+    total = sum(delta) or 1
+    found["loadavg_after"] = loadavg()
+    found["machine_busy_share"] = round(1 - (delta[3] + delta[4]) / total, 3)  # all cores, not idle nor iowait
+    found["machine_steal_share"] = round(delta[7] / total, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The load
+# ---------------------------------------------------------------------------------------------
+
+
+async def paced_creates(nats_url: str, count: int, rate: float, max_in_flight: int, first: int) -> dict[str, Any]:
+    """`count` creates started at `rate` per second (never more than `max_in_flight` waiting)."""
+    client = await LeanNatsClient.connect(nats_url)
+    stats = Stats()
+    slots = asyncio.Semaphore(max_in_flight)
+    auth = headers()
+    tasks: set[asyncio.Task[None]] = set()
+    late = 0
+
+    async def one(payload: bytes) -> None:
+        try:
+            await _one(client, SUBJECT, payload, auth, stats, None)
+        finally:
+            slots.release()
+
+    try:
+        started = time.perf_counter()
+        for i in range(count):
+            delay = started + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if slots.locked():
+                late += 1
+            await slots.acquire()
+            task = asyncio.create_task(one(orjson.dumps(create_body(first + i))))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        await asyncio.gather(*tasks)
+        stats.elapsed_s = time.perf_counter() - started
+    finally:
+        await client.close()
+    return {**stats.summary(), "waited_for_a_slot": late}
+
+
+@dataclass(frozen=True)
+class Load:
+    creates: int = 20_000
+    rate: float = 1_000
+    max_in_flight: int = 64
+    warmup: int = 2_000
+    idle_s: float = 2.0
+
+
+def service_process(source: Source, database_url: str, nats_url: str, data_dir: Path) -> subprocess.Popen[bytes]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    env = service_env(database_url, nats_url, data_dir)
+    env["PYTHONPATH"] = os.pathsep.join([str(source.directory), *filter(None, [env.get("PYTHONPATH")])])
+    env.pop("PYTHONSTARTUP", None)
+    log = (data_dir / "service.log").open("ab")
+    return subprocess.Popen([source.python, "-c", LAUNCH], cwd=source.directory, env=env, stdout=log, stderr=log)
+
+
+def imported_from(log: Path, source: Source) -> dict[str, str]:
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("cpu_per_create imported "):
+            files: dict[str, str] = eval(line.removeprefix("cpu_per_create imported "), {})  # a dict literal we wrote
+            stray = {name: f for name, f in files.items() if not Path(f).resolve().is_relative_to(source.directory)}
+            if stray:
+                raise RuntimeError(f"the service for {source.directory} imported {stray} from elsewhere")
+            return files
+    raise RuntimeError(f"the service process did not say where it imported from; see {log}")
+
+
+def measure_once(source: Source, servers: BenchServers, root: Path, load: Load, round_: int) -> dict[str, Any]:
+    """One fresh service process of `source` on a fresh database: warm-up, then the measured load."""
+    database_url = servers.fresh_database()
+    data_dir = root / f"svc-{round_}-{source.label}"
+    endpoints_file = data_dir / "endpoints.json"
+    process = service_process(source, database_url, servers.nats_url, data_dir)
+    try:
+        deadline = time.monotonic() + 60
+        while not endpoints_file.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"service did not start; see {data_dir / 'service.log'}")
+            time.sleep(0.05)
+        files = imported_from(data_dir / "service.log", source)
+        nats_url = json.loads(endpoints_file.read_text())["nats_url"]
+        warmup = uvloop.run(paced_creates(nats_url, load.warmup, load.rate, load.max_in_flight, 0))
+        time.sleep(0.5)  # the warm-up's last batch committed and answered
+        idle_before = process_cpu_s(process.pid)
+        time.sleep(load.idle_s)
+        idle_cpu_s = process_cpu_s(process.pid) - idle_before
+        with machine_meanwhile() as machine:
+            own_before = time.process_time()
+            cpu_before = process_cpu_s(process.pid)
+            stats = uvloop.run(paced_creates(nats_url, load.creates, load.rate, load.max_in_flight, load.warmup))
+            cpu_s = process_cpu_s(process.pid) - cpu_before
+            own_cpu_s = time.process_time() - own_before
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    if stats["errors"] or warmup["errors"]:
+        raise RuntimeError(f"creates failed: {warmup['error_codes']} {stats['error_codes']}; see {data_dir}")
+    return {
+        "round": round_,
+        "source": source.label,
+        "cpu_us_per_create": round(cpu_s / load.creates * 1e6, 1),
+        "service_cpu_s": round(cpu_s, 3),
+        "idle_cpu_us_per_s": round(idle_cpu_s / load.idle_s * 1e6, 1),
+        "load_client_cpu_s": round(own_cpu_s, 3),
+        "load": stats,
+        "imported": files,
+        **machine,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs and report
+# ---------------------------------------------------------------------------------------------
+
+
+def run(sources: list[Source], load: Load, repeats: int, servers: BenchServers, root: Path) -> list[dict[str, Any]]:
+    runs = []
+    for round_ in range(1, repeats + 1):
+        order = sources if round_ % 2 else list(reversed(sources))  # A B, B A, A B ... : no source always first
+        for source in order:
+            progress(f"round {round_}/{repeats}: {source.label} ({source.directory}), {load.creates} creates "
+                     f"at {load.rate:.0f}/s; loadavg {loadavg()}")
+            found = measure_once(source, servers, root, load, round_)
+            progress(f"  {found['cpu_us_per_create']} us of service CPU per create "
+                     f"(p50 {found['load']['p50_ms']} ms, machine busy {found['machine_busy_share']:.0%})")
+            runs.append(found)
+    return runs
+
+
+def summarise(sources: list[Source], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    per_source: dict[str, Any] = {}
+    base = sources[0].label
+    for source in sources:
+        values = [r["cpu_us_per_create"] for r in runs if r["source"] == source.label]
+        median = statistics.median(values)
+        per_source[source.label] = {
+            "runs_us": values,
+            "median_us": round(median, 1),
+            "min_us": min(values),
+            "max_us": max(values),
+            "spread": round((max(values) - min(values)) / median, 3),  # (max - min) / median
+        }
+    for source in sources[1:]:
+        rounds = sorted({r["round"] for r in runs})
+        pairs = []
+        for round_ in rounds:
+            mine = [r["cpu_us_per_create"] for r in runs if r["round"] == round_ and r["source"] == source.label]
+            theirs = [r["cpu_us_per_create"] for r in runs if r["round"] == round_ and r["source"] == base]
+            pairs.append(round(mine[0] / theirs[0], 3))
+        per_source[source.label]["ratio_of_medians"] = round(
+            per_source[source.label]["median_us"] / per_source[base]["median_us"], 3)
+        per_source[source.label]["ratios_per_round"] = pairs
+        per_source[source.label]["median_ratio_per_round"] = round(statistics.median(pairs), 3)
+    return per_source
+
+
+def markdown(results: dict[str, Any]) -> str:
+    load = results["load"]
+    summary = results["summary"]
+    base = results["sources"][0]["label"]
+    lines = [
+        f"CPU per create, {results['date']} on {results['machine']}",
+        "",
+        f"Fixed load per run: {load['creates']:,} creates offered at {load['rate']:,.0f}/s (at most "
+        f"{load['max_in_flight']} in flight) to one fresh `serve --role commands` process on a fresh database, after "
+        f"{load['warmup']:,} unmeasured warm-up creates; the process's user+sys CPU time (/proc/<pid>/stat) over the "
+        f"load divided by the creates. {results['repeats']} rounds, sources alternating. "
+        f"Load average at start {results['loadavg_start']}, at end {results['loadavg_end']}.",
+        "",
+        "| source | commit | µs CPU per create, median | min - max | spread | ratio to first (medians) "
+        "| ratio per round (median; each) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for source in results["sources"]:
+        s = summary[source["label"]]
+        ratio = f"{s['ratio_of_medians']:.3f}" if "ratio_of_medians" in s else "1 (baseline)"
+        rounds = (f"{s['median_ratio_per_round']:.3f}; {', '.join(f'{r:.3f}' for r in s['ratios_per_round'])}"
+                  if "ratios_per_round" in s else "-")
+        lines.append(f"| {source['label']} (`{source['directory']}`) | {source['commit'][:9]} | {s['median_us']} "
+                     f"| {s['min_us']} - {s['max_us']} | {s['spread']:.1%} | {ratio} | {rounds} |")
+    lines += ["", "Each run:", "",
+              "| round | source | µs CPU per create | service CPU s | idle µs/s | achieved rate | p50 / p99 ms "
+              "| machine busy | stolen | loadavg before → after |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        lines.append(
+            f"| {r['round']} | {r['source']} | {r['cpu_us_per_create']} | {r['service_cpu_s']} | "
+            f"{r['idle_cpu_us_per_s']} | {r['load']['rate_per_s']:.0f}/s | {r['load']['p50_ms']} / "
+            f"{r['load']['p99_ms']} | {r['machine_busy_share']:.0%} | {r['machine_steal_share']:.1%} | "
+            f"{r['loadavg_before']} → {r['loadavg_after']} |")
+    lines += ["", f"The first source ({base}) is the baseline; a ratio above 1 is more CPU per create than it."]
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    return f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
+
+
+def cpu_per_create_phase(servers: BenchServers, root: Path, creates: int, rate: float) -> dict[str, Any]:
+    """For bench/run.py: one measured run of the current tree (no warm-up beyond a tenth of the load)."""
+    source = Source(ROOT, sys.executable, ROOT.name)
+    load = Load(creates=creates, rate=rate, warmup=max(200, creates // 10))
+    found = measure_once(source, servers, root, load, 1)
+    return {"creates": creates, "rate": rate, **{k: v for k, v in found.items() if k not in ("imported", "round")}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", action="append", metavar="DIR[=PYTHON]",
+                        help="a source tree to measure (repeat; the first is the baseline); default: this tree")
+    parser.add_argument("--python", default=sys.executable,
+                        help="interpreter for the service processes (default: this one)")
+    parser.add_argument("--creates", type=int, default=Load.creates, help="measured creates per run")
+    parser.add_argument("--rate", type=float, default=Load.rate, help="creates offered per second")
+    parser.add_argument("--max-in-flight", type=int, default=Load.max_in_flight)
+    parser.add_argument("--warmup", type=int, default=Load.warmup, help="unmeasured creates before each run")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds (each runs every source once)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2,000 creates, one round")
+    parser.add_argument("--admin-url", help="use this PostgreSQL (a superuser URL) instead of an embedded one")
+    parser.add_argument("--nats-url", help="use this NATS (with --admin-url) instead of an embedded one")
+    args = parser.parse_args(argv)
+    sources = [Source.parse(s, args.python) for s in (args.source or [str(ROOT)])]
+    labels = [s.label for s in sources]
+    for i, source in enumerate(sources):  # unique labels: the directory's name, numbered if repeated
+        if labels.count(source.label) > 1:
+            sources[i] = Source(source.directory, source.python, f"{source.label}#{i + 1}")
+    load = Load(args.creates, args.rate, args.max_in_flight, args.warmup)
+    repeats = args.repeats
+    if args.quick:
+        load, repeats = Load(2_000, args.rate, args.max_in_flight, 500), 1
+    started = datetime.now(UTC)
+    results: dict[str, Any] = {
+        "date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(), "quick": args.quick,
+        "command": " ".join(["python -m bench.cpu_per_create", *(argv if argv is not None else sys.argv[1:])]),
+        "load": load.__dict__, "repeats": repeats, "loadavg_start": loadavg(),
+        "sources": [{"label": s.label, **s.describe()} for s in sources],
+    }
+    root = Path(tempfile.mkdtemp(prefix="activities-cpu-"))
+    try:
+        if args.admin_url and args.nats_url:
+            servers = BenchServers(args.admin_url, args.nats_url)
+            results["runs"] = run(sources, load, repeats, servers, root)
+        else:
+            with bench_servers(root) as servers:
+                results["runs"] = run(sources, load, repeats, servers, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    results["loadavg_end"] = loadavg()
+    results["summary"] = summarise(sources, results["runs"])
+    out = RESULTS / (started.strftime("%Y-%m-%d-%H%M") + ("-cpu-quick" if args.quick else "-cpu"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cpu_per_create.json").write_text(json.dumps(results, indent=2))
+    report = markdown(results)
+    (out / "cpu_per_create.md").write_text(report)
+    print(report)
+    print(f"written to {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
