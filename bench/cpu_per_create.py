@@ -57,13 +57,14 @@ from bench.nats_client import LeanNatsClient
 from bench.run import RESULTS, ROOT, BenchServers, bench_servers, create_body, headers, progress, service_env
 
 SUBJECT = "crm.activities.cmd.create"
+PACKAGES = ("services", "events", "projections")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # The service process, started from one source tree: it says which files its packages came from
 # (a line on stderr, into its log) before it runs the console script's main.
 LAUNCH = """\
-import sys, services, events, projections, services.cli
-print("cpu_per_create imported " + repr({m.__name__: m.__file__ for m in (services, events, projections)}),
+import json, sys, services, events, projections, services.cli
+print("cpu_per_create imported " + json.dumps({m.__name__: m.__file__ for m in (services, events, projections)}),
       file=sys.stderr, flush=True)
 sys.argv = ["activities", "serve", "--role", "commands"]
 sys.exit(services.cli.main())
@@ -89,9 +90,12 @@ class Source:
             done = subprocess.run(["git", "-C", str(self.directory), *args], capture_output=True, text=True)
             return done.stdout.strip() if done.returncode == 0 else "?"
 
-        changed = git("status", "--porcelain", "--", "services", "events", "projections")
+        changed = git("status", "--porcelain", "--", *PACKAGES)
         return {"directory": str(self.directory), "python": self.python, "commit": git("rev-parse", "HEAD"),
                 "subject": git("log", "-1", "--format=%s"),
+                # git's tree ids of the packages at the commit: equal ids, equal service code
+                "service_code_trees": dict(zip(PACKAGES, git("rev-parse", *(f"HEAD:{p}" for p in PACKAGES)).split(),
+                                               strict=False)),
                 "service_code_changed_since_commit": bool(changed) if changed != "?" else None}
 
 
@@ -190,7 +194,7 @@ def service_process(source: Source, database_url: str, nats_url: str, data_dir: 
 def imported_from(log: Path, source: Source) -> dict[str, str]:
     for line in log.read_text(errors="replace").splitlines():
         if line.startswith("cpu_per_create imported "):
-            files: dict[str, str] = eval(line.removeprefix("cpu_per_create imported "), {})  # a dict literal we wrote
+            files: dict[str, str] = json.loads(line.removeprefix("cpu_per_create imported "))
             stray = {name: f for name, f in files.items() if not Path(f).resolve().is_relative_to(source.directory)}
             if stray:
                 raise RuntimeError(f"the service for {source.directory} imported {stray} from elsewhere")
@@ -312,7 +316,10 @@ def markdown(results: dict[str, Any]) -> str:
         ratio = f"{s['ratio_of_medians']:.3f}" if "ratio_of_medians" in s else "1 (baseline)"
         rounds = (f"{s['median_ratio_per_round']:.3f}; {', '.join(f'{r:.3f}' for r in s['ratios_per_round'])}"
                   if "ratios_per_round" in s else "-")
-        lines.append(f"| {source['label']} (`{source['directory']}`) | {source['commit'][:9]} | {s['median_us']} "
+        trees = source.get("service_code_trees", {})
+        code = " ".join(f"{name[0]}:{tree[:7]}" for name, tree in trees.items())
+        dirty = " + uncommitted changes" if source.get("service_code_changed_since_commit") else ""
+        lines.append(f"| {source['label']} (`{source['directory']}`) | {source['commit'][:9]} ({code}{dirty}) | {s['median_us']} "
                      f"| {s['min_us']} - {s['max_us']} | {s['spread']:.1%} | {ratio} | {rounds} |")
     lines += ["", "Each run:", "",
               "| round | source | µs CPU per create | service CPU s | idle µs/s | achieved rate | p50 / p99 ms "
@@ -324,7 +331,9 @@ def markdown(results: dict[str, Any]) -> str:
             f"{r['idle_cpu_us_per_s']} | {r['load']['rate_per_s']:.0f}/s | {r['load']['p50_ms']} / "
             f"{r['load']['p99_ms']} | {r['machine_busy_share']:.0%} | {r['machine_steal_share']:.1%} | "
             f"{r['loadavg_before']} → {r['loadavg_after']} |")
-    lines += ["", f"The first source ({base}) is the baseline; a ratio above 1 is more CPU per create than it."]
+    lines += ["", f"The first source ({base}) is the baseline; a ratio above 1 is more CPU per create than it. "
+              "The commit column gives git's tree ids of services (s), events (e) and projections (p): equal ids, "
+              "equal service code."]
     return "\n".join(lines) + "\n"
 
 
