@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg
 import uvloop
 
 from bench.load import Stats, _one
@@ -116,6 +117,16 @@ def machine_ticks() -> list[int]:
     return [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
 
 
+def transaction_ids(admin_url: str) -> int:
+    """The cluster's next transaction id: the difference over a window counts the write
+    transactions (commits) made meanwhile, plus the one this asks for. The bench's PostgreSQL
+    serves only the measured service while it runs."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -175,9 +186,10 @@ async def paced_creates(nats_url: str, count: int, rate: float, max_in_flight: i
 
 @dataclass(frozen=True)
 class Load:
-    creates: int = 20_000
+    creates: int = 20_000  # the paced load: offered at `rate`, at most `max_in_flight` waiting
     rate: float = 1_000
     max_in_flight: int = 64
+    serial: int = 10_000  # the load of one create at a time (0: none)
     warmup: int = 2_000
     idle_s: float = 2.0
 
@@ -202,50 +214,66 @@ def imported_from(log: Path, source: Source) -> dict[str, str]:
     raise RuntimeError(f"the service process did not say where it imported from; see {log}")
 
 
+def measure_load(process: subprocess.Popen[bytes], admin_url: str, nats_url: str, count: int, rate: float,
+                 max_in_flight: int, first: int) -> dict[str, Any]:
+    """The service process's CPU time over `count` creates, per create, and what else happened meanwhile."""
+    xid_before = transaction_ids(admin_url)
+    with machine_meanwhile() as machine:
+        own_before = time.process_time()
+        cpu_before = process_cpu_s(process.pid)
+        stats = uvloop.run(paced_creates(nats_url, count, rate, max_in_flight, first))
+        cpu_s = process_cpu_s(process.pid) - cpu_before
+        own_cpu_s = time.process_time() - own_before
+    commits = transaction_ids(admin_url) - xid_before - 1
+    if stats["errors"]:
+        raise RuntimeError(f"creates failed: {stats['error_codes']}")
+    return {
+        "cpu_us_per_create": round(cpu_s / count * 1e6, 1),
+        "service_cpu_s": round(cpu_s, 3),
+        "creates": count,
+        # write transactions meanwhile: group commit saves every batch of creates in one
+        "commits": commits,
+        "creates_per_commit": round(count / commits, 2) if commits > 0 else None,
+        "load_client_cpu_s": round(own_cpu_s, 3),
+        "load": stats,
+        **machine,
+    }
+
+
 def measure_once(source: Source, servers: BenchServers, root: Path, load: Load, round_: int) -> dict[str, Any]:
-    """One fresh service process of `source` on a fresh database: warm-up, then the measured load."""
+    """One fresh service process of `source` on a fresh database: warm-up, then the measured loads."""
     database_url = servers.fresh_database()
     data_dir = root / f"svc-{round_}-{source.label}"
     endpoints_file = data_dir / "endpoints.json"
     process = service_process(source, database_url, servers.nats_url, data_dir)
+    found: dict[str, Any] = {"round": round_, "source": source.label}
     try:
         deadline = time.monotonic() + 60
         while not endpoints_file.exists():
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"service did not start; see {data_dir / 'service.log'}")
             time.sleep(0.05)
-        files = imported_from(data_dir / "service.log", source)
+        found["imported"] = imported_from(data_dir / "service.log", source)
         nats_url = json.loads(endpoints_file.read_text())["nats_url"]
         warmup = uvloop.run(paced_creates(nats_url, load.warmup, load.rate, load.max_in_flight, 0))
+        if warmup["errors"]:
+            raise RuntimeError(f"warm-up creates failed: {warmup['error_codes']}; see {data_dir}")
         time.sleep(0.5)  # the warm-up's last batch committed and answered
         idle_before = process_cpu_s(process.pid)
         time.sleep(load.idle_s)
-        idle_cpu_s = process_cpu_s(process.pid) - idle_before
-        with machine_meanwhile() as machine:
-            own_before = time.process_time()
-            cpu_before = process_cpu_s(process.pid)
-            stats = uvloop.run(paced_creates(nats_url, load.creates, load.rate, load.max_in_flight, load.warmup))
-            cpu_s = process_cpu_s(process.pid) - cpu_before
-            own_cpu_s = time.process_time() - own_before
+        found["idle_cpu_us_per_s"] = round((process_cpu_s(process.pid) - idle_before) / load.idle_s * 1e6, 1)
+        if load.serial:
+            found["serial"] = measure_load(process, servers.admin_url, nats_url, load.serial, load.rate, 1,
+                                           load.warmup)
+        found.update(measure_load(process, servers.admin_url, nats_url, load.creates, load.rate, load.max_in_flight,
+                                  load.warmup + load.serial))
     finally:
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(30)
         except subprocess.TimeoutExpired:
             process.kill()
-    if stats["errors"] or warmup["errors"]:
-        raise RuntimeError(f"creates failed: {warmup['error_codes']} {stats['error_codes']}; see {data_dir}")
-    return {
-        "round": round_,
-        "source": source.label,
-        "cpu_us_per_create": round(cpu_s / load.creates * 1e6, 1),
-        "service_cpu_s": round(cpu_s, 3),
-        "idle_cpu_us_per_s": round(idle_cpu_s / load.idle_s * 1e6, 1),
-        "load_client_cpu_s": round(own_cpu_s, 3),
-        "load": stats,
-        "imported": files,
-        **machine,
-    }
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,82 +286,106 @@ def run(sources: list[Source], load: Load, repeats: int, servers: BenchServers, 
     for round_ in range(1, repeats + 1):
         order = sources if round_ % 2 else list(reversed(sources))  # A B, B A, A B ... : no source always first
         for source in order:
-            progress(f"round {round_}/{repeats}: {source.label} ({source.directory}), {load.creates} creates "
-                     f"at {load.rate:.0f}/s; loadavg {loadavg()}")
+            progress(f"round {round_}/{repeats}: {source.label} ({source.directory}); loadavg {loadavg()}")
             found = measure_once(source, servers, root, load, round_)
-            progress(f"  {found['cpu_us_per_create']} us of service CPU per create "
-                     f"(p50 {found['load']['p50_ms']} ms, machine busy {found['machine_busy_share']:.0%})")
+            serial = found.get("serial")
+            if serial:
+                progress(f"  one at a time: {serial['cpu_us_per_create']} us of service CPU per create "
+                         f"({serial['load']['rate_per_s']:.0f}/s, machine busy {serial['machine_busy_share']:.0%})")
+            progress(f"  at {load.rate:.0f}/s: {found['cpu_us_per_create']} us of service CPU per create, "
+                     f"{found['creates_per_commit']} creates per commit (p50 {found['load']['p50_ms']} ms, "
+                     f"machine busy {found['machine_busy_share']:.0%})")
             runs.append(found)
     return runs
 
 
+MEASURES = {  # name in the summary: where a run keeps it
+    "one_at_a_time": lambda r: r["serial"]["cpu_us_per_create"] if "serial" in r else None,
+    "paced": lambda r: r["cpu_us_per_create"],
+}
+
+
 def summarise(sources: list[Source], runs: list[dict[str, Any]]) -> dict[str, Any]:
-    per_source: dict[str, Any] = {}
+    summary: dict[str, Any] = {}
     base = sources[0].label
-    for source in sources:
-        values = [r["cpu_us_per_create"] for r in runs if r["source"] == source.label]
-        median = statistics.median(values)
-        per_source[source.label] = {
-            "runs_us": values,
-            "median_us": round(median, 1),
-            "min_us": min(values),
-            "max_us": max(values),
-            "spread": round((max(values) - min(values)) / median, 3),  # (max - min) / median
-        }
-    for source in sources[1:]:
-        rounds = sorted({r["round"] for r in runs})
-        pairs = []
-        for round_ in rounds:
-            mine = [r["cpu_us_per_create"] for r in runs if r["round"] == round_ and r["source"] == source.label]
-            theirs = [r["cpu_us_per_create"] for r in runs if r["round"] == round_ and r["source"] == base]
-            pairs.append(round(mine[0] / theirs[0], 3))
-        per_source[source.label]["ratio_of_medians"] = round(
-            per_source[source.label]["median_us"] / per_source[base]["median_us"], 3)
-        per_source[source.label]["ratios_per_round"] = pairs
-        per_source[source.label]["median_ratio_per_round"] = round(statistics.median(pairs), 3)
-    return per_source
+    for measure, value in MEASURES.items():
+        if any(value(r) is None for r in runs):
+            continue
+        per_source: dict[str, Any] = summary.setdefault(measure, {})
+        for source in sources:
+            values = [value(r) for r in runs if r["source"] == source.label]
+            median = statistics.median(values)
+            per_source[source.label] = {
+                "runs_us": values,
+                "median_us": round(median, 1),
+                "min_us": min(values),
+                "max_us": max(values),
+                "spread": round((max(values) - min(values)) / median, 3),  # (max - min) / median
+            }
+        for source in sources[1:]:
+            pairs = []
+            for round_ in sorted({r["round"] for r in runs}):
+                mine = [value(r) for r in runs if r["round"] == round_ and r["source"] == source.label]
+                theirs = [value(r) for r in runs if r["round"] == round_ and r["source"] == base]
+                pairs.append(round(mine[0] / theirs[0], 3))
+            per_source[source.label]["ratio_of_medians"] = round(
+                per_source[source.label]["median_us"] / per_source[base]["median_us"], 3)
+            per_source[source.label]["ratios_per_round"] = pairs
+            per_source[source.label]["median_ratio_per_round"] = round(statistics.median(pairs), 3)
+    return summary
 
 
 def markdown(results: dict[str, Any]) -> str:
     load = results["load"]
-    summary = results["summary"]
     base = results["sources"][0]["label"]
+    serial = (f"first {load['serial']:,} creates one at a time (every batch one create, one commit), then "
+              if load["serial"] else "")
     lines = [
         f"CPU per create, {results['date']} on {results['machine']}",
         "",
-        f"Fixed load per run: {load['creates']:,} creates offered at {load['rate']:,.0f}/s (at most "
-        f"{load['max_in_flight']} in flight) to one fresh `serve --role commands` process on a fresh database, after "
-        f"{load['warmup']:,} unmeasured warm-up creates; the process's user+sys CPU time (/proc/<pid>/stat) over the "
-        f"load divided by the creates. {results['repeats']} rounds, sources alternating. "
-        f"Load average at start {results['loadavg_start']}, at end {results['loadavg_end']}.",
+        f"Fixed load per run, to one fresh `serve --role commands` process on a fresh database after "
+        f"{load['warmup']:,} unmeasured warm-up creates: {serial}{load['creates']:,} creates offered at "
+        f"{load['rate']:,.0f}/s (at most {load['max_in_flight']} in flight). The measure: the process's user+sys CPU "
+        f"time (/proc/<pid>/stat) over each load divided by its creates. {results['repeats']} rounds, sources "
+        f"alternating (A B, B A, ...). Load average at start {results['loadavg_start']}, at end "
+        f"{results['loadavg_end']}.",
         "",
-        "| source | commit | µs CPU per create, median | min - max | spread | ratio to first (medians) "
+        "| load | source | commit | µs CPU per create, median | min - max | spread | ratio to first (medians) "
         "| ratio per round (median; each) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for source in results["sources"]:
-        s = summary[source["label"]]
-        ratio = f"{s['ratio_of_medians']:.3f}" if "ratio_of_medians" in s else "1 (baseline)"
-        rounds = (f"{s['median_ratio_per_round']:.3f}; {', '.join(f'{r:.3f}' for r in s['ratios_per_round'])}"
-                  if "ratios_per_round" in s else "-")
-        trees = source.get("service_code_trees", {})
-        code = " ".join(f"{name[0]}:{tree[:7]}" for name, tree in trees.items())
-        dirty = " + uncommitted changes" if source.get("service_code_changed_since_commit") else ""
-        lines.append(f"| {source['label']} (`{source['directory']}`) | {source['commit'][:9]} ({code}{dirty}) | {s['median_us']} "
-                     f"| {s['min_us']} - {s['max_us']} | {s['spread']:.1%} | {ratio} | {rounds} |")
+    names = {"one_at_a_time": "one at a time", "paced": f"{load['rate']:,.0f}/s"}
+    for measure, per_source in results["summary"].items():
+        for source in results["sources"]:
+            s = per_source[source["label"]]
+            trees = source.get("service_code_trees", {})
+            code = " ".join(f"{name[0]}:{tree[:7]}" for name, tree in trees.items())
+            dirty = " + uncommitted changes" if source.get("service_code_changed_since_commit") else ""
+            ratio = f"{s['ratio_of_medians']:.3f}" if "ratio_of_medians" in s else "1 (baseline)"
+            rounds = (f"{s['median_ratio_per_round']:.3f}; {', '.join(f'{r:.3f}' for r in s['ratios_per_round'])}"
+                      if "ratios_per_round" in s else "-")
+            lines.append(f"| {names[measure]} | {source['label']} (`{source['directory']}`) | {source['commit'][:9]} "
+                         f"({code}{dirty}) | {s['median_us']} | {s['min_us']} - {s['max_us']} | {s['spread']:.1%} "
+                         f"| {ratio} | {rounds} |")
     lines += ["", "Each run:", "",
-              "| round | source | µs CPU per create | service CPU s | idle µs/s | achieved rate | p50 / p99 ms "
-              "| machine busy | stolen | loadavg before → after |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| round | source | load | µs CPU per create | creates per commit | service CPU s | achieved rate "
+              "| p50 / p99 ms | machine busy | stolen | loadavg before → after |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
-        lines.append(
-            f"| {r['round']} | {r['source']} | {r['cpu_us_per_create']} | {r['service_cpu_s']} | "
-            f"{r['idle_cpu_us_per_s']} | {r['load']['rate_per_s']:.0f}/s | {r['load']['p50_ms']} / "
-            f"{r['load']['p99_ms']} | {r['machine_busy_share']:.0%} | {r['machine_steal_share']:.1%} | "
-            f"{r['loadavg_before']} → {r['loadavg_after']} |")
+        for name, m in (("one at a time", r.get("serial")), (names["paced"], r)):
+            if not m:
+                continue
+            lines.append(
+                f"| {r['round']} | {r['source']} | {name} | {m['cpu_us_per_create']} | {m['creates_per_commit']} "
+                f"| {m['service_cpu_s']} | {m['load']['rate_per_s']:.0f}/s | {m['load']['p50_ms']} / "
+                f"{m['load']['p99_ms']} | {m['machine_busy_share']:.0%} | {m['machine_steal_share']:.1%} | "
+                f"{m['loadavg_before']} → {m['loadavg_after']} |")
     lines += ["", f"The first source ({base}) is the baseline; a ratio above 1 is more CPU per create than it. "
               "The commit column gives git's tree ids of services (s), events (e) and projections (p): equal ids, "
-              "equal service code."]
+              "equal service code. Creates per commit: the cluster's transaction ids used meanwhile. Group commit "
+              "makes the paced measure depend on the machine: the busier it is, the longer a save takes, the more "
+              "creates wait for the next batch and the less CPU each create costs; one at a time, every batch is "
+              "one create whatever the machine does."]
     return "\n".join(lines) + "\n"
 
 
@@ -344,7 +396,7 @@ def machine() -> str:
 def cpu_per_create_phase(servers: BenchServers, root: Path, creates: int, rate: float) -> dict[str, Any]:
     """For bench/run.py: one measured run of the current tree (no warm-up beyond a tenth of the load)."""
     source = Source(ROOT, sys.executable, ROOT.name)
-    load = Load(creates=creates, rate=rate, warmup=max(200, creates // 10))
+    load = Load(creates=creates, rate=rate, serial=0, warmup=max(200, creates // 10))
     found = measure_once(source, servers, root, load, 1)
     return {"creates": creates, "rate": rate, **{k: v for k, v in found.items() if k not in ("imported", "round")}}
 
@@ -358,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--creates", type=int, default=Load.creates, help="measured creates per run")
     parser.add_argument("--rate", type=float, default=Load.rate, help="creates offered per second")
     parser.add_argument("--max-in-flight", type=int, default=Load.max_in_flight)
+    parser.add_argument("--serial", type=int, default=Load.serial,
+                        help="measured creates sent one at a time before the paced load (0: none)")
     parser.add_argument("--warmup", type=int, default=Load.warmup, help="unmeasured creates before each run")
     parser.add_argument("--repeats", type=int, default=3, help="rounds (each runs every source once)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2,000 creates, one round")
@@ -369,10 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     for i, source in enumerate(sources):  # unique labels: the directory's name, numbered if repeated
         if labels.count(source.label) > 1:
             sources[i] = Source(source.directory, source.python, f"{source.label}#{i + 1}")
-    load = Load(args.creates, args.rate, args.max_in_flight, args.warmup)
+    load = Load(args.creates, args.rate, args.max_in_flight, args.serial, args.warmup)
     repeats = args.repeats
     if args.quick:
-        load, repeats = Load(2_000, args.rate, args.max_in_flight, 500), 1
+        load, repeats = Load(2_000, args.rate, args.max_in_flight, min(args.serial, 1_000), 500), 1
     started = datetime.now(UTC)
     results: dict[str, Any] = {
         "date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(), "quick": args.quick,
