@@ -1,31 +1,42 @@
 """CPU per create: the service process's CPU time over a fixed load of creates, per create.
 
-The measure of "no slower" for a change of the service's code: the same fixed load (by default
-20,000 creates offered at 1,000/s, at most 64 in flight, after 2,000 unmeasured warm-up creates)
-is sent over NATS to one `activities serve --role commands` process, and the process's own CPU
-time (user + sys of all its threads, from /proc/<pid>/stat) over exactly that load is divided by
-the number of creates. CPU time, not wall time, so that other work on a shared machine changes
-the result as little as possible (it still does somewhat: caches, frequency, hyperthreads, so the
-machine's load is recorded with every run).
+The measure of "no slower" for a change of the service's code. One `activities serve --role
+commands` process gets, after 2,000 unmeasured warm-up creates, two fixed loads over NATS:
 
-Several source trees can be measured side by side in one run: every `--source DIR` is run with
-that tree's own `services`, `events` and `projections` (the service process is started with
+- 10,000 creates one at a time (each sent when the last was answered): every batch of the group
+  commit holds one create, whatever the machine does;
+- 20,000 creates offered at 1,000/s (well below the maximum of about 4,000-6,000/s; with two
+  sources at the same time 500/s to each), at most 64
+  in flight: the shape of real use, but the busier the machine, the longer a save takes, the more
+  creates wait for the next batch, and the LESS CPU per create (reported as creates per commit).
+
+For each load the process's own CPU time (user + sys of all its threads, from /proc/<pid>/stat)
+is divided by the creates. CPU time, not wall time, so that other work on a shared machine changes
+the result less; it still changes it (caches, the hypervisor), so the load of the machine is
+recorded with every run, and only many rounds show a small difference.
+
+Several source trees are measured side by side in one run: every `--source DIR` is run with that
+tree's own `services`, `events` and `projections` (the service process is started from DIR with
 `PYTHONPATH=DIR`, which comes before the editable install of the venv; the process reports which
-files it imported and the run stops if they are not under DIR). Runs alternate between the
-sources (A B A B ...) to cancel drift of the machine, each on a fresh database of the same
-embedded PostgreSQL (fsync on) and NATS. The first source is the baseline ("old"); the report
-gives every other source's median and the median of its per-round ratios against it.
+files it imported and the run stops if they are not under DIR). By default every round starts one
+fresh process of each source (each on a fresh database of one embedded PostgreSQL with fsync on,
+and on its own subject prefix of one NATS) and offers them the same loads AT THE SAME TIME, so that
+whatever else the machine does, it does to all of them (the default rate, 1,000/s, is then split
+among them). With `--alternate` the sources run one after the other instead (A B, B A, ...).
+The first source is the baseline ("old"): the report gives each other source's median and the
+ratios of its runs to the baseline's run of the same round (the measure to read: their median).
 
-Compare two commits (OLD and NEW are commits or branches; run from this tree's venv, which has
-the dependencies of both, or give one interpreter per tree as DIR=PYTHON):
+Compare two commits (OLD and NEW are commits or branches; run from a tree whose venv has the
+dependencies of both, or give each tree its interpreter as DIR=PYTHON):
 
     git worktree add /tmp/cpu-old OLD && git worktree add /tmp/cpu-new NEW
-    .venv/bin/python -m bench.cpu_per_create --source /tmp/cpu-old --source /tmp/cpu-new --repeats 5
+    .venv/bin/python -m bench.cpu_per_create --source /tmp/cpu-old --source /tmp/cpu-new --repeats 6
     git worktree remove /tmp/cpu-old && git worktree remove /tmp/cpu-new
 
-Results go to bench/results/<date-time>-cpu/ (cpu_per_create.json and cpu_per_create.md).
-`--quick` is a smoke run (2,000 creates, one round). `python -m bench.run` also runs this measure
-once for the current tree as its last phase.
+(about 10 minutes for 6 rounds of two sources). Results go to
+bench/results/<date-time>-cpu/ (cpu_per_create.json and cpu_per_create.md). `--quick` is a smoke
+run (1,000 + 2,000 creates, one round). `python -m bench.run` also measures the paced load once,
+for the current tree only, as its last phase.
 """
 
 from __future__ import annotations
@@ -57,7 +68,6 @@ from bench.load import Stats, _one
 from bench.nats_client import LeanNatsClient
 from bench.run import RESULTS, ROOT, BenchServers, bench_servers, create_body, headers, progress, service_env
 
-SUBJECT = "crm.activities.cmd.create"
 PACKAGES = ("services", "events", "projections")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -150,7 +160,8 @@ def machine_meanwhile() -> Iterator[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 
 
-async def paced_creates(nats_url: str, count: int, rate: float, max_in_flight: int, first: int) -> dict[str, Any]:
+async def paced_creates(nats_url: str, subject: str, count: int, rate: float, max_in_flight: int,
+                        first: int) -> dict[str, Any]:
     """`count` creates started at `rate` per second (never more than `max_in_flight` waiting)."""
     client = await LeanNatsClient.connect(nats_url)
     stats = Stats()
@@ -161,7 +172,7 @@ async def paced_creates(nats_url: str, count: int, rate: float, max_in_flight: i
 
     async def one(payload: bytes) -> None:
         try:
-            await _one(client, SUBJECT, payload, auth, stats, None)
+            await _one(client, subject, payload, auth, stats, None)
         finally:
             slots.release()
 
@@ -186,7 +197,7 @@ async def paced_creates(nats_url: str, count: int, rate: float, max_in_flight: i
 
 @dataclass(frozen=True)
 class Load:
-    creates: int = 20_000  # the paced load: offered at `rate`, at most `max_in_flight` waiting
+    creates: int = 20_000  # the paced load: offered at `rate` (to each service), at most `max_in_flight` waiting
     rate: float = 1_000
     max_in_flight: int = 64
     serial: int = 10_000  # the load of one create at a time (0: none)
@@ -194,9 +205,22 @@ class Load:
     idle_s: float = 2.0
 
 
-def service_process(source: Source, database_url: str, nats_url: str, data_dir: Path) -> subprocess.Popen[bytes]:
+@dataclass
+class Running:
+    """One service process of a source, started for a round."""
+
+    source: Source
+    process: subprocess.Popen[bytes]
+    nats_url: str
+    subject: str
+    data_dir: Path
+    imported: dict[str, str]
+
+
+def service_process(source: Source, database_url: str, nats_url: str, data_dir: Path,
+                    prefix: str) -> subprocess.Popen[bytes]:
     data_dir.mkdir(parents=True, exist_ok=True)
-    env = service_env(database_url, nats_url, data_dir)
+    env = service_env(database_url, nats_url, data_dir, ACTIVITIES_SUBJECT_PREFIX=prefix)
     env["PYTHONPATH"] = os.pathsep.join([str(source.directory), *filter(None, [env.get("PYTHONPATH")])])
     env.pop("PYTHONSTARTUP", None)
     log = (data_dir / "service.log").open("ab")
@@ -214,65 +238,102 @@ def imported_from(log: Path, source: Source) -> dict[str, str]:
     raise RuntimeError(f"the service process did not say where it imported from; see {log}")
 
 
-def measure_load(process: subprocess.Popen[bytes], admin_url: str, nats_url: str, count: int, rate: float,
-                 max_in_flight: int, first: int) -> dict[str, Any]:
-    """The service process's CPU time over `count` creates, per create, and what else happened meanwhile."""
+def start(source: Source, servers: BenchServers, root: Path, round_: int, index: int) -> Running:
+    """A fresh service process of `source` on a fresh database, serving its own subject prefix."""
+    data_dir = root / f"svc-{round_}-{index}"
+    prefix = f"cpu{index}.activities"
+    process = service_process(source, servers.fresh_database(), servers.nats_url, data_dir, prefix)
+    endpoints_file = data_dir / "endpoints.json"
+    deadline = time.monotonic() + 60
+    while not endpoints_file.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"service did not start; see {data_dir / 'service.log'}")
+        time.sleep(0.05)
+    running = Running(source, process, json.loads(endpoints_file.read_text())["nats_url"], f"{prefix}.cmd.create",
+                      data_dir, {})
+    try:
+        running.imported = imported_from(data_dir / "service.log", source)
+    except Exception:
+        stop(running)
+        raise
+    return running
+
+
+def stop(running: Running) -> None:
+    running.process.send_signal(signal.SIGTERM)
+    try:
+        running.process.wait(30)
+    except subprocess.TimeoutExpired:
+        running.process.kill()
+
+
+async def loads(services: list[Running], count: int, rate: float, max_in_flight: int,
+                first: int) -> list[dict[str, Any]]:
+    """The same load offered to every service at the same time."""
+    return list(await asyncio.gather(*(paced_creates(s.nats_url, s.subject, count, rate, max_in_flight, first)
+                                       for s in services)))
+
+
+def measure_load(services: list[Running], admin_url: str, count: int, rate: float, max_in_flight: int,
+                 first: int) -> list[dict[str, Any]]:
+    """Each service process's CPU time over `count` creates (all at once), per create; what else happened."""
     xid_before = transaction_ids(admin_url)
     with machine_meanwhile() as machine:
         own_before = time.process_time()
-        cpu_before = process_cpu_s(process.pid)
-        stats = uvloop.run(paced_creates(nats_url, count, rate, max_in_flight, first))
-        cpu_s = process_cpu_s(process.pid) - cpu_before
+        cpu_before = [process_cpu_s(s.process.pid) for s in services]
+        stats = uvloop.run(loads(services, count, rate, max_in_flight, first))
+        cpu_s = [process_cpu_s(s.process.pid) - before for s, before in zip(services, cpu_before, strict=True)]
         own_cpu_s = time.process_time() - own_before
-    commits = transaction_ids(admin_url) - xid_before - 1
-    if stats["errors"]:
-        raise RuntimeError(f"creates failed: {stats['error_codes']}")
-    return {
-        "cpu_us_per_create": round(cpu_s / count * 1e6, 1),
-        "service_cpu_s": round(cpu_s, 3),
-        "creates": count,
-        # write transactions meanwhile: group commit saves every batch of creates in one
-        "commits": commits,
-        "creates_per_commit": round(count / commits, 2) if commits > 0 else None,
-        "load_client_cpu_s": round(own_cpu_s, 3),
-        "load": stats,
-        **machine,
-    }
+    commits = transaction_ids(admin_url) - xid_before - 1  # of all the services measured together
+    found = []
+    for service_stats, service_cpu_s in zip(stats, cpu_s, strict=True):
+        if service_stats["errors"]:
+            raise RuntimeError(f"creates failed: {service_stats['error_codes']}")
+        found.append({
+            "cpu_us_per_create": round(service_cpu_s / count * 1e6, 1),
+            "service_cpu_s": round(service_cpu_s, 3),
+            "creates": count,
+            # write transactions meanwhile (of all services measured together): group commit saves
+            # every batch of creates in one
+            "commits": commits,
+            "creates_per_commit": round(count * len(services) / commits, 2) if commits > 0 else None,
+            "load_client_cpu_s": round(own_cpu_s, 3),
+            "load": service_stats,
+            **machine,
+        })
+    return found
 
 
-def measure_once(source: Source, servers: BenchServers, root: Path, load: Load, round_: int) -> dict[str, Any]:
-    """One fresh service process of `source` on a fresh database: warm-up, then the measured loads."""
-    database_url = servers.fresh_database()
-    data_dir = root / f"svc-{round_}-{source.label}"
-    endpoints_file = data_dir / "endpoints.json"
-    process = service_process(source, database_url, servers.nats_url, data_dir)
-    found: dict[str, Any] = {"round": round_, "source": source.label}
+def measure_round(sources: list[Source], servers: BenchServers, root: Path, load: Load,
+                  round_: int) -> list[dict[str, Any]]:
+    """Fresh service processes of `sources` (on fresh databases): warm-up, then the measured loads,
+    offered to all of them at the same time."""
+    services: list[Running] = []
+    found = [{"round": round_, "source": source.label} for source in sources]
     try:
-        deadline = time.monotonic() + 60
-        while not endpoints_file.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"service did not start; see {data_dir / 'service.log'}")
-            time.sleep(0.05)
-        found["imported"] = imported_from(data_dir / "service.log", source)
-        nats_url = json.loads(endpoints_file.read_text())["nats_url"]
-        warmup = uvloop.run(paced_creates(nats_url, load.warmup, load.rate, load.max_in_flight, 0))
-        if warmup["errors"]:
-            raise RuntimeError(f"warm-up creates failed: {warmup['error_codes']}; see {data_dir}")
+        for source in sources:
+            services.append(start(source, servers, root, round_, len(services)))
+        for service, run in zip(services, found, strict=True):
+            run["imported"] = service.imported
+        for warm in uvloop.run(loads(services, load.warmup, load.rate, load.max_in_flight, 0)):
+            if warm["errors"]:
+                raise RuntimeError(f"warm-up creates failed: {warm['error_codes']}; see {root}")
         time.sleep(0.5)  # the warm-up's last batch committed and answered
-        idle_before = process_cpu_s(process.pid)
+        idle_before = [process_cpu_s(s.process.pid) for s in services]
         time.sleep(load.idle_s)
-        found["idle_cpu_us_per_s"] = round((process_cpu_s(process.pid) - idle_before) / load.idle_s * 1e6, 1)
+        for service, run, before in zip(services, found, idle_before, strict=True):
+            run["idle_cpu_us_per_s"] = round((process_cpu_s(service.process.pid) - before) / load.idle_s * 1e6, 1)
         if load.serial:
-            found["serial"] = measure_load(process, servers.admin_url, nats_url, load.serial, load.rate, 1,
-                                           load.warmup)
-        found.update(measure_load(process, servers.admin_url, nats_url, load.creates, load.rate, load.max_in_flight,
-                                  load.warmup + load.serial))
+            for run, serial in zip(found, measure_load(services, servers.admin_url, load.serial, load.rate, 1,
+                                                       load.warmup), strict=True):
+                run["serial"] = serial
+        for run, paced in zip(found, measure_load(services, servers.admin_url, load.creates, load.rate,
+                                                  load.max_in_flight, load.warmup + load.serial), strict=True):
+            run.update(paced)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        for service in services:
+            stop(service)
     return found
 
 
@@ -281,21 +342,26 @@ def measure_once(source: Source, servers: BenchServers, root: Path, load: Load, 
 # ---------------------------------------------------------------------------------------------
 
 
-def run(sources: list[Source], load: Load, repeats: int, servers: BenchServers, root: Path) -> list[dict[str, Any]]:
+def run(sources: list[Source], load: Load, repeats: int, servers: BenchServers, root: Path,
+        together: bool) -> list[dict[str, Any]]:
     runs = []
     for round_ in range(1, repeats + 1):
         order = sources if round_ % 2 else list(reversed(sources))  # A B, B A, A B ... : no source always first
-        for source in order:
-            progress(f"round {round_}/{repeats}: {source.label} ({source.directory}); loadavg {loadavg()}")
-            found = measure_once(source, servers, root, load, round_)
-            serial = found.get("serial")
-            if serial:
-                progress(f"  one at a time: {serial['cpu_us_per_create']} us of service CPU per create "
-                         f"({serial['load']['rate_per_s']:.0f}/s, machine busy {serial['machine_busy_share']:.0%})")
-            progress(f"  at {load.rate:.0f}/s: {found['cpu_us_per_create']} us of service CPU per create, "
-                     f"{found['creates_per_commit']} creates per commit (p50 {found['load']['p50_ms']} ms, "
-                     f"machine busy {found['machine_busy_share']:.0%})")
-            runs.append(found)
+        groups = [order] if together else [[source] for source in order]
+        for group in groups:
+            names = " and ".join(f"{s.label} ({s.directory})" for s in group)
+            progress(f"round {round_}/{repeats}: {names}{' at the same time' if len(group) > 1 else ''}; "
+                     f"loadavg {loadavg()}")
+            for found in measure_round(group, servers, root, load, round_):
+                serial = found.get("serial")
+                if serial:
+                    progress(f"  {found['source']} one at a time: {serial['cpu_us_per_create']} us of service CPU "
+                             f"per create ({serial['load']['rate_per_s']:.0f}/s, machine busy "
+                             f"{serial['machine_busy_share']:.0%})")
+                progress(f"  {found['source']} at {load.rate:.0f}/s: {found['cpu_us_per_create']} us of service CPU "
+                         f"per create, {found['creates_per_commit']} creates per commit (p50 "
+                         f"{found['load']['p50_ms']} ms, machine busy {found['machine_busy_share']:.0%})")
+                runs.append(found)
     return runs
 
 
@@ -340,21 +406,26 @@ def markdown(results: dict[str, Any]) -> str:
     base = results["sources"][0]["label"]
     serial = (f"first {load['serial']:,} creates one at a time (every batch one create, one commit), then "
               if load["serial"] else "")
+    together = ("every round all sources at the same time (each its own process, database and subjects, the "
+                "same load offered to each at once)." if results.get("together") else
+                "sources one after the other (A B, B A, ...).")
     lines = [
         f"CPU per create, {results['date']} on {results['machine']}",
         "",
-        f"Fixed load per run, to one fresh `serve --role commands` process on a fresh database after "
+        f"Command: `{results['command']}`",
+        "",
+        f"Fixed loads, to one fresh `serve --role commands` process per source and round (each on a fresh database), after "
         f"{load['warmup']:,} unmeasured warm-up creates: {serial}{load['creates']:,} creates offered at "
         f"{load['rate']:,.0f}/s (at most {load['max_in_flight']} in flight). The measure: the process's user+sys CPU "
-        f"time (/proc/<pid>/stat) over each load divided by its creates. {results['repeats']} rounds, sources "
-        f"alternating (A B, B A, ...). Load average at start {results['loadavg_start']}, at end "
+        f"time (/proc/<pid>/stat) over each load divided by its creates. {results['repeats']} rounds, "
+        f"{together} Load average at start {results['loadavg_start']}, at end "
         f"{results['loadavg_end']}.",
         "",
         "| load | source | commit | µs CPU per create, median | min - max | spread | ratio to first (medians) "
         "| ratio per round (median; each) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    names = {"one_at_a_time": "one at a time", "paced": f"{load['rate']:,.0f}/s"}
+    names = {"one_at_a_time": "one at a time", "paced": f"{load['rate']:,.0f}/s each"}
     for measure, per_source in results["summary"].items():
         for source in results["sources"]:
             s = per_source[source["label"]]
@@ -382,7 +453,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{m['loadavg_before']} → {m['loadavg_after']} |")
     lines += ["", f"The first source ({base}) is the baseline; a ratio above 1 is more CPU per create than it. "
               "The commit column gives git's tree ids of services (s), events (e) and projections (p): equal ids, "
-              "equal service code. Creates per commit: the cluster's transaction ids used meanwhile. Group commit "
+              "equal service code. Creates per commit: the cluster's transaction ids used meanwhile (by all the services of a round together). Group commit "
               "makes the paced measure depend on the machine: the busier it is, the longer a save takes, the more "
               "creates wait for the next batch and the less CPU each create costs; one at a time, every batch is "
               "one create whatever the machine does."]
@@ -394,10 +465,10 @@ def machine() -> str:
 
 
 def cpu_per_create_phase(servers: BenchServers, root: Path, creates: int, rate: float) -> dict[str, Any]:
-    """For bench/run.py: one measured run of the current tree (no warm-up beyond a tenth of the load)."""
+    """For bench/run.py: one measured paced load of the current tree (no load of one at a time)."""
     source = Source(ROOT, sys.executable, ROOT.name)
     load = Load(creates=creates, rate=rate, serial=0, warmup=max(200, creates // 10))
-    found = measure_once(source, servers, root, load, 1)
+    (found,) = measure_round([source], servers, root / "cpu-per-create", load, 1)
     return {"creates": creates, "rate": rate, **{k: v for k, v in found.items() if k not in ("imported", "round")}}
 
 
@@ -408,12 +479,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter for the service processes (default: this one)")
     parser.add_argument("--creates", type=int, default=Load.creates, help="measured creates per run")
-    parser.add_argument("--rate", type=float, default=Load.rate, help="creates offered per second")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="creates offered per second to each service (default 1,000 split among the services "
+                             "measured at the same time)")
     parser.add_argument("--max-in-flight", type=int, default=Load.max_in_flight)
     parser.add_argument("--serial", type=int, default=Load.serial,
                         help="measured creates sent one at a time before the paced load (0: none)")
     parser.add_argument("--warmup", type=int, default=Load.warmup, help="unmeasured creates before each run")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds (each runs every source once)")
+    parser.add_argument("--repeats", type=int, default=6, help="rounds (each runs every source once)")
+    parser.add_argument("--alternate", action="store_true",
+                        help="run the sources one after the other (A B, B A, ...) instead of at the same time")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2,000 creates, one round")
     parser.add_argument("--admin-url", help="use this PostgreSQL (a superuser URL) instead of an embedded one")
     parser.add_argument("--nats-url", help="use this NATS (with --admin-url) instead of an embedded one")
@@ -423,25 +498,26 @@ def main(argv: list[str] | None = None) -> int:
     for i, source in enumerate(sources):  # unique labels: the directory's name, numbered if repeated
         if labels.count(source.label) > 1:
             sources[i] = Source(source.directory, source.python, f"{source.label}#{i + 1}")
-    load = Load(args.creates, args.rate, args.max_in_flight, args.serial, args.warmup)
+    rate = args.rate or Load.rate / (1 if args.alternate else len(sources))
+    load = Load(args.creates, rate, args.max_in_flight, args.serial, args.warmup)
     repeats = args.repeats
     if args.quick:
-        load, repeats = Load(2_000, args.rate, args.max_in_flight, min(args.serial, 1_000), 500), 1
+        load, repeats = Load(2_000, rate, args.max_in_flight, min(args.serial, 1_000), 500), 1
     started = datetime.now(UTC)
     results: dict[str, Any] = {
         "date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(), "quick": args.quick,
         "command": " ".join(["python -m bench.cpu_per_create", *(argv if argv is not None else sys.argv[1:])]),
-        "load": load.__dict__, "repeats": repeats, "loadavg_start": loadavg(),
+        "load": load.__dict__, "repeats": repeats, "together": not args.alternate, "loadavg_start": loadavg(),
         "sources": [{"label": s.label, **s.describe()} for s in sources],
     }
     root = Path(tempfile.mkdtemp(prefix="activities-cpu-"))
     try:
         if args.admin_url and args.nats_url:
             servers = BenchServers(args.admin_url, args.nats_url)
-            results["runs"] = run(sources, load, repeats, servers, root)
+            results["runs"] = run(sources, load, repeats, servers, root, not args.alternate)
         else:
             with bench_servers(root) as servers:
-                results["runs"] = run(sources, load, repeats, servers, root)
+                results["runs"] = run(sources, load, repeats, servers, root, not args.alternate)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     results["loadavg_end"] = loadavg()
