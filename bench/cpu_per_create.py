@@ -414,7 +414,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Command: `{results['command']}`",
         "",
-        f"Fixed loads, to one fresh `serve --role commands` process per source and round (each on a fresh database), after "
+        f"Fixed loads, to one fresh `serve --role commands` process per source and round (each on a fresh "
+        f"database), after "
         f"{load['warmup']:,} unmeasured warm-up creates: {serial}{load['creates']:,} creates offered at "
         f"{load['rate']:,.0f}/s (at most {load['max_in_flight']} in flight). The measure: the process's user+sys CPU "
         f"time (/proc/<pid>/stat) over each load divided by its creates. {results['repeats']} rounds, "
@@ -453,8 +454,9 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{m['loadavg_before']} → {m['loadavg_after']} |")
     lines += ["", f"The first source ({base}) is the baseline; a ratio above 1 is more CPU per create than it. "
               "The commit column gives git's tree ids of services (s), events (e) and projections (p): equal ids, "
-              "equal service code. Creates per commit: the cluster's transaction ids used meanwhile (by all the services of a round together). Group commit "
-              "makes the paced measure depend on the machine: the busier it is, the longer a save takes, the more "
+              "equal service code. Creates per commit: the cluster's transaction ids used meanwhile (by all the "
+              "services of a round together). Group commit makes the paced measure depend on the machine: the "
+              "busier it is, the longer a save takes, the more "
               "creates wait for the next batch and the less CPU each create costs; one at a time, every batch is "
               "one create whatever the machine does."]
     return "\n".join(lines) + "\n"
@@ -490,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alternate", action="store_true",
                         help="run the sources one after the other (A B, B A, ...) instead of at the same time")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2,000 creates, one round")
-    parser.add_argument("--admin-url", help="use this PostgreSQL (a superuser URL) instead of an embedded one")
+    parser.add_argument("--admin-url", help="use this PostgreSQL (a superuser URL) instead of an embedded one "
+                        "(creates per commit then count every write transaction of that cluster)")
     parser.add_argument("--nats-url", help="use this NATS (with --admin-url) instead of an embedded one")
     args = parser.parse_args(argv)
     sources = [Source.parse(s, args.python) for s in (args.source or [str(ROOT)])]
@@ -523,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     results["loadavg_end"] = loadavg()
     results["summary"] = summarise(sources, results["runs"])
     out = RESULTS / (started.strftime("%Y-%m-%d-%H%M") + ("-cpu-quick" if args.quick else "-cpu"))
+    if out.exists():  # two runs in one minute
+        out = out.with_name(started.strftime("%Y-%m-%d-%H%M%S") + ("-cpu-quick" if args.quick else "-cpu"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "cpu_per_create.json").write_text(json.dumps(results, indent=2))
     report = markdown(results)
