@@ -33,7 +33,7 @@ dependencies of both, or give each tree its interpreter as DIR=PYTHON):
     .venv/bin/python -m bench.cpu_per_create --source /tmp/cpu-old --source /tmp/cpu-new --repeats 6
     git worktree remove /tmp/cpu-old && git worktree remove /tmp/cpu-new
 
-(about 10 minutes for 6 rounds of two sources). Results go to
+(10-15 minutes for 6 rounds of two sources on a busy machine). Results go to
 bench/results/<date-time>-cpu/ (cpu_per_create.json and cpu_per_create.md). `--quick` is a smoke
 run (1,000 + 2,000 creates, one round). `python -m bench.run` also measures the paced load once,
 for the current tree only, as its last phase.
