@@ -240,7 +240,8 @@ def imported_from(log: Path, source: Source) -> dict[str, str]:
 
 def start(source: Source, servers: BenchServers, root: Path, round_: int, index: int) -> Running:
     """A fresh service process of `source` on a fresh database, serving its own subject prefix."""
-    data_dir = root / f"svc-{round_}-{index}"
+    root.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(tempfile.mkdtemp(prefix=f"svc-{round_}-{index}-", dir=root))  # never an earlier one's files
     prefix = f"cpu{index}.activities"
     process = service_process(source, servers.fresh_database(), servers.nats_url, data_dir, prefix)
     endpoints_file = data_dir / "endpoints.json"
