@@ -272,16 +272,16 @@ def run_read_side(servers: BenchServers, root: Path, durations: Durations) -> di
 
     results: dict[str, Any] = {}
     database_url = servers.fresh_database()
-    _progress(f"[4/7] projection: seeding {durations.projection_events} events through the command path")
+    _progress(f"[4/8] projection: seeding {durations.projection_events} events through the command path")
     app = seed_events(database_url, durations.projection_events)
     _progress("  rebuilding the read model from the whole log")
     results["projection"] = projection_catch_up(database_url, app, durations.projection_events)
     app.close()
 
-    _progress("[6/7] relay: publishing the same log onto a fresh stream")
+    _progress("[6/8] relay: publishing the same log onto a fresh stream")
     results["relay"] = relay_throughput(database_url, servers.nats_url, root, durations.projection_events)
 
-    _progress("[4/7] freshness at 500 creates/s and [5/7] queries on a big read model")
+    _progress("[4/8] freshness at 500 creates/s and [5/8] queries on a big read model")
     fresh_db = servers.fresh_database()
     settle(fresh_db)
     with service(fresh_db, servers.nats_url, "commands,projector,http", root / "svc-all") as (process, endpoints):

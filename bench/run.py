@@ -6,6 +6,8 @@
 It starts its own embedded PostgreSQL (fsync on) and NATS, runs each phase with progress on
 stderr, and writes bench/results/<date-time>.json, .md (the table for the README) and .png
 (throughput against latency). Every result is printed as a ratio to its baseline or limit.
+The last phase measures the service's CPU per create at a fixed load for this tree only; to compare
+two source trees (before and after a change) use `python -m bench.cpu_per_create` (see its docstring).
 """
 
 from __future__ import annotations
@@ -55,10 +57,11 @@ class Durations:
     latency_s: float
     projection_events: int
     read_model_rows: int
+    cpu_creates: int
 
 
-FULL = Durations(load_s=15, latency_s=10, projection_events=200_000, read_model_rows=1_000_000)
-QUICK = Durations(load_s=3, latency_s=3, projection_events=10_000, read_model_rows=20_000)
+FULL = Durations(load_s=15, latency_s=10, projection_events=200_000, read_model_rows=1_000_000, cpu_creates=10_000)
+QUICK = Durations(load_s=3, latency_s=3, projection_events=10_000, read_model_rows=20_000, cpu_creates=1_000)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,13 +351,17 @@ def main(argv: list[str] | None = None) -> int:
                                "quick": args.quick}
     try:
         with bench_servers(root) as servers:
-            progress("[1/7] raw batched inserts of event rows (the limit)")
+            progress("[1/8] raw batched inserts of event rows (the limit)")
             results["raw_insert"] = raw_insert_limit(servers.fresh_database(), durations.projection_events // 2)
-            progress("[2/7] naive baseline: FastStream subscriber, one eventsourcing save per command")
+            progress("[2/8] naive baseline: FastStream subscriber, one eventsourcing save per command")
             results["naive"] = naive_baseline(servers, durations.load_s)
-            progress("[3/7] the service: creates and patches over NATS")
+            progress("[3/8] the service: creates and patches over NATS")
             results["service"], _ = service_commands(servers, root, durations)
             results.update(read_side_phases(servers, root, durations))
+            progress(f"[8/8] CPU per create: {durations.cpu_creates} creates at 1,000/s (bench/cpu_per_create.py)")
+            from bench.cpu_per_create import cpu_per_create_phase
+
+            results["cpu_per_create"] = cpu_per_create_phase(servers, root, durations.cpu_creates, 1_000)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     results["table"] = table(results)
@@ -408,6 +415,12 @@ def table(results: dict[str, Any]) -> list[dict[str, str]]:
     from bench.read_side import read_side_table
 
     rows.extend(read_side_table(results, limit))
+    if "cpu_per_create" in results:
+        cpu = results["cpu_per_create"]
+        rows.append({"measure": f"service CPU per create ({cpu['creates']:,} creates at {cpu['rate']:,.0f}/s)",
+                     "value": f"{cpu['cpu_us_per_create']:.0f} µs",
+                     "ratio": f"{cpu['service_cpu_s'] / cpu['load']['elapsed_s']:.2f} of one core",
+                     "target": "no higher than before a change (bench/cpu_per_create.py --source OLD --source NEW)"})
     memory = max([service["peak_rss_mb"], *results.get("read_side_rss_mb", [])])
     rows.append({"measure": "peak memory of a service process", "value": f"{memory:.0f} MB",
                  "ratio": ratio(memory, 400) + " of 400 MB", "target": "< 400 MB"})
