@@ -9,7 +9,14 @@ from typing import Final
 
 from pydantic import BaseModel
 
-from activities_client.wire import ActivityListReply, ActivityReply, GetActivityBody, ListActivitiesBody
+from activities_client.wire import (
+    ActivityListReply,
+    ActivityReply,
+    GetActivityBody,
+    ListActivitiesBody,
+    StatsBody,
+    StatsReply,
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,12 @@ QUERIES: Final[Mapping[str, QuerySpec]] = {
             "A page of activities matching the filters, from the read model; follow `next_cursor`.",
             ListActivitiesBody,
             ActivityListReply,
+        ),
+        QuerySpec(
+            "stats",
+            "Counts of the activities matching the filters by `group_by`, largest first, from the read model.",
+            StatsBody,
+            StatsReply,
         ),
     )
 }

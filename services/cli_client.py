@@ -1,4 +1,4 @@
-"""The people-facing subcommands of `activities`: create, get, list, history, tail.
+"""The people-facing subcommands of `activities`: create, get, list, stats, history, tail.
 
 They use the Python client (services/client.py) against a running service, found through
 `<data dir>/endpoints.json` (written by `activities serve`) unless `--nats-url` / `--http-url`
@@ -20,11 +20,12 @@ from typing import Any, Final
 
 from activities_client import ActivitiesError, Activity, AsyncClient, Event, StartAt
 from activities_client.document import parse_datetime
+from activities_client.filters import STATS_GROUPS
 from services.auth import mint_token
 from services.bootstrap import DEV_SECRET_FILE
 from services.config import Settings
 
-CLIENT_COMMANDS: Final = ("create", "get", "list", "history", "tail")
+CLIENT_COMMANDS: Final = ("create", "get", "list", "stats", "history", "tail")
 TOKEN_ENV: Final = "ACTIVITIES_TOKEN"
 LIST_COLUMNS: Final = ("id", "type", "subject", "status", "activity_date", "linked_to", "version", "deleted")
 CELL_WIDTH: Final = 40
@@ -82,8 +83,20 @@ def _start(value: str) -> StartAt:
         raise argparse.ArgumentTypeError(f"'new', 'all', a stream sequence or an RFC 3339 time ({exc})") from None
 
 
+def _filter_options(parser: argparse.ArgumentParser) -> None:
+    """The list filters (also the stats filters) as options."""
+    for name in ("account_id", "deal_id", "contact_id", "owner_id", "status"):
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None)
+    parser.add_argument("--type", dest="type", action="append", default=None, help="repeatable")
+    parser.add_argument("--tag", dest="tag", action="append", default=None, help="repeatable; all must match")
+    parser.add_argument("--from", dest="activity_date_from", default=None, help="activity_date from (RFC 3339)")
+    parser.add_argument("--to", dest="activity_date_to", default=None, help="activity_date to (RFC 3339)")
+    parser.add_argument("--updated-since", dest="updated_since", default=None)
+    parser.add_argument("--include-deleted", action="store_true", default=None)
+
+
 def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add create/get/list/history/tail to the `activities` parser."""
+    """Add create/get/list/stats/history/tail to the `activities` parser."""
     create = commands.add_parser(
         "create",
         help="log an activity",
@@ -108,17 +121,21 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     _connection_options(get)
 
     list_ = commands.add_parser("list", help="list activities (a table)")
-    for name in ("account_id", "deal_id", "contact_id", "owner_id", "status", "sort", "cursor"):
-        list_.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None)
-    list_.add_argument("--type", dest="type", action="append", default=None, help="repeatable")
-    list_.add_argument("--tag", dest="tag", action="append", default=None, help="repeatable; all must match")
-    list_.add_argument("--from", dest="activity_date_from", default=None, help="activity_date from (RFC 3339)")
-    list_.add_argument("--to", dest="activity_date_to", default=None, help="activity_date to (RFC 3339)")
-    list_.add_argument("--updated-since", dest="updated_since", default=None)
-    list_.add_argument("--include-deleted", action="store_true", default=None)
+    _filter_options(list_)
+    for name in ("sort", "cursor"):
+        list_.add_argument(f"--{name}", dest=name, default=None)
     list_.add_argument("--limit", type=int, default=None, help="page size (1-200)")
     list_.add_argument("--all", action="store_true", help="follow the cursors to the end")
     _connection_options(list_)
+
+    stats = commands.add_parser(
+        "stats",
+        help="count activities by type, status, owner, priority or outcome (a table)",
+        description="Count activities: activities stats --group-by owner_id --type call",
+    )
+    stats.add_argument("--group-by", dest="group_by", required=True, choices=STATS_GROUPS)
+    _filter_options(stats)
+    _connection_options(stats)
 
     history = commands.add_parser("history", help="the events of one activity (needs the HTTP endpoint)")
     history.add_argument("id")
@@ -282,6 +299,14 @@ async def _run(args: argparse.Namespace, settings: Settings, out: Callable[[str]
             else:
                 out(activities_table(rows))
                 out(_count(len(rows)) + (f"; next page: --cursor {cursor}" if cursor else ""))
+        elif args.command == "stats":
+            params = {name: getattr(args, name) for name in LIST_FILTERS if getattr(args, name) is not None}
+            counts = await activities.stats(args.group_by, **params)
+            if args.json:
+                out(_json([count.model_dump(mode="json") for count in counts]))
+            else:
+                out(table([(count.key, count.count) for count in counts], (args.group_by, "count")))
+                out(_count(sum(count.count for count in counts)))
         elif args.command == "history":
             events = await activities.history(args.id)
             if args.json:

@@ -30,9 +30,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from activities_client.document import ACTIVITY_ID_PATTERN
 from activities_client.errors import ActivitiesError, NotFound, ValidationError, field_error
-from activities_client.filters import LIST_FILTERS, PAGE_PARAMETERS
+from activities_client.filters import LIST_FILTERS, PAGE_PARAMETERS, STATS_GROUPS, STATS_PARAMETERS
 from activities_client.subjects import Subjects
-from activities_client.wire import ActivityListReply, ActivityReply, ErrorReply, EventHistoryReply
+from activities_client.wire import ActivityListReply, ActivityReply, ErrorReply, EventHistoryReply, StatsReply
 from events.commands import COMMANDS, CommandSpec, HttpRoute, parse_json_object
 from events.queries import QUERIES
 from projections.queries import params_from_pairs
@@ -125,6 +125,24 @@ LIST_QUERY_STRING: Final = query_string(
     **{spec.name: spec.description for spec in LIST_FILTERS},
     **PAGE_PARAMETERS,
 )
+
+
+def stats_query_string() -> dict[str, Any]:
+    """The stats parameters: `group_by` (required, one of STATS_GROUPS), the list filters,
+    `include_deleted` and `min_position`."""
+    documented = query_string(
+        frozenset(spec.name for spec in LIST_FILTERS if spec.repeatable),
+        **{"group_by": STATS_PARAMETERS["group_by"]},
+        **{spec.name: spec.description for spec in LIST_FILTERS},
+        **{name: text for name, text in STATS_PARAMETERS.items() if name != "group_by"},
+    )
+    group_by = documented["parameters"][0]
+    group_by["required"] = True
+    group_by["schema"] = {"type": "string", "enum": list(STATS_GROUPS)}
+    return documented
+
+
+STATS_QUERY_STRING: Final = stats_query_string()
 GET_PARAMETERS = query_string(
     version="the activity as it was at this version",
     include_deleted="true to read a deleted activity",
@@ -193,6 +211,18 @@ def create_http_app(queries: QueryGateway, commands: CommandGateway) -> FastAPI:
     async def list_activities(request: Request) -> Response:
         params = params_from_pairs(request.query_params.multi_items())
         status_code, envelope = await queries.list(params, request.headers.get("authorization"))
+        return json_response(status_code, envelope)
+
+    @app.get(
+        BASE + "/stats",  # before /{id}, which would take `stats` for an id
+        summary="Count activities by type, status, owner, priority or outcome",
+        tags=["queries"],
+        openapi_extra=STATS_QUERY_STRING,
+        responses=replies(200, StatsReply),
+    )
+    async def activity_stats(request: Request) -> Response:
+        params = params_from_pairs(request.query_params.multi_items())
+        status_code, envelope = await queries.stats(params, request.headers.get("authorization"))
         return json_response(status_code, envelope)
 
     @app.get(

@@ -1,4 +1,4 @@
-"""The query gateway: get, list and history, shared by the NATS query subjects and HTTP.
+"""The query gateway: get, list, stats and history, shared by the NATS query subjects and HTTP.
 
 Lists and current documents come only from the PostgreSQL read model (async psycopg pool);
 old versions (`version=n`) and histories come from the event store (synchronous, through the
@@ -35,14 +35,17 @@ from projections.queries import (
     GetQuery,
     ListQuery,
     Params,
+    StatsQuery,
     build_get_sql,
     build_history_sql,
     build_list_sql,
     build_position_sql,
+    build_stats_sql,
     keyset_of,
     params_from_json,
     parse_get_query,
     parse_list_query,
+    parse_stats_query,
 )
 from projections.read_model import READER_ROLE
 from services.application import ActivitiesApplication
@@ -237,6 +240,12 @@ class ReadModel:
             next_cursor = codec.encode(keyset_of(rows[-1], query.sort), query, caller)
         return position, [orjson.Fragment(row["document"]) for row in rows], next_cursor
 
+    async def stats(self, query: StatsQuery, caller: Caller) -> tuple[int, list[dict[str, Any]]]:
+        """(position, counts): `{"key", "count"}` rows, largest count first."""
+        statement, params = build_stats_sql(self.table, query, caller)
+        position, rows = await self._fetch(statement, params, caller)
+        return position, [{"key": row["key"], "count": int(row["count"])} for row in rows]
+
 
 class EventStoreReads:
     """Old versions and histories, read from the event store on its thread pool."""
@@ -354,6 +363,18 @@ class QueryGateway:
 
         return await self._guard("list", work)
 
+    async def stats(self, params: Params, authorization: str | None) -> Reply:
+        """Counts of the caller's activities matching the filters, by `group_by`."""
+
+        async def work() -> Reply:
+            caller = self._verifier.verify(authorization)
+            query = parse_stats_query(params)
+            await self.read_model.wait_for(query.min_position, self._wait_s)
+            position, counts = await self.read_model.stats(query, caller)
+            return 200, {"data": counts, "meta": {"position": position}}
+
+        return await self._guard("stats", work)
+
     async def history(self, activity_id: str, params: Params, authorization: str | None) -> Reply:
         """An activity's events, oldest first, as CONTRACT.md section 4 bodies."""
 
@@ -370,7 +391,8 @@ class QueryGateway:
         return await self._guard("history", work)
 
     async def handle_message(self, name: str, body: bytes, headers: dict[str, str]) -> Reply:
-        """The NATS entry (`query.get`, `query.list`): the body is a JSON object of parameters."""
+        """The NATS entry (`query.get`, `query.list`, `query.stats`; events.queries.QUERIES): the body is a
+        JSON object of parameters."""
         authorization = header(headers, "Authorization")
         try:
             data = orjson.loads(body) if body else {}
@@ -382,4 +404,6 @@ class QueryGateway:
         params = params_from_json(data)
         if name == "get":
             return await self.get(params, authorization)
+        if name == "stats":
+            return await self.stats(params, authorization)
         return await self.list(params, authorization)

@@ -35,6 +35,7 @@ from activities_client.errors import (
     ValidationError,
     VersionConflict,
 )
+from activities_client.wire import Count
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,7 @@ __all__ = [
     "AsyncActivities",
     "AsyncClient",
     "Client",
+    "Count",
     "Event",
     "Gone",
     "HistoryUnavailable",

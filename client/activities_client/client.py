@@ -17,8 +17,8 @@ How it talks to the service:
   times out, finds no responder, or gets `unavailable` is sent again with the *same* key (bounded
   attempts, exponential backoff with jitter), so a retry never logs a second activity.
 - The client remembers the `meta.position` of its latest command and sends it as `min_position`
-  on `get` and `list`, so it always reads its own writes.
-- Reads go over HTTP (section 5) when `http_url` is given, else over NATS `<prefix>.query.get|list`.
+  on `get`, `list` and `stats`, so it always reads its own writes.
+- Reads go over HTTP (section 5) when `http_url` is given, else over NATS `<prefix>.query.get|list|stats`.
 - `history` needs `http_url`: the `/events` route reads the event store itself. Deriving it from
   JetStream instead would mean scanning the tenant's whole stream (event subjects do not carry the
   activity id), and a stream with limits retention may have dropped old events, so a stream-derived
@@ -81,6 +81,7 @@ from activities_client.errors import (
     error_from_envelope,
 )
 from activities_client.subjects import Subjects
+from activities_client.wire import Count
 
 __all__ = [
     "ActivitiesError",
@@ -638,6 +639,20 @@ class AsyncActivities:
                 return
             cursor = page.next_cursor
 
+    async def stats(self, group_by: str, **filters: Any) -> builtins.list[Count]:
+        """Counts of the caller's activities matching the filters (any list filter, and
+        `include_deleted`) by `group_by` (`type`, `status`, `owner_id`, `priority` or `outcome`),
+        largest count first; `key` None counts the activities without a value."""
+        query = {name: _query_value(value) for name, value in filters.items() if value is not None}
+        query["group_by"] = group_by
+        if self._client.position:
+            query["min_position"] = self._client.position
+        if self._client.http_url:
+            envelope = await self._client.http_get(f"{API_PATH}/stats", query)
+        else:
+            envelope = await self._client.query("stats", query)
+        return [Count.model_validate(item) for item in envelope["data"]]
+
     async def history(self, id: str) -> builtins.list[Event]:
         """The activity's events, oldest first (needs `http_url`)."""
         if not self._client.http_url:
@@ -991,6 +1006,10 @@ class SyncActivities:
         """See `AsyncActivities.iterate`."""
         iterator = self._async.iterate(**params)
         return self._runner().iterate(iterator, iterator.aclose)
+
+    def stats(self, group_by: str, **filters: Any) -> builtins.list[Count]:
+        """See `AsyncActivities.stats`."""
+        return self._client._run(self._async.stats(group_by, **filters))
 
     def history(self, id: str) -> Sequence[Event]:
         """See `AsyncActivities.history`."""

@@ -14,7 +14,16 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from activities_client.document import ACTIVITY_ID_PATTERN, ActivityDocument, EventBody
 from activities_client.errors import ERRORS_BY_CODE
-from activities_client.filters import DEFAULT_LIMIT, DEFAULT_SORT, LIST_FILTERS, MAX_LIMIT, PAGE_PARAMETERS, ListFilter
+from activities_client.filters import (
+    DEFAULT_LIMIT,
+    DEFAULT_SORT,
+    LIST_FILTERS,
+    MAX_LIMIT,
+    PAGE_PARAMETERS,
+    STATS_GROUPS,
+    STATS_PARAMETERS,
+    ListFilter,
+)
 
 if TYPE_CHECKING:
     ErrorCode = str
@@ -75,6 +84,24 @@ ListActivitiesBody = create_model(
     **_LIST_FIELDS,
 )
 
+if TYPE_CHECKING:
+    StatsGroup = str
+else:  # the values of group_by, defined once (filters.STATS_GROUPS)
+    StatsGroup = Literal[STATS_GROUPS]
+
+_STATS_FIELDS: dict[str, Any] = {
+    "group_by": (StatsGroup, Field(description=STATS_PARAMETERS["group_by"])),
+    **{spec.name: _list_field(spec) for spec in LIST_FILTERS},
+    "include_deleted": (bool, Field(default=False, description=STATS_PARAMETERS["include_deleted"])),
+    "min_position": (int | None, Field(default=None, ge=0, description=STATS_PARAMETERS["min_position"])),
+}
+StatsBody = create_model(
+    "StatsBody",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="`crm.activities.query.stats`: `group_by` and any list filter (CONTRACT.md section 5) as a JSON object.",
+    **_STATS_FIELDS,
+)
+
 
 class Meta(BaseModel):
     """`meta` of a reply with one activity."""
@@ -101,6 +128,20 @@ class ActivityListReply(BaseModel):
 
     data: list[ActivityDocument]
     meta: ListMeta
+
+
+class Count(BaseModel):
+    """How many matching activities have this value of `group_by` (`key` None: those without one)."""
+
+    key: str | None
+    count: int
+
+
+class StatsReply(BaseModel):
+    """Success of stats: the counts, largest first (ties by key, the activities without one last)."""
+
+    data: list[Count]
+    meta: Meta
 
 
 class ErrorDetail(BaseModel):
