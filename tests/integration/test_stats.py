@@ -44,11 +44,9 @@ async def seed(send: Send, bearer: str) -> int:
         {"type": "email", "owner_id": OWNER_2, "outcome": "won"},
         {"status": "open"},
     ]
-    position = 0
     for body in bodies:
         reply = await send("create", {"account_id": "acc_1", **body}, bearer=bearer)
         assert "data" in reply, reply
-        position = reply["meta"]["position"]
     deleted = await send("create", {"account_id": "acc_2", "type": "call", "status": "open"}, bearer=bearer)
     reply = await send("delete", {"id": deleted["data"]["id"]}, bearer=bearer)
     return int(reply["meta"]["position"])
