@@ -67,7 +67,7 @@ from nats.js import api as js_api
 from nats.js.client import JetStreamContext
 from pydantic import BaseModel, ConfigDict, Field
 
-from activities_client.document import EVENT_KINDS, ActivityDocument, format_datetime
+from activities_client.document import EVENT_KINDS, ActivityDocument, EventBody, format_datetime
 from activities_client.errors import (
     ActivitiesError,
     Gone,
@@ -136,22 +136,15 @@ class Activity(ActivityDocument):
 
 
 
-class Event(BaseModel):
-    """One stored event (CONTRACT.md section 4), from `history` or a subscription."""
+class Event(EventBody):
+    """One stored event (CONTRACT.md section 4), from `history` or a subscription: the event body,
+    with its time and its activity parsed. Its `event_type` is one of document.EVENT_TYPES, or a
+    newer service's, which passes through."""
 
     model_config = ConfigDict(extra="ignore")
 
-    event_type: str  # one of document.EVENT_TYPES; a newer service's new types pass through
-    schema_version: int
-    activity_id: str
-    tenant_id: str
-    app_id: str | None
-    version: int
-    position: int
-    occurred_at: datetime
-    actor: str
-    changes: dict[str, Any]
-    activity: Activity
+    occurred_at: datetime  # type: ignore[assignment]  # the body's RFC 3339 text, parsed
+    activity: Activity  # type: ignore[assignment]  # the body's document, as the client's model
     stream_sequence: int | None = Field(
         default=None,
         exclude=True,
