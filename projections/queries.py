@@ -544,8 +544,8 @@ GROUP_BY_SQL: Final[dict[str, sql.Composable]] = {
     "type": sql.Identifier("type"),
     "status": sql.Identifier("status"),
     "owner_id": sql.Identifier("owner_id"),
-    "priority": sql.SQL("document->>'priority'"),  # a column once the read model has one
-    "outcome": sql.SQL("document->>'outcome'"),  # a column once the read model has one
+    "priority": sql.Identifier("priority"),  # read-model migration 4
+    "outcome": sql.Identifier("outcome"),  # read-model migration 4
 }
 """What each `group_by` of activities_client/filters.py (STATS_GROUPS) counts by;
 tests/unit/test_queries.py checks that every group has one."""

@@ -93,5 +93,5 @@ def test_stats_sql_is_scoped_filtered_grouped_and_ordered() -> None:
     query = StatsQuery("priority", filters={"type": ("call",), "status": "open"}, include_deleted=True)
     statement, params = build_stats_sql("activities", query, ACME_APP)
     sql = str(statement.as_string(None))
-    assert "document->>'priority' AS key" in sql and "app_id = %s" in sql and "NOT is_deleted" not in sql
+    assert '"priority" AS key' in sql and "app_id = %s" in sql and "NOT is_deleted" not in sql
     assert params == ["acme", "app_a", ["call"], "open"]
