@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
 import re
@@ -51,13 +52,13 @@ from bench.http_client import KeepAliveClient
 from bench.load import Stats, _one
 from bench.nats_client import LeanNatsClient
 from bench.read_side import seed_events, settle
-from bench.run import ACTIVITIES, RESULTS, create_body, bench_servers, headers, machine, progress, service, service_env
+from bench.run import ACTIVITIES, RESULTS, bench_servers, create_body, headers, machine, progress, service, service_env
 from projections.read_model import read_model_datastore, status
 
 READ_RATE = 100.0  # reads/s in all: well below the ~1,200-2,000/s the service serves on a quiet 2-core machine
 BEHIND_S = 1.0  # a connection this far behind its schedule skips the reads it missed (counted)
 READ_CONCURRENCY = 4
-WRITE_RATE = 50.0  # creates/s over NATS in phases B and C
+WRITE_RATE = 50.0  # creates/s over NATS in phases B and C (--write-rate)
 LIST_LIMIT = 20
 SLOW_MS = 200.0
 AFTER_REBUILD_S = 5.0
@@ -238,6 +239,7 @@ class LockWatch:
     samples: int = 0
     autovacuum: list[tuple[float, str]] = field(default_factory=list)
     stages: dict[str, list[float]] = field(default_factory=dict)  # statement on the copy -> [first, last] seen
+    holder: list[tuple[Any, ...]] = field(default_factory=list)  # (t, state, wait_event, query) of the switch
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -256,23 +258,28 @@ class LockWatch:
             while not self._stop.is_set():
                 now = time.perf_counter()
                 rows = conn.execute(
-                    "SELECT mode, granted FROM pg_locks WHERE locktype = 'relation' AND relation = %s",
+                    "SELECT l.mode, l.granted, a.state, a.wait_event, "
+                    "left(regexp_replace(a.query, '\\s+', ' ', 'g'), 70) FROM pg_locks l "
+                    "LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'relation' AND l.relation = %s",
                     (self.oid,),
                 ).fetchall()
                 self.samples += 1
-                exclusive = [granted for mode, granted in rows if mode == "AccessExclusiveLock"]
+                exclusive = [granted for mode, granted, *_ in rows if mode == "AccessExclusiveLock"]
                 if exclusive and self.requested is None:
                     self.requested = now
                 if any(exclusive) and self.granted is None:
                     self.granted = now
                 if self.granted is not None and self.released is None:
                     if any(exclusive):
-                        self.max_waiting = max(self.max_waiting, sum(1 for _, g in rows if not g))
+                        self.max_waiting = max(self.max_waiting, sum(1 for _, g, *_ in rows if not g))
+                        holder = next(tuple(r[2:]) for r in rows if r[0] == "AccessExclusiveLock" and r[1])
+                        if not self.holder or self.holder[-1][1:] != holder:
+                            self.holder.append((now, *holder))
                     else:
                         self.released = now
                 if self.samples % 5 == 0:  # what the rebuild's connections are doing to the copy
                     for (query,) in conn.execute(
-                        "SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 48) FROM pg_stat_activity "
+                        "SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 90) FROM pg_stat_activity "
                         "WHERE state = 'active' AND query LIKE '%%activities_rebuild%%' AND pid <> pg_backend_pid()"
                     ).fetchall():
                         seen = self.stages.setdefault(query, [now, now])
@@ -359,7 +366,8 @@ def read_plan(database_url: str) -> ReadPlan:
     return ReadPlan(ids, accounts, owners)
 
 
-async def steady_phase(http_url: str, nats_url: str, plan: ReadPlan, seconds: float, write_rate: float) -> dict[str, Any]:
+async def steady_phase(http_url: str, nats_url: str, plan: ReadPlan, seconds: float,
+                       write_rate: float) -> dict[str, Any]:
     deadline = time.perf_counter() + seconds
     cpu_before, load_before = cpu_times(), loadavg()
 
@@ -414,6 +422,13 @@ async def rebuild_phase(http_url: str, nats_url: str, plan: ReadPlan, database_u
     lock_ms = (watch.released - watch.granted) * 1000 if watch.granted and watch.released else None
     wait_ms = (watch.granted - watch.requested) * 1000 if watch.granted and watch.requested else None
     during = [r for r in reads if started <= r.sent <= finished[0]]
+    breakdown: dict[str, float] = {}
+    marks = [*watch.holder, (watch.released, None, None, None)] if watch.released else []
+    for (t, state, wait, query), (t_next, *_) in itertools.pairwise(marks):
+        key = f"{state}{'/' + wait if wait else ''}: {query if state == 'active' else '(between statements)'}"
+        breakdown[key] = round(breakdown.get(key, 0.0) + (t_next - t) * 1000, 1)
+    before_final = [done for _, done, total in points if done < (points[-1][1] if points else 0)]
+    switch_events = points[-1][1] - max(before_final) if before_final else None
     overlapping = [r for r in reads if watch.requested and watch.released
                    and r.sent <= watch.released and r.sent + r.latency_ms / 1000 >= watch.requested]
     slow = sorted((r for r in reads if r.latency_ms > SLOW_MS), key=lambda r: r.sent)
@@ -440,7 +455,10 @@ async def rebuild_phase(http_url: str, nats_url: str, plan: ReadPlan, database_u
             "poll_every_ms": watch.interval_s * 1000,
             "polls": watch.samples,
             "max_requests_queued_behind": watch.max_waiting,
+            "events_applied_under_lock": switch_events,
+            "held_ms_by_statement": breakdown,
         },
+        "reads_outside_switch": summarize([r for r in reads if r not in overlapping]),
         "reads": summarize(reads),
         "reads_while_rebuild_ran": summarize(during),
         "reads_overlapping_switch": summarize(overlapping),
@@ -484,22 +502,29 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ("p99 during rebuild / p99 baseline", f"{reads['p99_ms']} / {base['p99_ms']} ms", f"{ratio:.2f}x",
          "<= 2.0x " + ("PASS" if ratio <= 2.0 else "MISS")),
         ("max read latency during the rebuild", f"{reads['max_ms']} ms (from due time: {reads['max_from_due_ms']} ms)",
-         f"{reads['max_ms'] / SLOW_MS:.2f}x of 200 ms", "<= 200 ms " + ("PASS" if reads["max_ms"] <= SLOW_MS else "MISS")),
+         f"{reads['max_ms'] / SLOW_MS:.2f}x of 200 ms",
+         "<= 200 ms " + ("PASS" if reads["max_ms"] <= SLOW_MS else "MISS")),
         ("reads slower than 200 ms during the rebuild", f"{reads['over_200_ms']} (from due time: "
          f"{reads['over_200_ms_from_due']})", "-", "0"),
         ("reads while the rebuild process ran only", line(during["reads_while_rebuild_ran"]), "-", "-"),
-        ("rebuild duration (process start to exit)", f"{during['rebuild_s']} s for {during['events_at_start']} events "
-         f"(load in SQL done at {during['load_s']} s)", "-", "-"),
+        ("rebuild duration (process start to exit)", f"{during['rebuild_s']} s for {during['events_at_start']} events",
+         "-", "-"),
         ("switch: ACCESS EXCLUSIVE lock on the live table held",
          f"{lock['held_ms']} ms (waited {lock['waited_for_lock_ms']} ms to get it; polled every "
          f"{lock['poll_every_ms']:.0f} ms; up to {lock['max_requests_queued_behind']} requests queued behind it)",
          "-", "-"),
         ("rebuild timeline (s after its start; statements seen on the copy)",
          f"CLI first progress at {during['first_progress_s']} s; " + "; ".join(
-             f"{first}-{last} s: {query[:40]}" for first, last, query in during["statements_on_the_copy"]), "-", "-"),
+             f"{first}-{last} s: {query[:75]}" for first, last, query in during["statements_on_the_copy"]), "-", "-"),
         ("reads skipped (a connection > 1 s behind its schedule): baseline / rebuild",
          f"{base['reads_skipped']} / {during['reads_skipped']}", "-", "0"),
         ("reads overlapping the switch", line(during["reads_overlapping_switch"]), "-", "-"),
+        ("phase C reads not overlapping the switch", line(during["reads_outside_switch"]),
+         f"{during['reads_outside_switch']['p99_ms'] / base['p99_ms']:.2f}x" if base["p99_ms"] else "-", "-"),
+        ("switch: events applied under the lock; lock time by statement (sampled every 2 ms)",
+         f"{lock['events_applied_under_lock']} events; " + "; ".join(
+             f"{ms} ms {what}" for what, ms in sorted(lock["held_ms_by_statement"].items(), key=lambda kv: -kv[1])),
+         "-", "-"),
         ("errors (reads, writes, rebuild)", str(errors), "-", "0 " + ("PASS" if errors == 0 else "MISS")),
         ("CPU busy: baseline / during rebuild", f"{base['cpu']['busy']:.0%} / {during['cpu']['busy']:.0%} "
          f"(steal {base['cpu'].get('steal', 0):.1%} / {during['cpu'].get('steal', 0):.1%})", "-", "-"),
@@ -514,11 +539,13 @@ def write_results(results: dict[str, Any], stem: str) -> Path:
     directory = RESULTS / stem
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "results.json").write_text(json.dumps(results, indent=2))
-    lines = [f"Reads during a rebuild of the read model, {results['date']} on {results['machine']}",
+    lines = [f"Reads during a rebuild of the read model, {results['date']} on {results['machine']}, "
+             f"service at commit {results['service_commit']}",
              f"({results['events']} events seeded; reads: {READ_RATE:.0f}/s over HTTP, {READ_CONCURRENCY} in flight, "
              f"40% list by account / 30% list by owner (limit {LIST_LIMIT}) / 30% get of a random id; "
              f"command: `python -m bench.rebuild_reads{' --quick' if results['quick'] else ''}"
-             f"{'' if results['quick'] or results['events'] == 200_000 else ' --events ' + str(results['events'])}`)",
+             f"{'' if results['quick'] or results['events'] == 200_000 else ' --events ' + str(results['events'])}"
+             f"{'' if results['write_rate'] == 50 else ' --write-rate ' + str(results['write_rate'])}`)",
              "", "| measure | value | ratio | target |", "|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in results["table"]]
     slow = results["rebuild"]["slow_reads"]
@@ -534,18 +561,35 @@ def write_results(results: dict[str, Any], stem: str) -> Path:
     return directory / "results.md"
 
 
+def git_head() -> str:
+    """The commit the service ran from, "+changes" when its code differed from it in the work tree."""
+    root = str(RESULTS.parent.parent)
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        changed = subprocess.run(["git", "-C", root, "diff", "--quiet", "HEAD", "--", "services", "projections",
+                                  "events"], timeout=10).returncode != 0
+        return head + (" +changes" if changed else "")
+    except OSError:
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
+    global WRITE_RATE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=200_000, help="events seeded before the rebuild")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 20,000 events, short phases")
+    parser.add_argument("--write-rate", type=float, default=WRITE_RATE, help="creates/s in phases B and C")
     parser.add_argument("--seconds", type=float, default=None, help="length of phases A and B (default 20, quick 8)")
     args = parser.parse_args(argv)
     events = 20_000 if args.quick else args.events
     seconds = args.seconds or (8.0 if args.quick else 20.0)
+    WRITE_RATE = args.write_rate
     root = Path(tempfile.mkdtemp(prefix="activities-rebuild-bench-"))
     started = datetime.now(UTC)
     results: dict[str, Any] = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
                                "quick": args.quick, "events": events, "loadavg_start": loadavg(),
+                               "service_commit": git_head(),
                                "read_rate": READ_RATE, "read_concurrency": READ_CONCURRENCY, "write_rate": WRITE_RATE}
     progress(f"load average at start: {results['loadavg_start']}")
     try:
@@ -571,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
                 progress("[4/5] C: the same during `activities projections rebuild`")
                 results["rebuild"] = uvloop.run(
                     rebuild_phase(http_url, nats_url, plan, database_url, root, servers.nats_url))
-                progress(f"  p99 {results['rebuild']['reads']['p99_ms']} ms, max {results['rebuild']['reads']['max_ms']} ms")
+                during = results["rebuild"]["reads"]
+                progress(f"  p99 {during['p99_ms']} ms, max {during['max_ms']} ms")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     results["loadavg_end"] = loadavg()
