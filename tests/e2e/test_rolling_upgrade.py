@@ -8,11 +8,15 @@ a. 1.0 alone (every role) takes creates and patches;
 b. the new release starts beside it (every role, same queue group): its start migrates the read
    model while 1.0 serves; a second 1.0 process (commands only, its own prefix) lets the test
    reach old code deterministically;
-c. mixed commands and reads go to whichever process NATS picks, and all succeed; an activity the
-   new release wrote with `remind_at` is patched by 1.0, which keeps the field it does not know;
-d. the 1.0 processes stop; the new projector and relay take over (same advisory lock names);
+c. mixed commands and reads go to whichever process NATS picks, and all succeed, except that a
+   command carrying `remind_at` (schema 2) is refused by 1.0 as an unknown field when 1.0 gets it
+   (`validation_error`; sent again until the new release takes it). An activity the new release
+   wrote with `remind_at` is patched, deleted and restored by 1.0, which keeps the field;
+d. the 1.0 processes stop; the new projector and relay take over (same advisory lock names) and
+   carry the commands that follow;
 e. the read model holds every activity at the store's latest version, every document served is
-   schema 2, and the stream holds every stored event exactly once, in version order per activity.
+   schema 2, the filter columns of the migrations are right on rows 1.0's projector wrote, and the
+   stream holds every stored event exactly once, in version order per activity.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import asyncio
 import io
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -48,8 +53,9 @@ OLD_RELEASE = "2d715ff"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 ACTIVITIES = str(Path(sys.executable).parent / "activities")
-SECRET = "rolling-upgrade-secret"
+SECRET = "rolling-upgrade-secret-of-32-bytes-or-more"
 START_TIMEOUT_S = 60.0
+ERROR_LINE = re.compile(r'"level":\s*"(error|critical)"')
 REQUEST_TIMEOUT_S = 10.0
 
 
@@ -94,6 +100,7 @@ def base_env(database_url: str, nats_url: str, prefix: str, stream: str, data_di
         "ACTIVITIES_HTTP_PORT": "0",
         "ACTIVITIES_DATA_DIR": str(data_dir),
         "ACTIVITIES_DB_POOL_SIZE": "4",
+        "ACTIVITIES_CONSISTENCY_WAIT_MS": "8000",  # min_position reads on a loaded machine
         "ACTIVITIES_LOG_LEVEL": "WARNING",
     })
     return env
@@ -188,14 +195,45 @@ async def until_new_release_serves(api: Api, name: str, body: dict[str, Any]) ->
     """A command with a schema 2 field, sent until the new release serves it: 1.0 refuses the field it
     does not know (`validation_error` naming it) when NATS gives it the request. The reply, and how
     many times 1.0 refused it."""
-    refused = 0
-    for _ in range(40):
+    for refused in range(40):
         reply = await api.send("cmd", name, body)
         if "data" in reply:
             return reply, refused
         assert reply["error"]["code"] == "validation_error" and "remind_at" in orjson.dumps(reply).decode(), reply
-        refused += 1
     raise AssertionError(f"no {name} with remind_at was served by the new release in 40 tries")
+
+
+async def background_traffic(api: Api, ids: list[str], stop: asyncio.Event) -> tuple[int, int, float]:
+    """Gets and patches until `stop`, each of which must succeed: (reads, writes, slowest read in s)."""
+    reads = writes = 0
+    slowest = 0.0
+    while not stop.is_set():
+        target = ids[(reads + writes) % len(ids)]
+        began = time.monotonic()
+        got = await api.ok("query", "get", {"id": target})
+        slowest = max(slowest, time.monotonic() - began)
+        assert got["data"]["id"] == target
+        reads += 1
+        if reads % 3 == 0:
+            await api.ok("cmd", "patch", {"id": target, "changes": {"description": f"during the upgrade {reads}"}})
+            writes += 1
+        await asyncio.sleep(0.02)
+    return reads, writes, slowest
+
+
+async def list_all(api: Api, filters: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every page of a list (deleted activities included)."""
+    listed: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        body: dict[str, Any] = {**filters, "limit": 200, "include_deleted": True}
+        if cursor:
+            body["cursor"] = cursor
+        page = await api.ok("query", "list", body)
+        listed += page["data"]
+        cursor = page["meta"]["next_cursor"]
+        if not cursor:
+            return listed
 
 
 def query(database_url: str, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -212,6 +250,20 @@ def latest_versions(database_url: str) -> dict[str, int]:
         "SELECT originator_id, max(originator_version) FROM activities_events GROUP BY originator_id",
     )
     return {activity_id_of(originator_id): int(version) for originator_id, version in rows}
+
+
+def stored_class_version(database_url: str, activity_id: str, version: int) -> int:
+    """The class version of a stored event (eventsourcing stores it in the state when above 1)."""
+    from events.activity import activity_uuid
+
+    rows = query(
+        database_url,
+        "SELECT coalesce((convert_from(state, 'UTF8')::jsonb->>'class_version')::int, 1) FROM activities_events "
+        "WHERE originator_id = %s AND originator_version = %s",
+        (activity_uuid(activity_id), version),
+    )
+    assert len(rows) == 1
+    return int(rows[0][0])
 
 
 def assert_schema_2(document: dict[str, Any]) -> None:
@@ -293,18 +345,27 @@ async def test_rolling_upgrade_from_release_1_0_with_both_releases_serving(
             await api.ok("cmd", "patch", {"id": activity_id, "changes": {"status": "done", "tags": ["1.0"]}})
         timings["a. 1.0 alone"] = time.monotonic() - started
 
-        # b. the new release beside it: its start migrates the read model while 1.0 serves it
+        # b. the new release beside it: its start migrates the read model while 1.0 serves it, under
+        # traffic (reads and patches that either release may serve; none may fail or stall)
         phase = time.monotonic()
+        traffic = asyncio.create_task(background_traffic(api, ids[:20], stop := asyncio.Event()))
         new.start()
         old_q.start()
-        new.wait_ready()
-        old_q.wait_ready()
+        await asyncio.to_thread(new.wait_ready)
+        await asyncio.to_thread(old_q.wait_ready)
+        await asyncio.sleep(0.5)  # some of the traffic reaches the new release too
+        stop.set()
+        reads, writes, slowest_read = await asyncio.wait_for(traffic, 30)
+        assert reads and writes
+        assert slowest_read < 5.0, f"a read took {slowest_read:.1f} s while the new release started and migrated"
         applied = query(
             database_url, "SELECT version FROM activities_read_model_migrations WHERE tbl = 'activities' ORDER BY 1"
         )
-        assert [version for (version,) in applied] == [m.version for m in MIGRATIONS] == [1, 2, 3]
+        versions = [version for (version,) in applied]
+        assert versions == [m.version for m in MIGRATIONS] and versions[:3] == [1, 2, 3], versions
         assert old.process is not None and old.process.poll() is None, "release 1.0 stopped while the new one started"
         timings["b. new release started (migrated) beside 1.0"] = time.monotonic() - phase
+        timings["slowest read during b"] = slowest_read
 
         # c. mixed commands on the shared prefix, served by either release; reads too
         phase = time.monotonic()
@@ -371,24 +432,44 @@ async def test_rolling_upgrade_from_release_1_0_with_both_releases_serving(
         patched = await old_api.ok("cmd", "patch", {"id": reminded["id"], "changes": {"subject": "patched by 1.0"}})
         assert patched["data"]["version"] == reminded["version"] + 1
         assert patched["data"]["remind_at"] == remind_at and patched["data"]["schema_version"] == SCHEMA_VERSION
+        assert stored_class_version(database_url, reminded["id"], patched["data"]["version"]) == 1, (
+            "the patch on the old prefix was not stored by 1.0's code (ActivityPatched at class version 1)"
+        )
         deleted_by_old = await old_api.ok("cmd", "delete", {"id": reminded["id"]})
         restored_by_old = await old_api.ok("cmd", "restore", {"id": reminded["id"]})
         assert deleted_by_old["data"]["remind_at"] == restored_by_old["data"]["remind_at"] == remind_at
-        # an activity 1.0 wrote in schema 1, patched by the new release or 1.0: either way it reads
-        await api.ok("cmd", "patch", {"id": ids[0], "changes": {"priority": "high"}})
+        # an activity 1.0 wrote in schema 1, patched by whichever release NATS picks
+        written_by_old = next(i for i in ids[:20] if i not in deleted)
+        await api.ok("cmd", "patch", {"id": written_by_old, "changes": {"priority": "high"}})
         timings["c. mixed traffic on both releases"] = time.monotonic() - phase
 
         # d. release 1.0 stops; the new projector and relay take over
         phase = time.monotonic()
         for process in (old, old_q):
             assert process.terminate() == 0, f"{process.name} did not exit cleanly"
-        timings["d. 1.0 stopped"] = time.monotonic() - phase
+        # only the new release serves now: schema 2 fields are taken at once, old activities patched;
+        # the new projector and relay (standbys until now) must carry these too
+        for i in range(3):
+            reply = await api.ok("cmd", "create", {"contact_id": f"con_{i}", "type": "email", "remind_at": remind_at})
+            assert reply["data"]["remind_at"] == remind_at
+            assert_schema_2(reply["data"])
+            ids.append(reply["data"]["id"])
+        for activity_id in [i for i in ids[:20] if i not in deleted][-3:]:
+            reply = await api.ok("cmd", "patch", {"id": activity_id, "changes": {"remind_at": remind_at}})
+            assert_schema_2(reply["data"])
+        timings["d. 1.0 stopped, new release alone"] = time.monotonic() - phase
 
         # e. the read model, the documents served and the stream, all complete and current
         phase = time.monotonic()
         latest = latest_versions(database_url)
         assert set(latest) == set(ids)
         head = query(database_url, "SELECT max(notification_id) FROM activities_events")[0][0]
+
+        def projected() -> bool:
+            tracked = query(database_url, "SELECT max(notification_id) FROM activities_projection_tracking")[0][0]
+            return tracked is not None and tracked >= head
+
+        await wait_until(projected, "the new projector did not bring the read model to the log's head", 30)
         # the read model at the log's head (served by the new release: 1.0 no longer answers)
         got = await api.ok("query", "get", {"id": reminded["id"], "include_deleted": True, "min_position": head})
         assert got["data"]["remind_at"] == remind_at and got["data"]["subject"] == "patched by 1.0"
@@ -400,20 +481,20 @@ async def test_rolling_upgrade_from_release_1_0_with_both_releases_serving(
             document = (await api.ok("query", "get", {"id": activity_id, "include_deleted": True}))["data"]
             assert document["version"] == version
             assert_schema_2(document)
-        listed: list[dict[str, Any]] = []
-        cursor = None
-        while True:
-            body: dict[str, Any] = {"limit": 200, "include_deleted": True}
-            if cursor:
-                body["cursor"] = cursor
-            page = await api.ok("query", "list", body)
-            listed += page["data"]
-            cursor = page["meta"]["next_cursor"]
-            if not cursor:
-                break
+        listed = await list_all(api, {})
         assert {d["id"]: d["version"] for d in listed} == latest
         for document in listed:
             assert_schema_2(document)
+        # the filter columns migrations derive from the document are right on rows 1.0's projector wrote,
+        # during and after the migration (descriptions written by the traffic of b; a priority in c)
+        for filters, matches in (
+            ({"q": "upgrade"}, lambda d: "upgrade" in (d["description"] or "")),
+            ({"priority": "high"}, lambda d: d["priority"] == "high"),
+            ({"account_id": "acc_1"}, lambda d: d["account_id"] == "acc_1"),
+        ):
+            expected = {d["id"] for d in listed if matches(d)}
+            assert expected, filters
+            assert {d["id"] for d in await list_all(api, filters)} == expected, filters
 
         # the stream: every stored event exactly once, per activity in version order
         events = query(database_url, "SELECT count(*) FROM activities_events")[0][0]
@@ -435,9 +516,13 @@ async def test_rolling_upgrade_from_release_1_0_with_both_releases_serving(
         timings["e. checks"] = time.monotonic() - phase
         assert new.process is not None and new.process.poll() is None
         assert new.terminate() == 0
+        for process in processes:
+            logged = process.log_path.read_text(errors="replace")
+            assert "Traceback" not in logged and not ERROR_LINE.search(logged), process.tail()
         print(
             f"rolling upgrade: {len(latest)} activities, {events} events; 1.0 served {served_by_old} of the "
-            f"mixed creates, the new release {served_by_new}; {refused_by_old} remind_at create(s) refused by 1.0; "
+            f"mixed creates, the new release {served_by_new}; 1.0 refused {refused_by_old} remind_at command(s); "
+            f"{reads} reads and {writes} patches while the new release started; "
             + ", ".join(f"{k}: {v:.1f} s" for k, v in timings.items())
             + f"; total {time.monotonic() - started:.1f} s"
         )
