@@ -649,12 +649,45 @@ def internal_error(what: str) -> InternalError:
     return InternalError(f"internal error; correlation id {correlation}")
 
 
+QUEUE_BATCHES: Final = 3  # default queue bound, in batches: enough to keep the batcher fed
+
+
+def queue_bound(configured: int | None, batch_max_size: int) -> int:
+    """How many commands may wait for a batch. A few batches' worth keeps the batcher fed while
+    bounding the wait to a few batch times, well inside the request timeout; a longer queue only
+    holds commands whose callers will have given up by the time their batch starts."""
+    return configured if configured is not None and configured > 0 else QUEUE_BATCHES * batch_max_size
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A submitted command, its caller's future and its deadline (event-loop time)."""
+
+    request: CommandRequest
+    future: asyncio.Future[Outcome]
+    deadline: float
+
+
+def still_wanted(waiting: Waiting, now: float) -> bool:
+    """A command is carried out only while its caller still waits for it: a command past its
+    deadline, or whose caller stopped waiting (its future cancelled), has been or is about to be
+    answered `unavailable`, and its caller retries; doing it anyway is work nobody asked for,
+    taken from the commands that can still be answered in time."""
+    return not waiting.future.done() and now < waiting.deadline
+
+
 class CommandBatcher:
     """Group commit: requests that arrive while a batch is being saved form the next batch.
 
     There is no artificial wait: under light load a batch holds one command and commits at once;
     under heavy load batches grow up to `max_size`, which is where the throughput comes from.
     Replies resolve only after the batch's transaction has committed.
+
+    Overload: the queue holds at most `queue_max` commands; beyond it a command is refused with
+    `unavailable` at once (its caller retries with the same Idempotency-Key). Every command has a
+    deadline, its receipt plus `timeout_s`; one still queued at its deadline is answered
+    `unavailable` and never carried out. So under any offered load the batcher spends its time
+    on commands whose callers still wait, and goodput stays near the maximum rate.
     """
 
     def __init__(
@@ -663,16 +696,19 @@ class CommandBatcher:
         max_size: int = 200,
         timeout_s: float = 5.0,
         on_batch: Any = None,
+        queue_max: int | None = None,
     ) -> None:
         self._on_batch = on_batch or (lambda size: None)  # e.g. the batch-size histogram
         self._service = service
         self._max_size = max_size
         self._timeout_s = timeout_s
-        self._queue: asyncio.Queue[tuple[CommandRequest, asyncio.Future[Outcome]]] = asyncio.Queue()
+        self._queue: asyncio.Queue[Waiting] = asyncio.Queue(maxsize=queue_bound(queue_max, max_size))
         self._task: asyncio.Task[None] | None = None
         self._saving = False
-        self.batches = 0  # counters for metrics and the benchmark
+        self.batches = 0  # counters for metrics, tests and the benchmark
         self.commands = 0
+        self.refused = 0  # refused because the queue was full
+        self.expired = 0  # dropped from the queue: past their deadline, or their caller gone
 
     def start(self) -> None:
         if self._task is None:
@@ -688,28 +724,60 @@ class CommandBatcher:
                 await self._task
             self._task = None
 
-    async def submit(self, request: CommandRequest) -> Outcome:
-        """The outcome once its batch committed, or `unavailable` when the store does not answer in time.
+    def has_room(self) -> bool:
+        """Whether a command submitted now would be queued (the NATS adapter refuses early, before
+        spending CPU on parsing a command that would be refused anyway)."""
+        return not self._queue.full()
 
-        A command that timed out may still commit later; the client's retry with the same
-        Idempotency-Key then gets the original reply.
+    async def submit(self, request: CommandRequest, received: float | None = None) -> Outcome:
+        """The outcome once its batch committed, or `unavailable` when the queue is full or the
+        deadline (`received`, event-loop time, plus the timeout) passes first.
+
+        A command whose batch began before its deadline may still commit after it; the client's
+        retry with the same Idempotency-Key then gets the original reply. One whose batch had not
+        begun is never carried out.
         """
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((request, future))
+        loop = asyncio.get_running_loop()
+        deadline = (loop.time() if received is None else received) + self._timeout_s
+        future: asyncio.Future[Outcome] = loop.create_future()
         try:
-            async with asyncio.timeout(self._timeout_s):  # cancels the future: its batch skips the reply
+            self._queue.put_nowait(Waiting(request, future, deadline))
+        except asyncio.QueueFull:
+            self.refused += 1
+            return Unavailable("the service is at capacity; retry shortly with the same Idempotency-Key")
+        try:
+            async with asyncio.timeout_at(deadline):  # cancels the future: its batch skips it
                 return await future
         except TimeoutError:
-            return Unavailable(
-                f"the event store did not answer within {self._timeout_s:g} s; retry with the same Idempotency-Key"
-            )
+            return self._timed_out()
+
+    def _timed_out(self) -> Unavailable:
+        return Unavailable(
+            f"the event store did not answer within {self._timeout_s:g} s; retry with the same Idempotency-Key"
+        )
+
+    async def _next_batch(self) -> list[Waiting]:
+        """Up to `max_size` commands still wanted, in arrival order; waits for the first."""
+        batch: list[Waiting] = []
+        waiting = await self._queue.get()
+        loop = asyncio.get_running_loop()
+        while True:
+            if still_wanted(waiting, loop.time()):
+                batch.append(waiting)
+            else:
+                self.expired += 1
+                if not waiting.future.done():  # its timer has not fired yet: answer it now
+                    waiting.future.set_result(self._timed_out())
+            if len(batch) >= self._max_size or self._queue.empty():
+                return batch
+            waiting = self._queue.get_nowait()
 
     async def _run(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self._max_size and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            requests = [request for request, _ in batch]
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            requests = [waiting.request for waiting in batch]
             self._saving = True
             try:
                 outcomes = await self._service.execute(requests)
@@ -721,6 +789,6 @@ class CommandBatcher:
             self.batches += 1
             self.commands += len(batch)
             self._on_batch(len(batch))
-            for (_, future), outcome in zip(batch, outcomes, strict=True):
-                if not future.done():
-                    future.set_result(outcome)
+            for waiting, outcome in zip(batch, outcomes, strict=True):
+                if not waiting.future.done():
+                    waiting.future.set_result(outcome)

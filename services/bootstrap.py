@@ -22,6 +22,7 @@ import psycopg
 from faststream.nats import NatsBroker
 from psycopg.conninfo import conninfo_to_dict
 
+from events.errors import Unavailable
 from events.subjects import COMMAND_NAMES, Subjects
 from projections.relay import Relay
 from services.application import ActivitiesApplication, CommandBatcher, CommandService, application_env
@@ -126,7 +127,13 @@ class CommandsRole:
         self._subjects = runtime.subjects
         self._app = runtime.app
         self._executor = runtime.executor
-        self._server = RequestServer(gateway.handle_message, runtime.settings.command_concurrency)
+        assert runtime.batcher is not None
+        self._server = RequestServer(
+            gateway.handle_message,
+            runtime.settings.command_concurrency,
+            admit=runtime.batcher.has_room,  # a full queue refuses before the body is parsed
+            busy=Unavailable("the service is at capacity; retry shortly with the same Idempotency-Key"),
+        )
         self._purger: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -188,7 +195,11 @@ class Runtime:
         )
         self.command_service = CommandService(self.app)
         self.batcher = CommandBatcher(
-            self.command_service, settings.batch_max_size, settings.request_timeout_s, self.metrics.batch_size.observe
+            self.command_service,
+            settings.batch_max_size,
+            settings.request_timeout_s,
+            self.metrics.batch_size.observe,
+            settings.command_queue_max,
         )
         gateway = CommandGateway(verifier, self.batcher, self.metrics)
         self.operations = Operations(self.metrics, self.servers.database_url, self.app.name)

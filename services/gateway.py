@@ -7,6 +7,7 @@ exactly one reply per request, whatever was sent.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -65,6 +66,7 @@ class CommandGateway:
     ) -> tuple[int, dict[str, Any]]:
         """(HTTP-style status, envelope) of one command."""
         started = time.perf_counter()
+        received = asyncio.get_running_loop().time()  # the command's deadline counts from here
         with command_span(name, valid_traceparent(traceparent)) as trace_context:
             try:
                 caller = self._verifier.verify(authorization)
@@ -73,7 +75,7 @@ class CommandGateway:
                 command: Command = PARSERS[name](data)
                 fingerprint = command_fingerprint(name, data) if key else ""
                 request = CommandRequest(command, caller, key, fingerprint, trace_context)
-                outcome = await self._batcher.submit(request)
+                outcome = await self._batcher.submit(request, received)
             except ActivitiesError as error:
                 outcome = error
             except Exception:
