@@ -3,9 +3,10 @@
 `CommandService.execute(requests)` decides a batch of commands and saves all their events in
 one transaction (group commit), on the service's event loop: its reads and its append go
 through `CommandStore`, an asyncio connection of its own. If that transaction conflicts
-(another process wrote the same activity, or the same Idempotency-Key), each command of the
-batch is retried on its own, so a conflicting command alone fails. Idempotency records are
-written in the same transaction as the events, so a retry after a crash never appends twice.
+(another process wrote the same activity, or the same Idempotency-Key), the commands that touched
+what it wrote are retried on their own and the rest of the batch together at once, so only a
+conflicting command can fail. Idempotency records are written in the same transaction as the
+events, so a retry after a crash never appends twice.
 """
 
 from __future__ import annotations
@@ -493,35 +494,56 @@ class CommandService:
             return [error for _ in requests]
 
     async def _execute(self, requests: Sequence[CommandRequest]) -> list[Outcome]:
+        """The batch in one transaction. When another process wrote one of its activities or one of
+        its Idempotency-Keys meanwhile, only the commands that touched those run again alone; the
+        rest are retried together at once (a hot activity no longer makes a whole batch of
+        unrelated commands run one by one)."""
         outcomes: list[Outcome | None] = [None] * len(requests)
-        first, later = _split_repeated_keys(requests)
-        if not await self._attempt(requests, first, outcomes, _BATCH_ATTEMPTS):
-            log.info("batch kept conflicting; retrying its commands one by one", extra={"size": len(first)})
-            later = sorted(first + later)
-        for i in later:
-            if not await self._attempt(requests, [i], outcomes, _SOLO_ATTEMPTS):
-                outcomes[i] = Unavailable("the activity is being changed concurrently; retry")
+        group, alone = _split_repeated_keys(requests)
+        for attempt in range(_BATCH_ATTEMPTS):
+            if not group:
+                break
+            conflicting = await self._attempt(requests, group, outcomes)
+            if conflicting is None:
+                group = []
+            elif conflicting:
+                alone += conflicting
+                group = [i for i in group if i not in conflicting]
+            else:  # the store could not tell which (not seen so far): the whole group again, later
+                await _jitter(attempt)
+        if group:
+            log.info("batch kept conflicting; retrying its commands one by one", extra={"size": len(group)})
+            alone += group
+        for i in sorted(alone):
+            await self._alone(requests, i, outcomes)
         return [o if o is not None else InternalError("no outcome") for o in outcomes]
 
     # Steps ----------------------------------------------------------------------------------
 
+    async def _alone(self, requests: Sequence[CommandRequest], i: int, outcomes: list[Outcome | None]) -> None:
+        """One command in its own transaction, read again and retried with jitter while it conflicts."""
+        for attempt in range(_SOLO_ATTEMPTS):
+            if await self._attempt(requests, [i], outcomes) is None:
+                return
+            await _jitter(attempt)
+        outcomes[i] = Unavailable("the activity is being changed concurrently; retry")
+
     async def _attempt(
-        self, requests: Sequence[CommandRequest], indexes: list[int], outcomes: list[Outcome | None], attempts: int
-    ) -> bool:
-        """Decide and save `indexes` in one transaction; on a write conflict (another process wrote
-        one of the activities, or the same key, since we read it) read again and retry, with jitter."""
-        for attempt in range(attempts):
-            for i in indexes:
-                outcomes[i] = None
-            await self._replay_known_keys(requests, indexes, outcomes)
-            try:
-                await self._decide_and_save(requests, [i for i in indexes if outcomes[i] is None], outcomes)
-                return True
-            except IntegrityError:  # the next attempt fast-forwards what the other writer wrote
-                await asyncio.sleep(random.uniform(0, 0.002 * 2**attempt))
+        self, requests: Sequence[CommandRequest], indexes: list[int], outcomes: list[Outcome | None]
+    ) -> set[int] | None:
+        """Decide and save `indexes` in one transaction: None when saved, else (a write conflict:
+        another process wrote one of the activities, or one of the keys, since they were read) the
+        indexes that touched what it wrote, their outcomes cleared for the next attempt."""
         for i in indexes:
             outcomes[i] = None
-        return False
+        await self._replay_known_keys(requests, indexes, outcomes)
+        try:
+            await self._decide_and_save(requests, [i for i in indexes if outcomes[i] is None], outcomes)
+        except _Conflict as conflict:  # the next attempt fast-forwards what the other writer wrote
+            for i in indexes:
+                outcomes[i] = None
+            return conflict.indexes
+        return None
 
     async def _replay_known_keys(
         self, requests: Sequence[CommandRequest], indexes: Sequence[int], outcomes: list[Outcome | None]
@@ -558,6 +580,7 @@ class CommandService:
         pending = _Pending(
             await self.load_current(activity_uuid(c.activity_id) for c in changed if not isinstance(c, CreateActivity))
         )
+        read = {originator_id: activity.version for originator_id, activity in pending.current.items()}
         for i in indexes:
             try:
                 self._decide_one(requests[i], i, pending, now)
@@ -568,7 +591,10 @@ class CommandService:
             except Exception:  # a bug tripped by one command fails that command only, not its batch
                 outcomes[i] = internal_error("deciding a command failed")
         events, stored = self.app.pending_events(pending.aggregates.values())
-        notification_ids = await self.store.append(stored, pending.keys)
+        try:
+            notification_ids = await self.store.append(stored, pending.keys)
+        except IntegrityError:
+            raise _Conflict(await self._conflicting(requests, indexes, read)) from None
         self.app.remember(pending.aggregates.values())
         refs: list[tuple[UUID, int]] = [(cast(UUID, e.originator_id), e.originator_version) for e in stored]
         written = dict(zip(refs, notification_ids, strict=True))
@@ -580,6 +606,25 @@ class CommandService:
             if document is None:
                 document = await self._document_at(pending, originator_id, version)
             outcomes[i] = CommandResult(document, positions[(originator_id, version)])
+
+    async def _conflicting(
+        self, requests: Sequence[CommandRequest], indexes: Sequence[int], read: dict[UUID, int]
+    ) -> set[int]:
+        """After a lost race, which commands touched what the other writer wrote: two batched reads,
+        the events after the versions this batch decided on, and its keys that now exist."""
+        moved = {cast(UUID, event.originator_id) for event in await self.store.select_after(list(read.items()))}
+        keys = {
+            i: (requests[i].caller.tenant_id, requests[i].idempotency_key)
+            for i in indexes
+            if requests[i].idempotency_key
+        }
+        taken = set(await self.store.find_keys([(tenant, str(key)) for tenant, key in keys.values()]))
+        targets = {
+            i: activity_uuid(command.activity_id)
+            for i in indexes
+            if not isinstance(command := requests[i].command, CreateActivity)
+        }
+        return conflicting_commands(targets, {i: (t, str(k)) for i, (t, k) in keys.items()}, moved, taken)
 
     async def load_current(self, originator_ids: Iterable[UUID]) -> dict[UUID, Activity]:
         """Activities as they are now (copies; the absent do not exist): one read for a whole batch."""
@@ -620,6 +665,31 @@ class CommandService:
             pending.keys.append(
                 (request.caller.tenant_id, request.idempotency_key, request.fingerprint, activity.id, activity.version)
             )
+
+
+class _Conflict(Exception):
+    """A batch's append lost a race with another writer; `indexes` are the commands that touched
+    what that writer wrote (their activities, or their Idempotency-Keys)."""
+
+    def __init__(self, indexes: set[int]) -> None:
+        super().__init__(f"{len(indexes)} conflicting command(s)")
+        self.indexes = indexes
+
+
+def conflicting_commands(
+    targets: dict[int, UUID],
+    keys: dict[int, tuple[str, str]],
+    moved: set[UUID],
+    taken: set[tuple[str, str]],
+) -> set[int]:
+    """The commands of a batch that conflicted: those on an activity another writer moved on
+    (`targets`: command index -> activity), and those whose (tenant, key) another writer took."""
+    return {i for i, target in targets.items() if target in moved} | {i for i, key in keys.items() if key in taken}
+
+
+async def _jitter(attempt: int) -> None:
+    """A growing random pause before retrying a conflict, so that two writers stop colliding."""
+    await asyncio.sleep(random.uniform(0, 0.002 * 2**attempt))
 
 
 def _split_repeated_keys(requests: Sequence[CommandRequest]) -> tuple[list[int], list[int]]:
