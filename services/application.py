@@ -45,6 +45,7 @@ from psycopg.sql import SQL, Identifier, Literal
 from events.activity import ActivityEvent, activity_id_of, activity_uuid, new_activity_id
 from events.commands import Command, CreateActivity
 from events.errors import ActivitiesError, IdempotencyConflict, InternalError, NotFound, Unavailable
+from services.cache import SizedLRUCache, estimated_size
 from services.domain import Activity, Caller, decide
 from services.leadership import lock_key
 from services.logs import correlation_id
@@ -67,6 +68,7 @@ def schema_lock(datastore: PostgresDatastore, key: int) -> Iterator[None]:
             conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
 
 
+DEFAULT_CACHE_BYTES: Final = 64 * 1024 * 1024
 _BATCH_ATTEMPTS = 3
 _SOLO_ATTEMPTS = 12
 
@@ -369,6 +371,13 @@ class ActivitiesApplication(Application[UUID]):
 
     name = APP_NAME
 
+    def __init__(self, env: Any = None, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        super().__init__(env)
+        # The command path's cache of current activities, bounded in (estimated) bytes: the
+        # library's cache counts aggregates, and 10,000 of them near the 256 KiB document limit
+        # were 2.5 GB. Keyed by originator id; each entry is the activity after its latest event.
+        self.activity_cache: SizedLRUCache[UUID, Activity] = SizedLRUCache(cache_bytes)
+
     def construct_transcoder(self) -> Transcoder:
         return event_transcoder()
 
@@ -385,23 +394,14 @@ class ActivitiesApplication(Application[UUID]):
         """The cached state of each activity (None when not cached), to be brought up to date by
         `fast_forward` with the events after it, read for a whole batch in one query (the library's
         `repository.get` reads once per activity, even on a cache hit)."""
-        cache = self.repository.cache
-        assert cache is not None, "set AGGREGATE_CACHE_MAXSIZE"
-        known: dict[UUID, Activity | None] = {}
-        for originator_id in dict.fromkeys(originator_ids):
-            try:
-                known[originator_id] = cast(Activity, cache.get(originator_id))
-            except KeyError:
-                known[originator_id] = None
-        return known
+        cache = self.activity_cache
+        return {originator_id: cache.get(originator_id) for originator_id in dict.fromkeys(originator_ids)}
 
     def fast_forward(self, known: dict[UUID, Activity | None], later: Sequence[StoredEvent]) -> dict[UUID, Activity]:
         """The current state of activities from their cached state and the events after it (another
         command process may have written them); uncached ones are replayed from their first event.
         Callers get copies, as from `repository.get`: a batch that fails leaves the cache as it was.
         Activities that do not exist are absent from the result."""
-        cache = self.repository.cache
-        assert cache is not None, "set AGGREGATE_CACHE_MAXSIZE"
         current = dict(known)
         for originator_id, events in itertools.groupby(later, key=lambda event: event.originator_id):
             assert isinstance(originator_id, UUID)
@@ -410,7 +410,8 @@ class ActivitiesApplication(Application[UUID]):
                 domain_event = cast(ActivityEvent, self.mapper.to_domain_event(event))
                 activity = cast(Activity, domain_event.mutate(activity))
             current[originator_id] = activity
-            cache.put(originator_id, activity)
+            # the latest event carries the whole document: its stored JSON sizes the entry
+            self.activity_cache.put(originator_id, cast(Activity, activity), estimated_size(event.state))
         return {originator_id: activity.detached_copy() for originator_id, activity in current.items() if activity}
 
     def pending_events(self, activities: Iterable[Activity]) -> tuple[list[ActivityEvent], list[StoredEvent]]:
@@ -419,12 +420,14 @@ class ActivitiesApplication(Application[UUID]):
         events = [cast(ActivityEvent, event) for activity in activities for event in activity.collect_events()]
         return events, [self.mapper.to_stored_event(event) for event in events]
 
-    def remember(self, activities: Iterable[Activity]) -> None:
-        """Cache activities whose events were saved (as the library's `save` does)."""
-        cache = self.repository.cache
-        assert cache is not None, "set AGGREGATE_CACHE_MAXSIZE"
+    def remember(self, activities: Iterable[Activity], saved: Sequence[StoredEvent]) -> None:
+        """Cache the activities whose events were saved, sized by their latest saved event (the
+        others, unchanged, are cached as they were read)."""
+        latest = {event.originator_id: event.state for event in saved}  # in order: the last one wins
         for activity in activities:
-            cache.put(activity.id, activity)
+            state = latest.get(activity.id)
+            if state is not None:
+                self.activity_cache.put(activity.id, activity, estimated_size(state))
 
     def load_version(self, originator_id: UUID, version: int) -> Activity | None:
         """An activity as it was at a version (its current state comes from `load_current`)."""
@@ -450,10 +453,8 @@ def application_env(conninfo: dict[str, Any], pool_size: int, cipher_key: str | 
         "POSTGRES_MAX_OVERFLOW": "4",
         "POSTGRES_CONNECT_TIMEOUT": "2",
         "POSTGRES_LOCK_TIMEOUT": "5",
-        "AGGREGATE_CACHE_MAXSIZE": "10000",
-        # `load_current` fast-forwards cached activities a whole batch at a time (the library would
-        # read once per activity); with this off, the library also caches what it saves
-        "AGGREGATE_CACHE_FASTFORWARD": "n",
+        # no AGGREGATE_CACHE_MAXSIZE: the library's cache is bounded by count; the command path has
+        # its own, bounded in bytes (ActivitiesApplication.activity_cache)
     }
     if cipher_key:
         env["CIPHER_TOPIC"] = "eventsourcing.cryptography:AESCipher"
@@ -595,7 +596,7 @@ class CommandService:
             notification_ids = await self.store.append(stored, pending.keys)
         except IntegrityError:
             raise _Conflict(await self._conflicting(requests, indexes, read)) from None
-        self.app.remember(pending.aggregates.values())
+        self.app.remember(pending.aggregates.values(), stored)
         refs: list[tuple[UUID, int]] = [(cast(UUID, e.originator_id), e.originator_version) for e in stored]
         written = dict(zip(refs, notification_ids, strict=True))
         documents = dict(zip(refs, (event.document for event in events), strict=True))

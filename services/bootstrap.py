@@ -98,7 +98,7 @@ def token_verifier(settings: Settings) -> TokenVerifier:
 def build_application(settings: Settings, database_url: str) -> ActivitiesApplication:
     conninfo = conninfo_to_dict(database_url)
     env = application_env(conninfo, settings.db_pool_size, settings.cipher_key)
-    app = ActivitiesApplication(env=env)
+    app = ActivitiesApplication(env=env, cache_bytes=int(settings.aggregate_cache_mb * 1024 * 1024))
     app.activities_recorder.idempotency_ttl_s = settings.idempotency_ttl_hours * 3600
     return app
 

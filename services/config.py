@@ -64,5 +64,9 @@ class Settings(BaseSettings):
         description="deadline of a command from its receipt: `unavailable` after it, never carried out if not begun",
     )
 
+    aggregate_cache_mb: float = Field(
+        default=64.0, description="memory bound of the command path's cache of activities (estimated), MB"
+    )
+
     log_level: str = Field(default="INFO", description="log level of the JSON logs")
     cipher_key: str | None = Field(default=None, description="AES key (base64) to encrypt stored event payloads")
