@@ -133,6 +133,7 @@ class CommandsRole:
             runtime.settings.command_concurrency,
             admit=runtime.batcher.has_room,  # a full queue refuses before the body is parsed
             busy=Unavailable("the service is at capacity; retry shortly with the same Idempotency-Key"),
+            on_refused=lambda name: runtime.metrics.commands.labels(name, "refused").inc(),
         )
         self._purger: asyncio.Task[None] | None = None
 

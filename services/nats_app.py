@@ -49,6 +49,7 @@ class RequestServer:
         concurrency: int,
         admit: Callable[[], bool] | None = None,
         busy: ActivitiesError | None = None,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         self._handler = handler
         self._limit = concurrency
@@ -59,12 +60,14 @@ class RequestServer:
         self._subscriptions: list[Subscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.refused = 0  # requests answered `busy` without being handled
+        self._on_refused = on_refused or (lambda name: None)  # e.g. a metrics counter, by subject name
 
     async def serve(self, connection: NatsClient, subject: str, name: str, queue: str = COMMAND_QUEUE) -> None:
         async def on_message(message: Msg) -> None:
             if self._active >= self._limit or not self._admit():
                 # refuse before parsing anything: the cheapest answer keeps CPU for admitted requests
                 self.refused += 1
+                self._on_refused(name)
                 if message.reply:
                     await connection.publish(message.reply, self._busy_reply, headers=JSON_HEADERS)
                 return

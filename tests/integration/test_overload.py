@@ -70,6 +70,9 @@ async def test_commands_beyond_the_queue_bound_are_refused_at_once(
         assert retried["data"]["version"] == 1
         assert stored_events(runtime) == 5
         assert runtime.batcher is not None and runtime.batcher.refused + runtime_refused(runtime) == 2
+        refused = runtime.metrics.commands.labels("create", "refused")._value.get()
+        unavailable = runtime.metrics.commands.labels("create", "unavailable")._value.get()
+        assert refused + unavailable == 2  # operators see the refusals
     finally:
         await runtime.stop()
 
