@@ -66,25 +66,70 @@ class LeanNatsClient:
         finally:
             self._pending.pop(token, None)
 
+    def start_request(self, subject: str, payload: bytes, head: bytes, timeout: float) -> asyncio.Future[Reply]:
+        """A request whose reply (or `TimeoutError`) comes as a future: cheaper than `request` for an
+        overload client, one timer handle per request instead of `asyncio.wait_for`'s task and
+        waiter. `head` is the encoded header block (`encode_headers`), made once for many requests."""
+        token = str(next(self._tokens)).encode()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Reply] = loop.create_future()
+        self._pending[token] = future
+        timer = loop.call_later(timeout, _expire, future)
+
+        def done(_: asyncio.Future[Reply]) -> None:
+            timer.cancel()
+            self._pending.pop(token, None)
+
+        future.add_done_callback(done)
+        self._writer.write(
+            b"HPUB %s %s.%s %d %d\r\n%s%s\r\n"
+            % (subject.encode(), self._inbox.encode(), token, len(head), len(head) + len(payload), head, payload)
+        )
+        return future
+
     async def _read_forever(self) -> None:
-        reader = self._reader
-        while line := await reader.readline():
-            if line.startswith(b"HMSG ") or line.startswith(b"MSG "):
-                fields = line.split()
-                size = int(fields[-1])
-                body = (await reader.readexactly(size + 2))[:size]
-                header_size = int(fields[-2]) if fields[0] == b"HMSG" else 0
-                future = self._pending.get(fields[1].rsplit(b".", 1)[-1])
-                if future is None or future.done():
-                    continue
-                if header_size and body[:header_size].startswith(b"NATS/1.0 503"):
-                    future.set_exception(NoResponders(fields[1].decode()))
+        """Replies parsed from whole chunks of the socket: one await per chunk, not two per message
+        (under overload the reader must keep up, or the server drops the client as a slow consumer)."""
+        buffer = bytearray()
+        while chunk := await self._reader.read(1 << 16):
+            buffer += chunk
+            position = 0
+            while (end := buffer.find(b"\r\n", position)) >= 0:
+                line = bytes(buffer[position:end])
+                if line.startswith(b"HMSG ") or line.startswith(b"MSG "):
+                    fields = line.split()
+                    size = int(fields[-1])
+                    if len(buffer) < end + 2 + size + 2:
+                        break  # the rest of the message is in the next chunk
+                    body = bytes(buffer[end + 2 : end + 2 + size])
+                    position = end + 2 + size + 2
+                    header_size = int(fields[-2]) if fields[0] == b"HMSG" else 0
+                    self._deliver(fields[1], body, header_size)
                 else:
-                    future.set_result(Reply(body[header_size:]))
-            elif line.startswith(b"PING"):
-                self._writer.write(b"PONG\r\n")
+                    position = end + 2
+                    if line.startswith(b"PING"):
+                        self._writer.write(b"PONG\r\n")
+            del buffer[:position]
+
+    def _deliver(self, subject: bytes, body: bytes, header_size: int) -> None:
+        future = self._pending.get(subject.rsplit(b".", 1)[-1])
+        if future is None or future.done():
+            return
+        if header_size and body[:header_size].startswith(b"NATS/1.0 503"):
+            future.set_exception(NoResponders(subject.decode()))
+        else:
+            future.set_result(Reply(body[header_size:]))
 
     async def close(self) -> None:
         if self._reading is not None:
             self._reading.cancel()
         self._writer.close()
+
+
+def encode_headers(headers: dict[str, str]) -> bytes:
+    return ("NATS/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
+
+
+def _expire(future: asyncio.Future[Reply]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())

@@ -3,9 +3,10 @@
 `CommandService.execute(requests)` decides a batch of commands and saves all their events in
 one transaction (group commit), on the service's event loop: its reads and its append go
 through `CommandStore`, an asyncio connection of its own. If that transaction conflicts
-(another process wrote the same activity, or the same Idempotency-Key), each command of the
-batch is retried on its own, so a conflicting command alone fails. Idempotency records are
-written in the same transaction as the events, so a retry after a crash never appends twice.
+(another process wrote the same activity, or the same Idempotency-Key), the commands that touched
+what it wrote are retried on their own and the rest of the batch together at once, so only a
+conflicting command can fail. Idempotency records are written in the same transaction as the
+events, so a retry after a crash never appends twice.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from events.activity import ActivityEvent, activity_id_of, activity_uuid
 from events.commands import Command, CreateActivity
 from projections.consumer import lock_key, schema_lock
 from projections.database import URL_KEY, conninfo, datastore_url
+from services.cache import SizedLRUCache, estimated_size
 from services.domain import Activity, Caller, decide
 from services.logs import correlation_id
 
@@ -57,6 +59,7 @@ IDEMPOTENCY_TABLE = "activities_idempotency"
 EVENTS_SCHEMA_LOCK: Final = 7_146_501_220  # advisory lock key of event-store schema changes
 
 
+DEFAULT_CACHE_BYTES: Final = 64 * 1024 * 1024
 _BATCH_ATTEMPTS = 3
 _SOLO_ATTEMPTS = 12
 
@@ -359,6 +362,13 @@ class ActivitiesApplication(Application[UUID]):
 
     name = APP_NAME
 
+    def __init__(self, env: Any = None, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        super().__init__(env)
+        # The command path's cache of current activities, bounded in (estimated) bytes: the
+        # library's cache counts aggregates, and 10,000 of them near the 256 KiB document limit
+        # were 2.5 GB. Keyed by originator id; each entry is the activity after its latest event.
+        self.activity_cache: SizedLRUCache[UUID, Activity] = SizedLRUCache(cache_bytes)
+
     def construct_transcoder(self) -> Transcoder:
         return event_transcoder()
 
@@ -375,23 +385,14 @@ class ActivitiesApplication(Application[UUID]):
         """The cached state of each activity (None when not cached), to be brought up to date by
         `fast_forward` with the events after it, read for a whole batch in one query (the library's
         `repository.get` reads once per activity, even on a cache hit)."""
-        cache = self.repository.cache
-        assert cache is not None, "set AGGREGATE_CACHE_MAXSIZE"
-        known: dict[UUID, Activity | None] = {}
-        for originator_id in dict.fromkeys(originator_ids):
-            try:
-                known[originator_id] = cast(Activity, cache.get(originator_id))
-            except KeyError:
-                known[originator_id] = None
-        return known
+        cache = self.activity_cache
+        return {originator_id: cache.get(originator_id) for originator_id in dict.fromkeys(originator_ids)}
 
     def fast_forward(self, known: dict[UUID, Activity | None], later: Sequence[StoredEvent]) -> dict[UUID, Activity]:
         """The current state of activities from their cached state and the events after it (another
         command process may have written them); uncached ones are replayed from their first event.
         Callers get copies, as from `repository.get`: a batch that fails leaves the cache as it was.
         Activities that do not exist are absent from the result."""
-        cache = self.repository.cache
-        assert cache is not None, "set AGGREGATE_CACHE_MAXSIZE"
         current = dict(known)
         for originator_id, events in itertools.groupby(later, key=lambda event: event.originator_id):
             assert isinstance(originator_id, UUID)
@@ -400,7 +401,8 @@ class ActivitiesApplication(Application[UUID]):
                 domain_event = cast(ActivityEvent, self.mapper.to_domain_event(event))
                 activity = cast(Activity, domain_event.mutate(activity))
             current[originator_id] = activity
-            cache.put(originator_id, activity)
+            # the latest event carries the whole document: its stored JSON sizes the entry
+            self.activity_cache.put(originator_id, cast(Activity, activity), estimated_size(event.state))
         return {originator_id: activity.detached_copy() for originator_id, activity in current.items() if activity}
 
     def pending_events(self, activities: Iterable[Activity]) -> tuple[list[ActivityEvent], list[StoredEvent]]:
@@ -409,12 +411,14 @@ class ActivitiesApplication(Application[UUID]):
         events = [cast(ActivityEvent, event) for activity in activities for event in activity.collect_events()]
         return events, [self.mapper.to_stored_event(event) for event in events]
 
-    def remember(self, activities: Iterable[Activity]) -> None:
-        """Cache activities whose events were saved (as the library's `save` does)."""
-        cache = self.repository.cache
-        assert cache is not None, "set AGGREGATE_CACHE_MAXSIZE"
+    def remember(self, activities: Iterable[Activity], saved: Sequence[StoredEvent]) -> None:
+        """Cache the activities whose events were saved, sized by their latest saved event (the
+        others, unchanged, are cached as they were read)."""
+        latest = {event.originator_id: event.state for event in saved}  # in order: the last one wins
         for activity in activities:
-            cache.put(activity.id, activity)
+            state = latest.get(activity.id)
+            if state is not None:
+                self.activity_cache.put(activity.id, activity, estimated_size(state))
 
     def load_version(self, originator_id: UUID, version: int) -> Activity | None:
         """An activity as it was at a version (its current state comes from `load_current`)."""
@@ -441,10 +445,8 @@ def application_env(database_url: str, pool_size: int, cipher_key: str | None = 
         "POSTGRES_MAX_OVERFLOW": "4",
         "POSTGRES_CONNECT_TIMEOUT": "2",
         "POSTGRES_LOCK_TIMEOUT": "5",
-        "AGGREGATE_CACHE_MAXSIZE": "10000",
-        # `load_current` fast-forwards cached activities a whole batch at a time (the library would
-        # read once per activity); with this off, the library also caches what it saves
-        "AGGREGATE_CACHE_FASTFORWARD": "n",
+        # no AGGREGATE_CACHE_MAXSIZE: the library's cache is bounded by count; the command path has
+        # its own, bounded in bytes (ActivitiesApplication.activity_cache)
     }
     if cipher_key:
         env["CIPHER_TOPIC"] = "eventsourcing.cryptography:AESCipher"
@@ -485,35 +487,56 @@ class CommandService:
             return [error for _ in requests]
 
     async def _execute(self, requests: Sequence[CommandRequest]) -> list[Outcome]:
+        """The batch in one transaction. When another process wrote one of its activities or one of
+        its Idempotency-Keys meanwhile, only the commands that touched those run again alone; the
+        rest are retried together at once (a hot activity no longer makes a whole batch of
+        unrelated commands run one by one)."""
         outcomes: list[Outcome | None] = [None] * len(requests)
-        first, later = _split_repeated_keys(requests)
-        if not await self._attempt(requests, first, outcomes, _BATCH_ATTEMPTS):
-            log.info("batch kept conflicting; retrying its commands one by one", extra={"size": len(first)})
-            later = sorted(first + later)
-        for i in later:
-            if not await self._attempt(requests, [i], outcomes, _SOLO_ATTEMPTS):
-                outcomes[i] = Unavailable("the activity is being changed concurrently; retry")
+        group, alone = _split_repeated_keys(requests)
+        for attempt in range(_BATCH_ATTEMPTS):
+            if not group:
+                break
+            conflicting = await self._attempt(requests, group, outcomes)
+            if conflicting is None:
+                group = []
+            elif conflicting:
+                alone += conflicting
+                group = [i for i in group if i not in conflicting]
+            else:  # the store could not tell which (not seen so far): the whole group again, later
+                await _jitter(attempt)
+        if group:
+            log.info("batch kept conflicting; retrying its commands one by one", extra={"size": len(group)})
+            alone += group
+        for i in sorted(alone):
+            await self._alone(requests, i, outcomes)
         return [o if o is not None else InternalError("no outcome") for o in outcomes]
 
     # Steps ----------------------------------------------------------------------------------
 
+    async def _alone(self, requests: Sequence[CommandRequest], i: int, outcomes: list[Outcome | None]) -> None:
+        """One command in its own transaction, read again and retried with jitter while it conflicts."""
+        for attempt in range(_SOLO_ATTEMPTS):
+            if await self._attempt(requests, [i], outcomes) is None:
+                return
+            await _jitter(attempt)
+        outcomes[i] = Unavailable("the activity is being changed concurrently; retry")
+
     async def _attempt(
-        self, requests: Sequence[CommandRequest], indexes: list[int], outcomes: list[Outcome | None], attempts: int
-    ) -> bool:
-        """Decide and save `indexes` in one transaction; on a write conflict (another process wrote
-        one of the activities, or the same key, since we read it) read again and retry, with jitter."""
-        for attempt in range(attempts):
-            for i in indexes:
-                outcomes[i] = None
-            await self._replay_known_keys(requests, indexes, outcomes)
-            try:
-                await self._decide_and_save(requests, [i for i in indexes if outcomes[i] is None], outcomes)
-                return True
-            except IntegrityError:  # the next attempt fast-forwards what the other writer wrote
-                await asyncio.sleep(random.uniform(0, 0.002 * 2**attempt))
+        self, requests: Sequence[CommandRequest], indexes: list[int], outcomes: list[Outcome | None]
+    ) -> set[int] | None:
+        """Decide and save `indexes` in one transaction: None when saved, else (a write conflict:
+        another process wrote one of the activities, or one of the keys, since they were read) the
+        indexes that touched what it wrote, their outcomes cleared for the next attempt."""
         for i in indexes:
             outcomes[i] = None
-        return False
+        await self._replay_known_keys(requests, indexes, outcomes)
+        try:
+            await self._decide_and_save(requests, [i for i in indexes if outcomes[i] is None], outcomes)
+        except _Conflict as conflict:  # the next attempt fast-forwards what the other writer wrote
+            for i in indexes:
+                outcomes[i] = None
+            return conflict.indexes
+        return None
 
     async def _replay_known_keys(
         self, requests: Sequence[CommandRequest], indexes: Sequence[int], outcomes: list[Outcome | None]
@@ -550,6 +573,7 @@ class CommandService:
         pending = _Pending(
             await self.load_current(activity_uuid(c.activity_id) for c in changed if not isinstance(c, CreateActivity))
         )
+        read = {originator_id: activity.version for originator_id, activity in pending.current.items()}
         for i in indexes:
             try:
                 self._decide_one(requests[i], i, pending, now)
@@ -560,8 +584,11 @@ class CommandService:
             except Exception:  # a bug tripped by one command fails that command only, not its batch
                 outcomes[i] = internal_error("deciding a command failed")
         events, stored = self.app.pending_events(pending.aggregates.values())
-        notification_ids = await self.store.append(stored, pending.keys)
-        self.app.remember(pending.aggregates.values())
+        try:
+            notification_ids = await self.store.append(stored, pending.keys)
+        except IntegrityError:
+            raise _Conflict(await self._conflicting(requests, indexes, read)) from None
+        self.app.remember(pending.aggregates.values(), stored)
         refs: list[tuple[UUID, int]] = [(cast(UUID, e.originator_id), e.originator_version) for e in stored]
         written = dict(zip(refs, notification_ids, strict=True))
         documents = dict(zip(refs, (event.document for event in events), strict=True))
@@ -572,6 +599,25 @@ class CommandService:
             if document is None:
                 document = await self._document_at(pending, originator_id, version)
             outcomes[i] = CommandResult(document, positions[(originator_id, version)])
+
+    async def _conflicting(
+        self, requests: Sequence[CommandRequest], indexes: Sequence[int], read: dict[UUID, int]
+    ) -> set[int]:
+        """After a lost race, which commands touched what the other writer wrote: two batched reads,
+        the events after the versions this batch decided on, and its keys that now exist."""
+        moved = {cast(UUID, event.originator_id) for event in await self.store.select_after(list(read.items()))}
+        keys = {
+            i: (requests[i].caller.tenant_id, requests[i].idempotency_key)
+            for i in indexes
+            if requests[i].idempotency_key
+        }
+        taken = set(await self.store.find_keys([(tenant, str(key)) for tenant, key in keys.values()]))
+        targets = {
+            i: activity_uuid(command.activity_id)
+            for i in indexes
+            if not isinstance(command := requests[i].command, CreateActivity)
+        }
+        return conflicting_commands(targets, {i: (t, str(k)) for i, (t, k) in keys.items()}, moved, taken)
 
     async def load_current(self, originator_ids: Iterable[UUID]) -> dict[UUID, Activity]:
         """Activities as they are now (copies; the absent do not exist): one read for a whole batch."""
@@ -614,6 +660,31 @@ class CommandService:
             )
 
 
+class _Conflict(Exception):
+    """A batch's append lost a race with another writer; `indexes` are the commands that touched
+    what that writer wrote (their activities, or their Idempotency-Keys)."""
+
+    def __init__(self, indexes: set[int]) -> None:
+        super().__init__(f"{len(indexes)} conflicting command(s)")
+        self.indexes = indexes
+
+
+def conflicting_commands(
+    targets: dict[int, UUID],
+    keys: dict[int, tuple[str, str]],
+    moved: set[UUID],
+    taken: set[tuple[str, str]],
+) -> set[int]:
+    """The commands of a batch that conflicted: those on an activity another writer moved on
+    (`targets`: command index -> activity), and those whose (tenant, key) another writer took."""
+    return {i for i, target in targets.items() if target in moved} | {i for i, key in keys.items() if key in taken}
+
+
+async def _jitter(attempt: int) -> None:
+    """A growing random pause before retrying a conflict, so that two writers stop colliding."""
+    await asyncio.sleep(random.uniform(0, 0.002 * 2**attempt))
+
+
 def _split_repeated_keys(requests: Sequence[CommandRequest]) -> tuple[list[int], list[int]]:
     """Requests whose (tenant, key) already appeared earlier in the batch run after it, alone."""
     seen: set[tuple[str, str]] = set()
@@ -641,12 +712,45 @@ def internal_error(what: str) -> InternalError:
     return InternalError(f"internal error; correlation id {correlation}")
 
 
+QUEUE_BATCHES: Final = 3  # default queue bound, in batches: enough to keep the batcher fed
+
+
+def queue_bound(configured: int | None, batch_max_size: int) -> int:
+    """How many commands may wait for a batch. A few batches' worth keeps the batcher fed while
+    bounding the wait to a few batch times, well inside the request timeout; a longer queue only
+    holds commands whose callers will have given up by the time their batch starts."""
+    return configured if configured is not None and configured > 0 else QUEUE_BATCHES * batch_max_size
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A submitted command, its caller's future and its deadline (event-loop time)."""
+
+    request: CommandRequest
+    future: asyncio.Future[Outcome]
+    deadline: float
+
+
+def still_wanted(waiting: Waiting, now: float) -> bool:
+    """A command is carried out only while its caller still waits for it: a command past its
+    deadline, or whose caller stopped waiting (its future cancelled), has been or is about to be
+    answered `unavailable`, and its caller retries; doing it anyway is work nobody asked for,
+    taken from the commands that can still be answered in time."""
+    return not waiting.future.done() and now < waiting.deadline
+
+
 class CommandBatcher:
     """Group commit: requests that arrive while a batch is being saved form the next batch.
 
     There is no artificial wait: under light load a batch holds one command and commits at once;
     under heavy load batches grow up to `max_size`, which is where the throughput comes from.
     Replies resolve only after the batch's transaction has committed.
+
+    Overload: the queue holds at most `queue_max` commands; beyond it a command is refused with
+    `unavailable` at once (its caller retries with the same Idempotency-Key). Every command has a
+    deadline, its receipt plus `timeout_s`; one still queued at its deadline is answered
+    `unavailable` and never carried out. So under any offered load the batcher spends its time
+    on commands whose callers still wait, and goodput stays near the maximum rate.
     """
 
     def __init__(
@@ -655,16 +759,19 @@ class CommandBatcher:
         max_size: int = 200,
         timeout_s: float = 5.0,
         on_batch: Any = None,
+        queue_max: int | None = None,
     ) -> None:
         self._on_batch = on_batch or (lambda size: None)  # e.g. the batch-size histogram
         self._service = service
         self._max_size = max_size
         self._timeout_s = timeout_s
-        self._queue: asyncio.Queue[tuple[CommandRequest, asyncio.Future[Outcome]]] = asyncio.Queue()
+        self._queue: asyncio.Queue[Waiting] = asyncio.Queue(maxsize=queue_bound(queue_max, max_size))
         self._task: asyncio.Task[None] | None = None
         self._saving = False
-        self.batches = 0  # counters for metrics and the benchmark
+        self.batches = 0  # counters for metrics, tests and the benchmark
         self.commands = 0
+        self.refused = 0  # refused because the queue was full
+        self.expired = 0  # dropped from the queue: past their deadline, or their caller gone
 
     def start(self) -> None:
         if self._task is None:
@@ -680,28 +787,60 @@ class CommandBatcher:
                 await self._task
             self._task = None
 
-    async def submit(self, request: CommandRequest) -> Outcome:
-        """The outcome once its batch committed, or `unavailable` when the store does not answer in time.
+    def has_room(self) -> bool:
+        """Whether a command submitted now would be queued (the NATS adapter refuses early, before
+        spending CPU on parsing a command that would be refused anyway)."""
+        return not self._queue.full()
 
-        A command that timed out may still commit later; the client's retry with the same
-        Idempotency-Key then gets the original reply.
+    async def submit(self, request: CommandRequest, received: float | None = None) -> Outcome:
+        """The outcome once its batch committed, or `unavailable` when the queue is full or the
+        deadline (`received`, event-loop time, plus the timeout) passes first.
+
+        A command whose batch began before its deadline may still commit after it; the client's
+        retry with the same Idempotency-Key then gets the original reply. One whose batch had not
+        begun is never carried out.
         """
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((request, future))
+        loop = asyncio.get_running_loop()
+        deadline = (loop.time() if received is None else received) + self._timeout_s
+        future: asyncio.Future[Outcome] = loop.create_future()
         try:
-            async with asyncio.timeout(self._timeout_s):  # cancels the future: its batch skips the reply
+            self._queue.put_nowait(Waiting(request, future, deadline))
+        except asyncio.QueueFull:
+            self.refused += 1
+            return Unavailable("the service is at capacity; retry shortly with the same Idempotency-Key")
+        try:
+            async with asyncio.timeout_at(deadline):  # cancels the future: its batch skips it
                 return await future
         except TimeoutError:
-            return Unavailable(
-                f"the event store did not answer within {self._timeout_s:g} s; retry with the same Idempotency-Key"
-            )
+            return self._timed_out()
+
+    def _timed_out(self) -> Unavailable:
+        return Unavailable(
+            f"the event store did not answer within {self._timeout_s:g} s; retry with the same Idempotency-Key"
+        )
+
+    async def _next_batch(self) -> list[Waiting]:
+        """Up to `max_size` commands still wanted, in arrival order; waits for the first."""
+        batch: list[Waiting] = []
+        waiting = await self._queue.get()
+        loop = asyncio.get_running_loop()
+        while True:
+            if still_wanted(waiting, loop.time()):
+                batch.append(waiting)
+            else:
+                self.expired += 1
+                if not waiting.future.done():  # its timer has not fired yet: answer it now
+                    waiting.future.set_result(self._timed_out())
+            if len(batch) >= self._max_size or self._queue.empty():
+                return batch
+            waiting = self._queue.get_nowait()
 
     async def _run(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self._max_size and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            requests = [request for request, _ in batch]
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            requests = [waiting.request for waiting in batch]
             self._saving = True
             try:
                 outcomes = await self._service.execute(requests)
@@ -713,6 +852,6 @@ class CommandBatcher:
             self.batches += 1
             self.commands += len(batch)
             self._on_batch(len(batch))
-            for (_, future), outcome in zip(batch, outcomes, strict=True):
-                if not future.done():
-                    future.set_result(outcome)
+            for waiting, outcome in zip(batch, outcomes, strict=True):
+                if not waiting.future.done():
+                    waiting.future.set_result(outcome)

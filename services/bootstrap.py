@@ -24,6 +24,7 @@ from fastapi import FastAPI
 from faststream.nats import NatsBroker
 from nats.aio.client import Client as NatsClient
 
+from activities_client.errors import Unavailable
 from activities_client.subjects import Subjects
 from projections.consumer import TrackedConsumer
 from projections.database import conninfo, shared_secret
@@ -112,7 +113,7 @@ def token_verifier(settings: Settings) -> TokenVerifier:
 
 def build_application(settings: Settings, database_url: str) -> ActivitiesApplication:
     env = application_env(database_url, settings.db_pool_size, settings.cipher_key)
-    app = ActivitiesApplication(env=env)
+    app = ActivitiesApplication(env=env, cache_bytes=int(settings.aggregate_cache_mb * 1024 * 1024))
     app.activities_recorder.idempotency_ttl_s = settings.idempotency_ttl_hours * 3600
     return app
 
@@ -180,7 +181,11 @@ class Runtime:
         )
         self.command_service = CommandService(self.app)
         self.batcher = CommandBatcher(
-            self.command_service, settings.batch_max_size, settings.request_timeout_s, self.metrics.batch_size.observe
+            self.command_service,
+            settings.batch_max_size,
+            settings.request_timeout_s,
+            self.metrics.batch_size.observe,
+            settings.command_queue_max,
         )
         gateway = CommandGateway(verifier, self.batcher, self.metrics)
         self.operations = Operations(self.metrics, self.servers.database_url, self.app.name)
@@ -205,7 +210,14 @@ class Runtime:
         settings, app, database_url = self.settings, self.app, self.servers.database_url
         components: list[Component] = []
         if "commands" in self.roles:
-            server = RequestServer(commands.handle_message, settings.command_concurrency)
+            assert self.batcher is not None
+            server = RequestServer(
+                commands.handle_message,
+                settings.command_concurrency,
+                admit=self.batcher.has_room,  # a full queue refuses before the body is parsed
+                busy=Unavailable("the service is at capacity; retry shortly with the same Idempotency-Key"),
+                on_refused=lambda name: self.metrics.commands.labels(name, "refused").inc(),
+            )
             purge = app.activities_recorder.purge_expired_keys
             components.append(CommandsRole(server, self._connection, self.subjects, purge, self.executor))
         if "relay" in self.roles:  # independent of NATS commands: reads the store, publishes to JetStream

@@ -60,10 +60,22 @@ class Settings(BaseSettings):
 
     batch_max_size: int = Field(default=200, description="most commands saved in one transaction (group commit)")
     db_pool_size: int = Field(default=8, description="PostgreSQL connections per process")
-    command_concurrency: int = Field(default=512, description="NATS requests handled at once per subject")
+    command_concurrency: int = Field(
+        default=1024,
+        description="NATS requests in hand at once per process (commands, queries apart); then `unavailable` at once",
+    )
+    command_queue_max: int | None = Field(
+        default=None,
+        description="most commands waiting for their batch; beyond it `unavailable` at once; unset: 3 batches' worth",
+    )
     idempotency_ttl_hours: float = Field(default=24.0, description="how long an Idempotency-Key is remembered")
     request_timeout_s: float = Field(
-        default=5.0, description="longest a command waits for the store before `unavailable`"
+        default=5.0,
+        description="deadline of a command from its receipt: `unavailable` after it, never carried out if not begun",
+    )
+
+    aggregate_cache_mb: float = Field(
+        default=64.0, description="memory bound of the command path's cache of activities (estimated), MB"
     )
 
     log_level: str = Field(default="INFO", description="log level of the JSON logs")

@@ -7,6 +7,7 @@ exactly one reply per request, whatever was sent.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -50,6 +51,7 @@ class CommandGateway:
         """(HTTP-style status, envelope) of one command (`name` is a key of the registry's COMMANDS)."""
         spec = COMMANDS[name]
         started = time.perf_counter()
+        received = asyncio.get_running_loop().time()  # the command's deadline counts from here
         with command_span(name, valid_traceparent(traceparent)) as trace_context:
             try:
                 caller = self._verifier.verify(authorization)
@@ -58,7 +60,7 @@ class CommandGateway:
                 command: Command = spec.parse(data)
                 fingerprint = command_fingerprint(name, data) if key else ""
                 request = CommandRequest(command, caller, key, fingerprint, trace_context)
-                outcome = await self._batcher.submit(request)
+                outcome = await self._batcher.submit(request, received)
             except ActivitiesError as error:
                 outcome = error
             except Exception:

@@ -25,7 +25,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.commands = Counter(
-            "activities_commands_total", "Commands by command and outcome (ok or error code).",
+            "activities_commands_total",
+            "Commands by command and outcome (ok, an error code, or refused: at capacity, not parsed).",
             ["command", "outcome"], registry=self.registry,
         )
         self.command_seconds = Histogram(

@@ -18,6 +18,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from activities_client.errors import ActivitiesError, Unavailable
 from activities_client.subjects import COMMAND_QUEUE, Subjects
 from events.commands import COMMANDS
 from services.application import internal_error
@@ -38,17 +39,44 @@ class RequestServer:
     CPU per create; the hot request subjects therefore use the broker's nats-py connection
     directly. FastStream still owns the connection (the runtime's `NatsBroker`) and documents the
     subjects (services/asyncapi.py builds the AsyncAPI document from a documentation-only broker).
+
+    The subscription callback never waits. When `concurrency` requests are in hand, or `admit`
+    says no (the command queue is full), a request is answered `busy` at once. Waiting there
+    instead (as this did with a semaphore) left the excess in nats-py's subscription buffer,
+    unbounded in practice and without deadlines: under three times the maximum rate, requests
+    were served seconds after their callers had timed out, the callers' retries piled on top, and
+    goodput fell to a third of the maximum and stayed there.
     """
 
-    def __init__(self, handler: Handler, concurrency: int) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        concurrency: int,
+        admit: Callable[[], bool] | None = None,
+        busy: ActivitiesError | None = None,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
         self._handler = handler
-        self._slots = asyncio.Semaphore(concurrency)
+        self._limit = concurrency
+        self._admit = admit or (lambda: True)
+        busy = busy or Unavailable("the service is at capacity; retry shortly")
+        self._busy_reply = orjson.dumps(busy.to_envelope())
+        self._active = 0
         self._subscriptions: list[Subscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self.refused = 0  # requests answered `busy` without being handled
+        self._on_refused = on_refused or (lambda name: None)  # e.g. a metrics counter, by subject name
 
     async def serve(self, connection: NatsClient, subject: str, name: str, queue: str = COMMAND_QUEUE) -> None:
         async def on_message(message: Msg) -> None:
-            await self._slots.acquire()  # back-pressure: the subscription waits when all slots are busy
+            if self._active >= self._limit or not self._admit():
+                # refuse before parsing anything: the cheapest answer keeps CPU for admitted requests
+                self.refused += 1
+                self._on_refused(name)
+                if message.reply:
+                    await connection.publish(message.reply, self._busy_reply, headers=JSON_HEADERS)
+                return
+            self._active += 1
             task = asyncio.create_task(self._respond(connection, name, message))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -66,7 +94,7 @@ class RequestServer:
             if message.reply:
                 await connection.publish(message.reply, orjson.dumps(envelope), headers=JSON_HEADERS)
         finally:
-            self._slots.release()
+            self._active -= 1
 
     async def drain(self) -> None:
         """Stop taking requests and answer every request already taken."""

@@ -29,7 +29,7 @@ async def test_sigterm_during_load_answers_every_request_taken(
     service.start()
     nc = await nats.connect(settings.nats_url)
     headers = {"Authorization": f"Bearer {token()}"}
-    outcomes: dict[str, int] = {"ok": 0, "no_responders": 0, "timeout": 0, "error": 0}
+    outcomes: dict[str, int] = {"ok": 0, "no_responders": 0, "refused": 0, "timeout": 0, "error": 0}
 
     async def create(i: int) -> None:
         try:
@@ -42,6 +42,9 @@ async def test_sigterm_during_load_answers_every_request_taken(
             outcomes["timeout"] += 1
             return
         reply: dict[str, Any] = orjson.loads(message.data)
+        if reply.get("error", {}).get("code") == "unavailable":
+            outcomes["refused"] += 1  # more than the command queue holds (a slow machine): never taken
+            return
         outcomes["ok" if "data" in reply else "error"] += 1
 
     async def load() -> None:
@@ -60,7 +63,8 @@ async def test_sigterm_during_load_answers_every_request_taken(
         await running
         assert exit_code == 0
         assert outcomes["timeout"] == 0 and outcomes["error"] == 0, outcomes
-        assert outcomes["ok"] + outcomes["no_responders"] == 1500
+        assert outcomes["ok"] + outcomes["no_responders"] + outcomes["refused"] == 1500
+        assert outcomes["ok"] >= 200
         with psycopg.connect(settings.database_url) as conn:
             stored = conn.execute("SELECT count(*), coalesce(max(notification_id), 0) FROM activities_events").fetchone()
             projected = conn.execute(

@@ -1,0 +1,464 @@
+"""Overload: three times the maximum rate of creates, from clients that retry, for 20 seconds.
+
+    .venv/bin/python -m bench.overload                                   # this tree only
+    .venv/bin/python -m bench.overload --compare /path/to/other/checkout  # and another, side by side
+
+For each source tree (this one, and the one given with --compare, e.g. a worktree of an older
+commit), in turn and on the same servers: start `activities serve --role commands` from that tree,
+find its maximum rate of creates (256 in flight, as bench/run.py does), then offer three times the
+first tree's maximum for 20 s as an open loop of logical creates. Each logical create is a client
+that retries like the client library (services/client.py's RetryPolicy: 4 attempts, 5 s timeout,
+full-jitter backoff after `unavailable` or a timeout) with the same Idempotency-Key. Then 5 s at
+half the maximum shows whether the service recovered.
+
+Reported, as ratios to the maximum: goodput (creates acknowledged per second during the 20 s),
+the p99 of answered requests, what the store holds against what was acknowledged, and the
+service process's resident memory over time. Everything runs on 127.0.0.1 (embedded PostgreSQL
+with fsync on, embedded NATS) and takes about a minute and a half per tree. Writes
+bench/results/<date-time>-overload.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+import uvloop
+
+from bench.load import Stats, closed_loop, open_loop
+from bench.nats_client import LeanNatsClient, NoResponders, encode_headers
+from bench.run import RESULTS, ROOT, bench_servers, create_body, headers, machine, progress, service_env
+from services.client import RetryPolicy
+
+SUBJECT = "crm.activities.cmd.create"
+OVERLOAD_FACTOR = 3.0
+REQUEST_TIMEOUT_S = 5.0  # the client library's default
+CLIENT_PROCESSES = 1  # --clients; more keep the schedule better but take CPU from the service on 2 cores
+
+
+@dataclass
+class Durations:
+    max_s: float = 8.0
+    overload_s: float = 20.0
+    recovery_s: float = 5.0
+
+
+QUICK = Durations(max_s=3.0, overload_s=5.0, recovery_s=2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The service process of one source tree, and its memory over time
+# ---------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def service_from(source: Path, database_url: str, nats_url: str, data_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m services.cli serve --role commands` with `source` first on the path."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    endpoints = data_dir / "endpoints.json"
+    env = service_env(database_url, nats_url, data_dir, PYTHONPATH=str(source))
+    with (data_dir / "service.log").open("ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--role", "commands"],
+                                   cwd=source, env=env, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while not endpoints.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"service did not start; see {data_dir / 'service.log'}")
+            time.sleep(0.05)
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class MemorySampler:
+    """The process's resident memory every half second, tagged with the phase running."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.phase = "start"
+        self.samples: list[tuple[float, str, float]] = []
+        self._stop = threading.Event()
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                elapsed = round(time.monotonic() - self._started, 1)
+                self.samples.append((elapsed, self.phase, round(rss_mb(self.pid), 1)))
+            except OSError:
+                return
+            self._stop.wait(0.5)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def during(self, *phases: str) -> list[float]:
+        return [mb for _, phase, mb in self.samples if phase in phases]
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrying clients
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OverloadStats:
+    """What the retrying clients saw during an overload phase."""
+
+    started: float = 0.0
+    logical: int = 0  # creates begun
+    attempts: int = 0  # requests sent, retries included
+    ok_times: list[float] = field(default_factory=list)  # when each acknowledged create completed
+    ok_latencies_ms: list[float] = field(default_factory=list)  # from the first attempt to the success
+    answered_ms: list[float] = field(default_factory=list)  # every request that got a reply
+    timeouts: int = 0
+    codes: dict[str, int] = field(default_factory=dict)
+    failed: int = 0  # creates given up after the last attempt
+    offer_s: float = 0.0  # when the last logical create was started (the schedule's end: `seconds`)
+    cpu_s: float = 0.0  # CPU seconds of the load client process(es)
+
+
+async def retrying_create(client: LeanNatsClient, i: int, run: str, stats: OverloadStats, policy: RetryPolicy,
+                          authorization: str) -> None:
+    """One logical create, retried like the client library does, with one Idempotency-Key."""
+    payload = orjson.dumps(create_body(i))
+    head = encode_headers({"Authorization": authorization, "Idempotency-Key": f"{run}-{i}"})
+    first = time.perf_counter()
+    stats.logical += 1
+    for attempt in range(1, policy.attempts + 1):
+        sent = time.perf_counter()
+        stats.attempts += 1
+        try:
+            reply = orjson.loads((await client.start_request(SUBJECT, payload, head, REQUEST_TIMEOUT_S)).data)
+        except (TimeoutError, NoResponders):  # the client library retries both
+            stats.timeouts += 1
+        else:
+            now = time.perf_counter()
+            stats.answered_ms.append((now - sent) * 1000)
+            if "data" in reply:
+                stats.ok_times.append(now - stats.started)
+                stats.ok_latencies_ms.append((now - first) * 1000)
+                return
+            code = reply["error"]["code"]
+            stats.codes[code] = stats.codes.get(code, 0) + 1
+            if code != "unavailable":
+                stats.failed += 1
+                return
+        if attempt < policy.attempts:
+            await asyncio.sleep(policy.delay(attempt))
+    stats.failed += 1
+
+
+async def overload(nats_url: str, rate: float, seconds: float, run: str, start_at: float) -> OverloadStats:
+    """Logical creates started at `rate` for `seconds` from `start_at` (a `perf_counter` time, the
+    same clock in every process); returns once every one has finished. One token for all, as one
+    calling service would have (the service caches verified tokens)."""
+    client = await LeanNatsClient.connect(nats_url)
+    authorization = headers()["Authorization"]
+    await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
+    stats = OverloadStats(started=start_at)
+    policy = RetryPolicy()
+    tasks: set[asyncio.Task[None]] = set()
+    try:
+        for i in range(int(rate * seconds)):
+            # always yield, also when behind schedule: the reader must keep up with the replies
+            await asyncio.sleep(max(0.0, stats.started + i / rate - time.perf_counter()))
+            if time.perf_counter() - stats.started > seconds:
+                break  # a client behind its schedule offers less, never for longer (the report says how much)
+            task = asyncio.create_task(retrying_create(client, i, run, stats, policy, authorization))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        stats.offer_s = time.perf_counter() - stats.started
+        await asyncio.gather(*tasks)
+    finally:
+        await client.close()
+    stats.cpu_s = time.process_time()
+    return stats
+
+
+def overload_process(nats_url: str, rate: float, seconds: float, run: str, start_at: float) -> OverloadStats:
+    return uvloop.run(overload(nats_url, rate, seconds, run, start_at))
+
+
+def overload_in_processes(nats_url: str, rate: float, seconds: float, run: str, processes: int) -> OverloadStats:
+    """The offered load split over `processes` client processes, merged into one `OverloadStats`.
+    On a busy 2-core machine one Python client may not keep to the schedule at three times the
+    maximum (the report gives the rate achieved); more clients take CPU from the service."""
+    start_at = time.perf_counter() + 3.0  # the spawned processes have imported everything by then
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(processes, mp_context=context) as pool:
+        parts = list(pool.map(overload_process, *zip(*[
+            (nats_url, rate / processes, seconds, f"{run}-{n}", start_at) for n in range(processes)
+        ], strict=True)))
+    merged = OverloadStats(started=start_at)
+    for part in parts:
+        merged.logical += part.logical
+        merged.attempts += part.attempts
+        merged.ok_times += part.ok_times
+        merged.ok_latencies_ms += part.ok_latencies_ms
+        merged.answered_ms += part.answered_ms
+        merged.timeouts += part.timeouts
+        merged.failed += part.failed
+        merged.offer_s = max(merged.offer_s, part.offer_s)
+        merged.cpu_s += part.cpu_s
+        for code, count in part.codes.items():
+            merged.codes[code] = merged.codes.get(code, 0) + count
+    return merged
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))], 1)
+
+
+def summarize(stats: OverloadStats, seconds: float, maximum: float) -> dict[str, Any]:
+    in_window = sum(1 for t in stats.ok_times if t <= seconds)
+    per_second = [0] * (int(seconds) + 1)
+    for t in stats.ok_times:
+        if t < len(per_second):
+            per_second[int(t)] += 1
+    goodput = in_window / seconds
+    return {
+        "offered_in_s": round(stats.offer_s, 1),
+        "offered_achieved_per_s": round(stats.logical / seconds, 1),
+        "logical_creates": stats.logical,
+        "attempts": stats.attempts,
+        "attempts_per_s": round(stats.attempts / seconds, 1),
+        "acknowledged": len(stats.ok_times),
+        "acknowledged_in_window": in_window,
+        "goodput_per_s": round(goodput, 1),
+        "goodput_ratio": round(goodput / maximum, 3),
+        "goodput_per_second": per_second[: int(seconds)],
+        "failed_after_retries": stats.failed,
+        "timeouts": stats.timeouts,
+        "error_codes": stats.codes,
+        "answered_p50_ms": percentile(stats.answered_ms, 50),
+        "answered_p99_ms": percentile(stats.answered_ms, 99),
+        "acknowledged_p99_ms": percentile(stats.ok_latencies_ms, 99),
+        "last_acknowledged_s": round(max(stats.ok_times, default=0.0), 1),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# One source tree
+# ---------------------------------------------------------------------------------------------
+
+
+def stored_events(database_url: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT count(*) FROM activities_events").fetchone()
+    return int(row[0]) if row else 0
+
+
+async def drive_closed(nats_url: str, concurrency: int, seconds: float) -> Stats:
+    client = await LeanNatsClient.connect(nats_url)
+    try:
+        return await closed_loop(client, SUBJECT, create_body, headers(), concurrency, seconds)
+    finally:
+        await client.close()
+
+
+async def drive_open(nats_url: str, rate: float, seconds: float) -> Stats:
+    client = await LeanNatsClient.connect(nats_url)
+    try:
+        return await open_loop(client, SUBJECT, create_body, headers(), rate, seconds)
+    finally:
+        await client.close()
+
+
+def maximum_rate(nats_url: str, seconds: float) -> dict[str, Any]:
+    uvloop.run(drive_closed(nats_url, 8, 1))  # warm-up
+    return uvloop.run(drive_closed(nats_url, 256, seconds)).summary()
+
+
+def run_tree(name: str, source: Path, servers: Any, root: Path, durations: Durations,
+             offered_rate: float | None, clients: int) -> dict[str, Any]:
+    """Maximum, overload and recovery of one source tree's service; `offered_rate` None: 3x its own maximum."""
+    database_url = servers.fresh_database()
+    result: dict[str, Any] = {"source": str(source), "commit": commit_of(source)}
+    with service_from(source, database_url, servers.nats_url, root / f"svc-{name}") as process:
+        memory = MemorySampler(process.pid)
+        try:
+            memory.phase = "maximum"
+            progress(f"  {name}: maximum rate of creates (256 in flight, {durations.max_s:g} s)")
+            result["maximum"] = maximum_rate(servers.nats_url, durations.max_s)
+            maximum = result["maximum"]["rate_per_s"]
+            rate = offered_rate or OVERLOAD_FACTOR * maximum
+            result["reference_maximum_per_s"] = round(rate / OVERLOAD_FACTOR, 1)
+            time.sleep(2)
+            before_overload = stored_events(database_url)
+            memory.phase = "overload"
+            progress(f"  {name}: {rate:.0f} creates/s offered for {durations.overload_s:g} s by retrying clients")
+            started, service_cpu = time.monotonic(), cpu_s(process.pid)
+            stats = overload_in_processes(servers.nats_url, rate, durations.overload_s, f"{name}-{os.getpid()}",
+                                          clients)
+            wall = time.monotonic() - started - 3.0  # less the clients' start
+            result["overload_wall_s"] = round(wall, 1)
+            result["overload_cpu_share"] = {"service": round((cpu_s(process.pid) - service_cpu) / wall, 2),
+                                            "load_clients": round(stats.cpu_s / wall, 2)}
+            result["overload"] = {"offered_per_s": round(rate, 1),
+                                  **summarize(stats, durations.overload_s, rate / OVERLOAD_FACTOR)}
+            time.sleep(1)  # anything still being saved
+            result["overload"]["stored"] = stored_events(database_url) - before_overload
+            memory.phase = "recovery"
+            progress(f"  {name}: recovery at half the maximum ({durations.recovery_s:g} s)")
+            result["recovery"] = uvloop.run(drive_open(servers.nats_url, rate / OVERLOAD_FACTOR / 2,
+                                                       durations.recovery_s)).summary()
+            memory.phase = "end"
+            time.sleep(1)
+        finally:
+            memory.stop()
+    result["rss_mb"] = {
+        "before_overload": memory.during("maximum")[-1] if memory.during("maximum") else None,
+        "max_during_overload": max(memory.during("overload"), default=None),
+        "end": memory.samples[-1][2] if memory.samples else None,
+        "series": memory.samples,
+    }
+    return result
+
+
+def commit_of(source: Path) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def table(results: dict[str, Any]) -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = []
+    for name, tree in results["trees"].items():
+        label = f"{name} ({tree['commit']})"
+        maximum = tree["reference_maximum_per_s"]
+        own = tree["maximum"]["rate_per_s"]
+        o = tree["overload"]
+        rss = tree["rss_mb"]
+        recovery = tree["recovery"]
+        rows += [
+            {"measure": f"{label}: maximum creates/s (256 in flight)", "value": f"{own:.0f}/s",
+             "ratio": f"{own / maximum:.2f}x reference maximum ({maximum:.0f}/s)", "target": "-"},
+            {"measure": f"{label}: offered, retrying clients", "value":
+                f"{o['offered_per_s']:.0f} creates/s scheduled, {o['offered_achieved_per_s']:.0f}/s started; "
+             f"{o['attempts_per_s']:.0f} requests/s with retries",
+             "ratio": f"{o['offered_achieved_per_s'] / maximum:.2f}x maximum achieved", "target": "3x"},
+            {"measure": f"{label}: goodput (creates acknowledged/s during the {results['overload_s']:g} s)",
+             "value": f"{o['goodput_per_s']:.0f}/s", "ratio": f"{o['goodput_ratio']:.2f}x maximum",
+             "target": ">= 0.8x"},
+            {"measure": f"{label}: goodput per second", "value": " ".join(str(v) for v in o["goodput_per_second"]),
+             "ratio": "-", "target": "flat"},
+            {"measure": f"{label}: answered requests (any reply)", "value":
+                f"p50 {o['answered_p50_ms']} / p99 {o['answered_p99_ms']} ms; {o['timeouts']} timeouts",
+             "ratio": f"p99 {o['answered_p99_ms'] / (REQUEST_TIMEOUT_S * 1000):.2f}x the 5 s timeout",
+             "target": "-"},
+            {"measure": f"{label}: acknowledged creates, first attempt to success", "value":
+                f"p99 {o['acknowledged_p99_ms']} ms; {o['failed_after_retries']} of {o['logical_creates']} "
+                f"given up after 4 attempts", "ratio": "-", "target": "-"},
+            {"measure": f"{label}: stored during overload against acknowledged", "value":
+                f"{o['stored']} events, {o['acknowledged']} acknowledged",
+             "ratio": f"{o['stored'] / max(1, o['acknowledged']):.2f}x", "target": "1.00x"},
+            {"measure": f"{label}: recovery at half the maximum", "value":
+                f"{recovery['rate_per_s']:.0f}/s, p99 {recovery['p99_ms']} ms, {recovery['errors']} errors",
+             "ratio": f"{recovery['rate_per_s'] / (maximum / 2):.2f}x offered", "target": "1.00x"},
+            {"measure": f"{label}: CPU during the overload phase (cores)", "value":
+                f"service {tree['overload_cpu_share']['service']}, load clients "
+                f"{tree['overload_cpu_share']['load_clients']}; phase lasted {tree['overload_wall_s']} s",
+             "ratio": "-", "target": "-"},
+            {"measure": f"{label}: service RSS before / max during / after", "value":
+                f"{rss['before_overload']} / {rss['max_during_overload']} / {rss['end']} MB",
+             "ratio": f"{(rss['max_during_overload'] or 0) / (rss['before_overload'] or 1):.2f}x before",
+             "target": "flat"},
+        ]
+    return rows
+
+
+def write_report(results: dict[str, Any], stem: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    lines = [f"Overload run {results['date']} on {results['machine']}: {OVERLOAD_FACTOR:g}x the maximum rate "
+             f"of creates for {results['overload_s']:g} s from retrying clients", "",
+             "| measure | value | ratio | target |", "|---|---|---|---|"]
+    lines += [f"| {r['measure']} | {r['value']} | {r['ratio']} | {r['target']} |" for r in results["table"]]
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    return RESULTS / f"{stem}.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compare", type=Path, action="append", default=[],
+                        help="another source tree (e.g. a worktree of an older commit) to run the same phases on")
+    parser.add_argument("--quick", action="store_true", help="short phases (a smoke run)")
+    parser.add_argument("--clients", type=int, default=CLIENT_PROCESSES, help="load client processes")
+    args = parser.parse_args(argv)
+    durations = QUICK if args.quick else Durations()
+    trees = {"this": ROOT, **{f"compare-{i + 1}" if len(args.compare) > 1 else "compare": path.resolve()
+                              for i, path in enumerate(args.compare)}}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers and the service on SIGTERM too
+    root = Path(tempfile.mkdtemp(prefix="activities-overload-"))
+    started = datetime.now(UTC)
+    results: dict[str, Any] = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+                               "quick": args.quick, "overload_s": durations.overload_s,
+                               "client_processes": args.clients, "trees": {}}
+    try:
+        with bench_servers(root) as servers:
+            offered: float | None = None
+            for name, source in trees.items():
+                progress(f"[{name}] {source}")
+                results["trees"][name] = run_tree(name, source, servers, root, durations, offered, args.clients)
+                offered = offered or results["trees"][name]["overload"]["offered_per_s"]  # the same for every tree
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    results["table"] = table(results)
+    stem = started.strftime("%Y-%m-%d-%H%M") + "-overload" + ("-quick" if args.quick else "")
+    print(write_report(results, stem).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
