@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from activities_client import ActivitiesError, Activity, AsyncClient, Event, StartAt
 from activities_client.document import parse_datetime
-from activities_client.filters import STATS_GROUPS
+from activities_client.filters import FILTERS_BY_NAME, STATS_GROUPS
 from services.auth import mint_token
 from services.bootstrap import DEV_SECRET_FILE
 from services.config import Settings
@@ -29,10 +29,10 @@ CLIENT_COMMANDS: Final = ("create", "get", "list", "stats", "history", "tail")
 TOKEN_ENV: Final = "ACTIVITIES_TOKEN"
 LIST_COLUMNS: Final = ("id", "type", "subject", "status", "activity_date", "linked_to", "version", "deleted")
 CELL_WIDTH: Final = 40
-LIST_FILTERS: Final = (
-    "account_id", "deal_id", "contact_id", "owner_id", "status", "type", "tag",
-    "activity_date_from", "activity_date_to", "updated_since", "include_deleted",
-)  # fmt: skip
+LIST_FILTERS: Final = (*FILTERS_BY_NAME, "include_deleted")
+"""The options of `list` and `stats` that select activities: every list filter (filters.LIST_FILTERS)."""
+FILTER_OPTIONS: Final = {"activity_date_from": "--from", "activity_date_to": "--to"}
+"""Filters whose option is not their name with dashes."""
 
 
 class CliError(Exception):
@@ -84,14 +84,11 @@ def _start(value: str) -> StartAt:
 
 
 def _filter_options(parser: argparse.ArgumentParser) -> None:
-    """The list filters (also the stats filters) as options."""
-    for name in ("account_id", "deal_id", "contact_id", "owner_id", "status"):
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None)
-    parser.add_argument("--type", dest="type", action="append", default=None, help="repeatable")
-    parser.add_argument("--tag", dest="tag", action="append", default=None, help="repeatable; all must match")
-    parser.add_argument("--from", dest="activity_date_from", default=None, help="activity_date from (RFC 3339)")
-    parser.add_argument("--to", dest="activity_date_to", default=None, help="activity_date to (RFC 3339)")
-    parser.add_argument("--updated-since", dest="updated_since", default=None)
+    """Every list filter (also the stats filters) as an option, repeatable ones repeatable."""
+    for spec in FILTERS_BY_NAME.values():
+        option = FILTER_OPTIONS.get(spec.name, f"--{spec.name.replace('_', '-')}")
+        action = "append" if spec.repeatable else "store"
+        parser.add_argument(option, dest=spec.name, action=action, default=None, help=spec.description)
     parser.add_argument("--include-deleted", action="store_true", default=None)
 
 

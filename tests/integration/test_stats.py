@@ -240,6 +240,11 @@ async def test_cli_stats_prints_a_table(
     assert out[2].split() == [OWNER_1, "2"] and out[3].split() == [OWNER_2, "1"]
     assert out[-1] == "3 activities"
 
+    argv = ["stats", "--group-by", "outcome", "--priority", "high", "--type", "call", "--type", "note", *connection]
+    code = await loop.run_in_executor(None, cli_main, argv)
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0 and [line.split() for line in out[2:4]] == [["won", "1"], ["-", "1"]], out
+
     code = await loop.run_in_executor(None, cli_main, ["stats", "--group-by", "type", "--json", *connection])
     printed = capsys.readouterr().out
     assert code == 0
