@@ -10,10 +10,12 @@ b. the new release starts beside it (every role, same queue group): its start mi
    reach old code deterministically;
 c. mixed commands and reads go to whichever process NATS picks, and all succeed, except that a
    command carrying `remind_at` (schema 2) is refused by 1.0 as an unknown field when 1.0 gets it
-   (`validation_error`; sent again until the new release takes it). An activity the new release
-   wrote with `remind_at` is patched, deleted and restored by 1.0, which keeps the field;
-d. the 1.0 processes stop; the new projector and relay take over (same advisory lock names) and
-   carry the commands that follow;
+   (`validation_error`; sent again until the new release takes it). Half way, 1.0 restarts: the
+   new projector and relay take over from it, and its start re-runs 1.0's schema statements on
+   the migrated read model. An activity the new release wrote with `remind_at` is patched,
+   deleted and restored by 1.0, which keeps the field;
+d. the 1.0 processes stop; the new projector and relay are active (from the restart on, or from
+   now: the two releases use the same advisory lock names) and carry the commands that follow;
 e. the read model holds every activity at the store's latest version, every document served is
    schema 2, the filter columns of the migrations are right on rows 1.0's projector wrote, and the
    stream holds every stored event exactly once, in version order per activity.
@@ -373,6 +375,14 @@ async def test_rolling_upgrade_from_release_1_0_with_both_releases_serving(
         deleted: set[str] = set()
         positions: list[int] = []
         for n in range(60):
+            if n == 30:
+                # 1.0 restarted mid-rollout (a crash, a redeploy): its projector and relay hand over to the
+                # new release's standbys, and its start runs 1.0's schema statements on the migrated table
+                restart = time.monotonic()
+                assert old.terminate() == 0, f"{old.name} did not exit cleanly"
+                old.start()
+                await asyncio.to_thread(old.wait_ready)
+                timings["c. 1.0 restarted mid-rollout"] = time.monotonic() - restart
             action = rng.choice(["create", "patch", "patch", "remind", "delete", "restore", "get", "list"])
             if action == "create":
                 reply = await api.ok("cmd", "create", {"deal_id": f"deal_{n % 3}", "type": "note", "subject": f"c{n}"})
