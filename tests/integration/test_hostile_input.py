@@ -123,7 +123,7 @@ def bearer(tenant: str = "acme", sub: str = "usr-1", app: str | None = None, ttl
 # ---------------------------------------------------------------------------------------------
 
 
-def check_envelope(reply: Any, *, listing: bool = False) -> str | None:
+def check_envelope(reply: Any, *, listing: bool = False, counting: bool = False) -> str | None:
     """Assert a reply is a contract envelope; its error code, or None for a success."""
     assert isinstance(reply, dict), reply
     if "error" in reply:
@@ -148,6 +148,10 @@ def check_envelope(reply: Any, *, listing: bool = False) -> str | None:
     if listing:
         assert set(meta) == {"next_cursor", "position"}, reply
         assert isinstance(reply["data"], list) and all(isinstance(d, dict) for d in reply["data"]), reply
+    elif counting:  # stats: one {"key", "count"} per group, largest first
+        assert set(meta) == {"position"}, reply
+        counts = [item["count"] for item in reply["data"]]
+        assert all(set(item) == {"key", "count"} for item in reply["data"]) and counts == sorted(counts, reverse=True)
     else:
         assert set(meta) == {"position"}, reply
         data = reply["data"]
@@ -676,7 +680,8 @@ def envelope_check(ctx: Any, response: Any, case: Any) -> bool | None:
     assert response.status_code < 500, f"{response.status_code}: {response.text[:500]}"
     assert response.headers.get("content-type", [""])[0].startswith("application/json"), response.headers
     listing = case.operation.path == "/api/v1/crm/activities" and case.method.upper() == "GET"
-    check_envelope(orjson.loads(response.content), listing=listing)
+    counting = case.operation.path == "/api/v1/crm/activities/stats"
+    check_envelope(orjson.loads(response.content), listing=listing, counting=counting)
     return None
 
 
@@ -708,6 +713,9 @@ def fuzz_operation(
     return statuses
 
 
+OPERATIONS = 8  # list, get, events, stats, and the four commands' routes
+
+
 @pytest.mark.timeout(300)
 async def test_schemathesis_against_the_openapi_document(runtime: Runtime, store: psycopg.Connection[Any]) -> None:
     http_url = runtime.endpoints["http_url"]
@@ -719,7 +727,7 @@ async def test_schemathesis_against_the_openapi_document(runtime: Runtime, store
         schema = schemathesis.openapi.from_url(http_url + "/openapi.json")
         operations = [result.ok() for result in schema.get_all_operations() if isinstance(result, Ok)]
         operations = [op for op in operations if op.path.startswith("/api/v1/crm/")]
-        assert len(operations) == 7, [op.label for op in operations]
+        assert len(operations) == OPERATIONS, [op.label for op in operations]
         for operation in operations:
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
                 for fixed in ({"authorization": bearer()}, {}):  # a valid token, or a generated one
@@ -734,6 +742,6 @@ async def test_schemathesis_against_the_openapi_document(runtime: Runtime, store
 
     await in_thread(run)
     print(f"\nschemathesis: {dict(tried)}; statuses {dict(statuses)}; no negative cases: {unsatisfiable}")
-    assert len(tried) == 7 and all(count >= 2 * HTTP_EXAMPLES_PER_MODE for count in tried.values()), tried
+    assert len(tried) == OPERATIONS and all(count >= 2 * HTTP_EXAMPLES_PER_MODE for count in tried.values()), tried
     assert statuses[200] + statuses[201] > 0 and statuses[422] > 0 and statuses[401] > 0, statuses
     await assert_everything_accepted_is_served(runtime, store)
