@@ -427,6 +427,18 @@ async def rebuild_phase(http_url: str, nats_url: str, plan: ReadPlan, database_u
     for (t, state, wait, query), (t_next, *_) in itertools.pairwise(marks):
         key = f"{state}{'/' + wait if wait else ''}: {query if state == 'active' else '(between statements)'}"
         breakdown[key] = round(breakdown.get(key, 0.0) + (t_next - t) * 1000, 1)
+    index_times = [t for query, seen in watch.stages.items() if query.startswith("CREATE INDEX") for t in seen]
+    load_times = [seen[0] for query, seen in watch.stages.items() if query.startswith("INSERT")]
+    windows = {  # what the rebuild did while a read was sent (perf_counter times)
+        "cli_start": (started, min(load_times, default=started)),
+        "load_in_sql": (min(load_times, default=started), min(index_times, default=started)),
+        "index_builds": (min(index_times, default=started), max(index_times, default=started)),
+        "catch_up_and_switch": (max(index_times, default=started), finished[0]),
+    }
+    by_stage = {name: {"from_s": rel(a), "to_s": rel(b), **summarize([r for r in reads if a <= r.sent < b])}
+                for name, (a, b) in windows.items()}
+    for stage in by_stage.values():
+        stage.pop("by_kind", None)
     before_final = [done for _, done, total in points if done < (points[-1][1] if points else 0)]
     switch_events = points[-1][1] - max(before_final) if before_final else None
     overlapping = [r for r in reads if watch.requested and watch.released
@@ -458,6 +470,7 @@ async def rebuild_phase(http_url: str, nats_url: str, plan: ReadPlan, database_u
             "events_applied_under_lock": switch_events,
             "held_ms_by_statement": breakdown,
         },
+        "reads_by_rebuild_stage": by_stage,
         "reads_outside_switch": summarize([r for r in reads if r not in overlapping]),
         "reads": summarize(reads),
         "reads_while_rebuild_ran": summarize(during),
@@ -513,6 +526,9 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
          f"{lock['held_ms']} ms (waited {lock['waited_for_lock_ms']} ms to get it; polled every "
          f"{lock['poll_every_ms']:.0f} ms; up to {lock['max_requests_queued_behind']} requests queued behind it)",
          "-", "-"),
+        ("reads by what the rebuild was doing (s after its start)", "; ".join(
+            f"{name} {stage['from_s']}-{stage['to_s']} s: p50 {stage['p50_ms']} / p99 {stage['p99_ms']} / "
+            f"max {stage['max_ms']} ms" for name, stage in during["reads_by_rebuild_stage"].items()), "-", "-"),
         ("rebuild timeline (s after its start; statements seen on the copy)",
          f"CLI first progress at {during['first_progress_s']} s; " + "; ".join(
              f"{first}-{last} s: {query[:75]}" for first, last, query in during["statements_on_the_copy"]), "-", "-"),
