@@ -91,6 +91,7 @@ def _release_1_0() -> tuple[str, ...]:
 
 
 DERIVED_COLUMNS: Final = (
+    ("external_key", "text", "NEW.document->>'external_key'"),  # migration 3's column, from now on kept here
     ("priority", "text", "NEW.document->>'priority'"),
     ("direction", "text", "NEW.document->>'direction'"),
     ("outcome", "text", "NEW.document->>'outcome'"),

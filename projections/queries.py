@@ -629,7 +629,6 @@ _ROW_COLUMNS: Final = (
     ("updated_at", "(d->>'updated_at')::timestamptz"),
     ("is_deleted", "(d->>'is_deleted')::boolean"),
     ("version", "(d->>'version')::integer"),
-    ("external_key", "d->>'external_key'"),  # read-model migration 3
     ("position", "(p.value)::bigint"),
     ("document", "d"),
 )

@@ -712,13 +712,14 @@ def internal_error(what: str) -> InternalError:
     return InternalError(f"internal error; correlation id {correlation}")
 
 
-QUEUE_BATCHES: Final = 3  # default queue bound, in batches: enough to keep the batcher fed
+QUEUE_BATCHES: Final = 10  # default queue bound, in batches: about a second of work at the maximum rate
 
 
 def queue_bound(configured: int | None, batch_max_size: int) -> int:
-    """How many commands may wait for a batch. A few batches' worth keeps the batcher fed while
-    bounding the wait to a few batch times, well inside the request timeout; a longer queue only
-    holds commands whose callers will have given up by the time their batch starts."""
+    """How many commands may wait for a batch. Ten batches' worth (about a second of work at the
+    maximum rate, well inside the request timeout) absorbs a burst of callers arriving together;
+    past it a request is refused at once instead of waiting for a batch that would start after
+    its caller gave up. Commands whose deadline passes while queued are dropped anyway."""
     return configured if configured is not None and configured > 0 else QUEUE_BATCHES * batch_max_size
 
 

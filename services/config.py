@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     )
     command_queue_max: int | None = Field(
         default=None,
-        description="most commands waiting for their batch; beyond it `unavailable` at once; unset: 3 batches' worth",
+        description="most commands waiting for their batch; beyond it `unavailable` at once; unset: 10 batches' worth",
     )
     idempotency_ttl_hours: float = Field(default=24.0, description="how long an Idempotency-Key is remembered")
     request_timeout_s: float = Field(

@@ -9,9 +9,9 @@ from services.application import CommandRequest, Waiting, queue_bound, still_wan
 from services.domain import Caller
 
 
-def test_the_queue_bound_is_the_setting_or_three_batches() -> None:
-    assert queue_bound(None, 200) == 600
-    assert queue_bound(0, 200) == 600
+def test_the_queue_bound_is_the_setting_or_ten_batches() -> None:
+    assert queue_bound(None, 200) == 2000
+    assert queue_bound(0, 200) == 2000
     assert queue_bound(50, 200) == 50
 
 
