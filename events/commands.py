@@ -1,4 +1,4 @@
-"""The imperative commands other services send (CONTRACT.md section 3): their typed forms, their
+"""The imperative commands other services send (docs/contract.md section 3): their typed forms, their
 parsers, and the registry `COMMANDS`.
 
 Parsing turns any wire body into a typed command or a `ValidationError` naming the field. A new

@@ -77,7 +77,7 @@ class Sort:
 
 @dataclass(frozen=True)
 class ListQuery:
-    """The list parameters of CONTRACT.md section 5, validated: the filters given (by wire name,
+    """The list parameters of docs/contract.md section 5, validated: the filters given (by wire name,
     see activities_client/filters.py; repeatable ones as tuples, date-times as datetimes) and the page."""
 
     filters: Mapping[str, Any] = field(default_factory=dict)
@@ -106,7 +106,7 @@ def _canonical(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class StatsQuery:
-    """The stats parameters of CONTRACT.md section 5: what to count by, and the list's filters."""
+    """The stats parameters of docs/contract.md section 5: what to count by, and the list's filters."""
 
     group_by: str
     filters: Mapping[str, Any] = field(default_factory=dict)
@@ -412,7 +412,7 @@ def table_identifier(name: str) -> sql.Identifier:
 
 
 def _scope(caller: Caller) -> tuple[list[sql.Composable], list[Any]]:
-    """The tenant / app rule of CONTRACT.md section 2, on every read."""
+    """The tenant / app rule of docs/contract.md section 2, on every read."""
     where: list[sql.Composable] = [sql.SQL("tenant_id = %s")]
     params: list[Any] = [caller.tenant_id]
     if caller.app_id is not None:

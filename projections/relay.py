@@ -1,4 +1,4 @@
-"""The tracked relay: every stored event, in log order, to JetStream (CONTRACT.md section 4).
+"""The tracked relay: every stored event, in log order, to JetStream (docs/contract.md section 4).
 
 The event store is the source of truth; the relay only reads it. It keeps its own position
 (the last notification id it knows to be on the stream) in `activities_relay_tracking`, reads
@@ -91,7 +91,7 @@ def stream_config(spec: StreamSpec) -> StreamConfig:
         storage=StorageType.FILE,
         num_replicas=spec.replicas,
         duplicate_window=max(spec.duplicate_window_s, MIN_DUPLICATE_WINDOW_S),
-        description="Activity events (CONTRACT.md section 4), published by the activities relay",
+        description="Activity events (docs/contract.md section 4), published by the activities relay",
     )
 
 

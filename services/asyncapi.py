@@ -149,7 +149,7 @@ def asyncapi_document(prefix: str = "crm.activities", version: str = "1") -> dic
         description=(
             "CRM activities over NATS: commands and queries (request/reply, queue group "
             f"`{COMMAND_QUEUE}`) and events on the JetStream stream over `{subjects.all_events}`. "
-            "Every request carries `Authorization: Bearer <JWT>`. See CONTRACT.md."
+            "Every request carries `Authorization: Bearer <JWT>`. See docs/contract.md."
         ),
     ).to_specification()
     document: dict[str, Any] = specification.to_jsonable()

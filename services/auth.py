@@ -1,4 +1,4 @@
-"""JWT verification: `Authorization: Bearer <JWT>` -> Caller (CONTRACT.md section 2)."""
+"""JWT verification: `Authorization: Bearer <JWT>` -> Caller (docs/contract.md section 2)."""
 
 from __future__ import annotations
 

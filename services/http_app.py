@@ -1,4 +1,4 @@
-"""FastAPI adapters: the query endpoint and the HTTP write gateway (CONTRACT.md section 5).
+"""FastAPI adapters: the query endpoint and the HTTP write gateway (docs/contract.md section 5).
 
 Routes are thin: they collect the path, query string, headers and raw body, call the same
 gateways as the NATS subjects (`QueryGateway`, `CommandGateway`) and turn the envelope into a
@@ -75,7 +75,7 @@ IF_MATCH_PARAMETER: Final = {
 }
 
 
-# The error replies each route can give (CONTRACT.md section 3), all in the contract's envelope.
+# The error replies each route can give (docs/contract.md section 3), all in the contract's envelope.
 # Listing 422 replaces FastAPI's own validation-error shape, which this service never sends.
 ERROR_STATUSES: Final = {
     401: "`unauthorized`: the token is missing or invalid",
@@ -183,7 +183,7 @@ def create_http_app(queries: QueryGateway, commands: CommandGateway) -> FastAPI:
     app = FastAPI(
         title="activities",
         version="1",
-        description="CRM activities: queries from the read model, writes to the event store (CONTRACT.md).",
+        description="CRM activities: queries from the read model, writes to the event store (docs/contract.md).",
     )
 
     @app.exception_handler(StarletteHTTPException)

@@ -376,7 +376,7 @@ class QueryGateway:
         return await self._guard("stats", work)
 
     async def history(self, activity_id: str, params: Params, authorization: str | None) -> Reply:
-        """An activity's events, oldest first, as CONTRACT.md section 4 bodies."""
+        """An activity's events, oldest first, as docs/contract.md section 4 bodies."""
 
         async def work() -> Reply:
             caller = self._verifier.verify(authorization)

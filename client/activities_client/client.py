@@ -1,4 +1,4 @@
-"""The Python client other services import: `client.customer.activities.*` (CONTRACT.md section 7).
+"""The Python client other services import: `client.customer.activities.*` (docs/contract.md section 7).
 
 ```
 from activities_client import AsyncClient, Client
@@ -125,7 +125,7 @@ StartAt = Literal["new", "all"] | int | datetime
 
 
 class Activity(ActivityDocument):
-    """An Activity document as the service returns it (CONTRACT.md section 1).
+    """An Activity document as the service returns it (docs/contract.md section 1).
 
     The same model and rules the service uses, except that fields a newer service version may
     add are ignored instead of refused, so an older client keeps working.
@@ -137,7 +137,7 @@ class Activity(ActivityDocument):
 
 
 class Event(EventBody):
-    """One stored event (CONTRACT.md section 4), from `history` or a subscription: the event body,
+    """One stored event (docs/contract.md section 4), from `history` or a subscription: the event body,
     with its time and its activity parsed. Its `event_type` is one of document.EVENT_TYPES, or a
     newer service's, which passes through."""
 
@@ -609,7 +609,7 @@ class AsyncActivities:
         return Activity.model_validate(envelope["data"])
 
     async def list(self, **params: Any) -> Page:
-        """One page of the caller's activities; parameters as in CONTRACT.md section 5 (`cursor` for the next page)."""
+        """One page of the caller's activities; parameters as in docs/contract.md section 5 (`cursor`: next page)."""
         query = {name: _query_value(value) for name, value in params.items() if value is not None}
         if self._client.position:
             query["min_position"] = self._client.position

@@ -1,4 +1,4 @@
-"""The Activity document: its published definition and every field rule (CONTRACT.md section 1).
+"""The Activity document: its published definition and every field rule (docs/contract.md section 1).
 
 Pure data and pure functions, no I/O. The service validates with these same models, so the
 service, its API documents and this client agree on one definition of a valid document.
@@ -73,7 +73,7 @@ def parse_datetime(value: Any) -> datetime:
 
 
 def format_datetime(value: datetime) -> str:
-    """UTC with a `Z` suffix, microseconds when present (CONTRACT.md section 1)."""
+    """UTC with a `Z` suffix, microseconds when present (docs/contract.md section 1)."""
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
@@ -135,7 +135,7 @@ DATETIME_FIELDS: Final = ("activity_date", "due_date", "completed_at", "occurred
 
 
 class ActivityFields(BaseModel):
-    """The client-settable fields of an Activity, with every rule of CONTRACT.md section 1.
+    """The client-settable fields of an Activity, with every rule of docs/contract.md section 1.
 
     Used for a create body and for the document that results from a patch, so create and
     patch share one definition of validity.
@@ -297,7 +297,7 @@ EVENT_TYPES: Final = (
     EventType("ActivityDeleted", "deleted", "soft-deleted. `changes` is {}."),
     EventType("ActivityRestored", "restored", "restored after a delete. `changes` is {}."),
 )
-"""Every event type (CONTRACT.md section 4), defined once: the relay's subjects, the AsyncAPI
+"""Every event type (docs/contract.md section 4), defined once: the relay's subjects, the AsyncAPI
 document and the client's `Event.kind` follow from it; the service's event classes match it."""
 
 EVENT_KINDS: Final[dict[str, str]] = {event.name: event.kind for event in EVENT_TYPES}
@@ -305,7 +305,7 @@ EVENT_KINDS: Final[dict[str, str]] = {event.name: event.kind for event in EVENT_
 
 
 class EventBody(BaseModel):
-    """The body of an event on JetStream and in `/events` (CONTRACT.md section 4)."""
+    """The body of an event on JetStream and in `/events` (docs/contract.md section 4)."""
 
     event_type: str
     schema_version: int

@@ -1,4 +1,4 @@
-"""The error codes of the wire contract (CONTRACT.md section 3), as exceptions.
+"""The error codes of the wire contract (docs/contract.md section 3), as exceptions.
 
 The service raises these and maps them to the reply envelope; the client rebuilds the same
 classes from a reply, so `except VersionConflict` works on both sides of the wire.

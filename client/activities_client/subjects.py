@@ -1,4 +1,4 @@
-"""NATS subject names, all derived from one configurable prefix (CONTRACT.md sections 3-5)."""
+"""NATS subject names, all derived from one configurable prefix (docs/contract.md sections 3-5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The wire bodies and replies of CONTRACT.md as pydantic models, for the API documents.
+"""The wire bodies and replies of docs/contract.md as pydantic models, for the API documents.
 
 The service does not parse requests with these: its own command parsers and query gateway do, so
 that NATS and HTTP answer alike and every error has the contract's envelope. These models describe
@@ -80,7 +80,7 @@ _LIST_FIELDS: dict[str, Any] = {
 ListActivitiesBody = create_model(
     "ListActivitiesBody",
     __config__=ConfigDict(extra="forbid"),
-    __doc__="`crm.activities.query.list`: the list parameters of CONTRACT.md section 5 as a JSON object.",
+    __doc__="`crm.activities.query.list`: the list parameters of docs/contract.md section 5 as a JSON object.",
     **_LIST_FIELDS,
 )
 
@@ -98,7 +98,7 @@ _STATS_FIELDS: dict[str, Any] = {
 StatsBody = create_model(
     "StatsBody",
     __config__=ConfigDict(extra="forbid"),
-    __doc__="`crm.activities.query.stats`: `group_by` and any list filter (CONTRACT.md section 5) as a JSON object.",
+    __doc__="`crm.activities.query.stats`: `group_by` and any list filter (docs/contract.md section 5) as JSON.",
     **_STATS_FIELDS,
 )
 

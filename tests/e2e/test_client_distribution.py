@@ -1,4 +1,4 @@
-"""The `activities-client` distribution alone (CONTRACT.md section 6): built from client/, installed
+"""The `activities-client` distribution alone (docs/contract.md section 6): built from client/, installed
 into a fresh venv, small, none of the service's heavy dependencies or generic top-level modules,
 and enough to create, get and list against a running `activities serve`."""
 

@@ -1,4 +1,4 @@
-"""The client when the service is not there, and the hardening of its transport (CONTRACT.md sections 6, 7).
+"""The client when the service is not there, and the hardening of its transport (docs/contract.md sections 6, 7).
 
 With no service reachable a call fails with `Unavailable` once its attempts are spent, in bounded
 time and without a traceback on stderr or in the logs; `data_dir=` finds the service through

@@ -1,4 +1,4 @@
-"""Every command and every error code over real NATS and PostgreSQL (CONTRACT.md section 3)."""
+"""Every command and every error code over real NATS and PostgreSQL (docs/contract.md section 3)."""
 
 from __future__ import annotations
 

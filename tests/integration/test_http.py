@@ -1,4 +1,4 @@
-"""The HTTP API of CONTRACT.md section 5 against the running service: every route's status codes,
+"""The HTTP API of docs/contract.md section 5 against the running service: every route's status codes,
 ETag / If-Match, old versions, histories, read-your-writes, and tenant / app isolation on every read
 path over HTTP and NATS."""
 

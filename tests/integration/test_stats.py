@@ -1,4 +1,4 @@
-"""Stats (CONTRACT.md section 5, `/stats` and `crm.activities.query.stats`) against the running
+"""Stats (docs/contract.md section 5, `/stats` and `crm.activities.query.stats`) against the running
 service: the replies over HTTP and NATS, validation errors, tenant and app scoping, min_position,
 the client (async and blocking) and the CLI."""
 

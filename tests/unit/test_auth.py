@@ -1,4 +1,4 @@
-"""Token rules of CONTRACT.md section 2."""
+"""Token rules of docs/contract.md section 2."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Given events / when command / then events or error: every rule of CONTRACT.md sections 1 and 3."""
+"""Given events / when command / then events or error: every rule of docs/contract.md sections 1 and 3."""
 
 from __future__ import annotations
 

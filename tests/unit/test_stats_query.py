@@ -1,4 +1,4 @@
-"""Stats parameters and SQL (CONTRACT.md section 5, `/stats`), without a database."""
+"""Stats parameters and SQL (docs/contract.md section 5, `/stats`), without a database."""
 
 from __future__ import annotations
 
