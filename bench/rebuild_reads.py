@@ -239,6 +239,8 @@ class LockWatch:
     samples: int = 0
     autovacuum: list[tuple[float, str]] = field(default_factory=list)
     stages: dict[str, list[float]] = field(default_factory=dict)  # statement on the copy -> [first, last] seen
+    table_stats: list[tuple[Any, ...]] = field(default_factory=list)  # (t, relname, autoanalyze, analyze, autovacuum)
+    table_stats_seen: set[tuple[str, ...]] = field(default_factory=set)
     holder: list[tuple[Any, ...]] = field(default_factory=list)  # (t, state, wait_event, query) of the switch
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -286,6 +288,14 @@ class LockWatch:
                         seen[1] = now
                 if now - last_vacuum_check > 0.2:
                     last_vacuum_check = now
+                    for relname, *stamps in conn.execute(
+                        "SELECT relname, last_autoanalyze, last_analyze, last_autovacuum FROM pg_stat_user_tables "
+                        "WHERE relname IN ('activities', 'activities_rebuild')"
+                    ).fetchall():
+                        key = (relname, *[str(stamp) for stamp in stamps])
+                        if key not in self.table_stats_seen:
+                            self.table_stats_seen.add(key)
+                            self.table_stats.append((now, *key))
                     for (query,) in conn.execute(
                         "SELECT query FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'"
                     ).fetchall():
@@ -444,7 +454,11 @@ async def rebuild_phase(http_url: str, nats_url: str, plan: ReadPlan, database_u
     overlapping = [r for r in reads if watch.requested and watch.released
                    and r.sent <= watch.released and r.sent + r.latency_ms / 1000 >= watch.requested]
     slow = sorted((r for r in reads if r.latency_ms > SLOW_MS), key=lambda r: r.sent)
-    vacuums = sorted({query for _, query in watch.autovacuum})
+    vacuum_seen: dict[str, list[float]] = {}
+    for t, query in watch.autovacuum:
+        vacuum_seen.setdefault(query, [t, t])[1] = t
+    vacuums = [f"{rel(first)}-{rel(last)} s: {query}" for query, (first, last) in
+               sorted(vacuum_seen.items(), key=lambda kv: kv[1][0])]
     stages = sorted(([rel(first), rel(last), query] for query, (first, last) in watch.stages.items()),
                     key=lambda stage: stage[0] or 0)
     buckets: dict[int, list[Read]] = {}
@@ -478,6 +492,7 @@ async def rebuild_phase(http_url: str, nats_url: str, plan: ReadPlan, database_u
         "slow_reads": [{"at_s": rel(r.sent), "kind": r.kind, "ms": round(r.latency_ms, 1)} for r in slow[:50]],
         "writes": writes.summary(),
         "autovacuum_seen": vacuums,
+        "table_stats_changes": [(rel(t), *rest) for t, *rest in watch.table_stats],
         "statements_on_the_copy": stages,
         "first_progress_s": rel(points[0][0]) if points else None,
         "timeline_per_second": timeline,
@@ -544,7 +559,7 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ("errors (reads, writes, rebuild)", str(errors), "-", "0 " + ("PASS" if errors == 0 else "MISS")),
         ("CPU busy: baseline / during rebuild", f"{base['cpu']['busy']:.0%} / {during['cpu']['busy']:.0%} "
          f"(steal {base['cpu'].get('steal', 0):.1%} / {during['cpu'].get('steal', 0):.1%})", "-", "-"),
-        ("autovacuum seen during the rebuild", "; ".join(during["autovacuum_seen"])[:200] or "none", "-", "-"),
+        ("autovacuum seen during the rebuild", "; ".join(during["autovacuum_seen"])[:400] or "none", "-", "-"),
         ("/proc/loadavg at start / baseline / rebuild", f"{results['loadavg_start']} / {base['loadavg_before']} / "
          f"{during['loadavg_before']}", "-", "-"),
     ]
