@@ -311,12 +311,25 @@ def _table_exists(curs: Cursor[DictRow], table: str) -> bool:
     return bool(row and row["present"])
 
 
+REBUILD_WORKERS: Final = 1
+"""Connections a rebuild works on side by side, loading and then indexing: both are CPU-bound in
+PostgreSQL (parsing the events' JSON, sorting for an index), a core each. One by default, so that
+the reads the live table keeps serving have a core: with two on a 2-core machine the reads' p99
+was five times its usual (bench/rebuild_reads.py, 2026-12-06). `--workers` for a faster rebuild
+where the reads can wait."""
+
+CATCH_UP_GAP: Final = 50
+"""Events the copy may still lack when the switch locks the live table: the switch applies them
+under the lock, which every read waits for (about 0.2-0.7 ms an event measured here)."""
+
+
 def rebuild(
     app: Application[Any],
     datastore: PostgresDatastore,
     progress: Callable[[int, int], None] = lambda done, total: None,
     table: str = READ_MODEL_TABLE,
     batch_size: int = 2000,
+    workers: int = REBUILD_WORKERS,
 ) -> int:
     """Build the read model again from the whole log, aside, then switch it in; the final position.
 
@@ -338,7 +351,7 @@ def rebuild(
     total = app.recorder.max_notification_id() or 0
     progress(0, total)
     if app.mapper.cipher is None:  # plain JSON in the log: project it in SQL, range by range
-        position = _load_in_sql(app, datastore, aside, aside_name, total, progress)
+        position = _load_in_sql(app, datastore, aside, aside_name, total, progress, workers)
     else:
         position = 0
         for rows, last in _decoded_pages(app, batch_size):  # decoding the next page overlaps this write
@@ -346,8 +359,10 @@ def rebuild(
             position = last
             total = max(total, position)
             progress(position, total)
-    recorder.create_indexes(workers=REBUILD_WORKERS)
+    recorder.create_indexes(workers=workers)
     position = _catch_up(app, recorder, aside_name, position, batch_size, progress)
+    with datastore.transaction(commit=True) as curs:  # statistics for the planner before it serves
+        curs.execute(sql.SQL("ANALYZE {}").format(table_identifier(aside)))
     return _switch(app, datastore, recorder, table, aside, aside_name, position, batch_size)
 
 
@@ -360,10 +375,10 @@ def _catch_up(
     progress: Callable[[int, int], None],
 ) -> int:
     """Apply to the copy what was written since it was loaded, without any lock, until it is
-    within one page of the log's head; the position reached."""
+    within CATCH_UP_GAP events of the log's head; the position reached."""
     while True:
         head = app.recorder.max_notification_id() or 0
-        if head - position <= batch_size:
+        if head - position <= CATCH_UP_GAP:
             return position
         while position < head:
             notifications = read_page(app, position, batch_size, stop=head)
@@ -374,11 +389,6 @@ def _catch_up(
             progress(position, head)
 
 
-REBUILD_WORKERS: Final = 2
-"""Connections a rebuild works on side by side, loading and then indexing: both are CPU-bound in
-PostgreSQL (parsing the events' JSON, sorting for an index), one core each."""
-
-
 def _load_in_sql(
     app: Application[Any],
     datastore: PostgresDatastore,
@@ -386,16 +396,17 @@ def _load_in_sql(
     tracking_name: str,
     head: int,
     progress: Callable[[int, int], None],
+    workers: int,
     chunk: int = 50_000,
 ) -> int:
     """Load the log up to `head` into `table` in SQL, a chunk of positions per transaction.
 
-    The activities are split into REBUILD_WORKERS disjoint partitions loaded side by side, so two
-    workers never write the same row; the tracking position is set once both reached `head` (a
+    The activities are split into `workers` disjoint partitions loaded side by side, so two
+    workers never write the same row; the tracking position is set once all reached `head` (a
     rebuild that stops half way is started again from scratch)."""
     events_table = getattr(app.recorder, "events_table_name", "activities_events")
     statement = build_load_from_log_sql(table, events_table)
-    done = [0] * REBUILD_WORKERS
+    done = [0] * workers
     lock = threading.Lock()
 
     def load(partition: int) -> None:
@@ -403,14 +414,14 @@ def _load_in_sql(
         while position < head:
             upto = min(position + chunk, head)
             with datastore.transaction(commit=True) as curs:
-                curs.execute(statement, (position, upto, REBUILD_WORKERS, partition))
+                curs.execute(statement, (position, upto, workers, partition))
             position = upto
             with lock:
                 done[partition] = position
-                progress(sum(done) // REBUILD_WORKERS, head)
+                progress(sum(done) // workers, head)
 
-    with ThreadPoolExecutor(REBUILD_WORKERS, thread_name_prefix="rebuild-load") as pool:
-        for future in [pool.submit(load, partition) for partition in range(REBUILD_WORKERS)]:
+    with ThreadPoolExecutor(workers, thread_name_prefix="rebuild-load") as pool:
+        for future in [pool.submit(load, partition) for partition in range(workers)]:
             future.result()
     with datastore.transaction(commit=True) as curs:
         _set_tracking(curs, tracking_name, head)

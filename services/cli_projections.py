@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import psycopg
 
-from projections.read_model import read_model_datastore, rebuild, status
+from projections.read_model import REBUILD_WORKERS, read_model_datastore, rebuild, status
 from services.config import Settings
 
 
@@ -30,6 +30,13 @@ def add_projection_commands(commands: Any) -> None:
         "rebuild", help="rebuild the read model from the log aside, then switch to it atomically"
     )
     rebuild_parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    rebuild_parser.add_argument(
+        "--workers",
+        type=int,
+        default=REBUILD_WORKERS,
+        help=f"connections loading and indexing side by side (default {REBUILD_WORKERS}, which leaves the "
+        "service's reads a core; more is faster while the reads wait longer)",
+    )
 
 
 def database_url(settings: Settings) -> str:
@@ -104,7 +111,7 @@ def run_projection_command(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         bar = ProgressBar()
         progress = (lambda done, total: None) if args.quiet else bar
-        final = rebuild(app, datastore, progress)
+        final = rebuild(app, datastore, progress, workers=max(1, args.workers))
         if not args.quiet:
             bar(final, final, force=True)
             bar.close()
