@@ -75,8 +75,8 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # (a line on stderr, into its log) before it runs the console script's main.
 LAUNCH = """\
 import json, sys, services, events, projections, services.cli
-print("cpu_per_create imported " + json.dumps({m.__name__: m.__file__ for m in (services, events, projections)}),
-      file=sys.stderr, flush=True)
+packages = [services, events, projections, *[sys.modules[n] for n in ("activities_client",) if n in sys.modules]]
+print("cpu_per_create imported " + json.dumps({m.__name__: m.__file__ for m in packages}), file=sys.stderr, flush=True)
 sys.argv = ["activities", "serve", "--role", "commands"]
 sys.exit(services.cli.main())
 """
@@ -221,7 +221,9 @@ def service_process(source: Source, database_url: str, nats_url: str, data_dir: 
                     prefix: str) -> subprocess.Popen[bytes]:
     data_dir.mkdir(parents=True, exist_ok=True)
     env = service_env(database_url, nats_url, data_dir, ACTIVITIES_SUBJECT_PREFIX=prefix)
-    env["PYTHONPATH"] = os.pathsep.join([str(source.directory), *filter(None, [env.get("PYTHONPATH")])])
+    # the tree's own client package too (in client/ since the client became its own distribution)
+    own = [str(source.directory), *([str(source.directory / "client")] if (source.directory / "client").is_dir() else [])]
+    env["PYTHONPATH"] = os.pathsep.join([*own, *filter(None, [env.get("PYTHONPATH")])])
     env.pop("PYTHONSTARTUP", None)
     log = (data_dir / "service.log").open("ab")
     return subprocess.Popen([source.python, "-c", LAUNCH], cwd=source.directory, env=env, stdout=log, stderr=log)
