@@ -137,8 +137,10 @@ def reject_server_and_unknown_fields(data: dict[str, Any]) -> None:
 
 
 def validate_fields(data: dict[str, Any]) -> ActivityFields:
-    """Validate a complete set of client fields (a create body or a patched document)."""
-    reject_server_and_unknown_fields(data)
+    """Validate a complete set of client fields (a create body or a patched document). A server
+    field is named as such; an unknown one is refused by the model (`extra="forbid"`)."""
+    if not SERVER_FIELDS.isdisjoint(data):
+        reject_server_and_unknown_fields(data)
     try:
         fields = ActivityFields.model_validate(data)
     except pydantic.ValidationError as error:

@@ -52,10 +52,21 @@ class Metrics:
         self.lag = Gauge("activities_lag_events", "Events the reader is behind the head.", ["reader"],
                          registry=self.registry)
         self.pool = Gauge("activities_db_pool", "Connection pool usage.", ["pool", "stat"], registry=self.registry)
+        self._command_counters: dict[tuple[str, str], Any] = {}
+        self._command_timers: dict[str, Any] = {}
 
     def command_done(self, command: str, outcome: str, started: float) -> None:
-        self.commands.labels(command, outcome).inc()
-        self.command_seconds.labels(command).observe(time.perf_counter() - started)
+        """Count a command by outcome and time it. The labelled children are looked up once and
+        kept: prometheus-client's `labels()` costs microseconds a call, on every command."""
+        key = (command, outcome)
+        counter = self._command_counters.get(key)
+        if counter is None:
+            counter = self._command_counters[key] = self.commands.labels(command, outcome)
+        timer = self._command_timers.get(command)
+        if timer is None:
+            timer = self._command_timers[command] = self.command_seconds.labels(command)
+        counter.inc()
+        timer.observe(time.perf_counter() - started)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -266,10 +266,14 @@ def upcast_document(document: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+_PAIRS: Final = [first + second for first in _CROCKFORD for second in _CROCKFORD]  # ten bits, two characters
+
+
 def _ulid() -> str:
-    """A new ULID: 48 bits of milliseconds since the epoch, then 80 random bits, Crockford base32."""
+    """A new ULID: 48 bits of milliseconds since the epoch, then 80 random bits, Crockford base32
+    (26 characters, ten bits at a time: a create's id is on every create's path)."""
     value = (time.time_ns() // 1_000_000) << 80 | secrets.randbits(80)
-    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+    return "".join([_PAIRS[(value >> shift) & 1023] for shift in range(120, -1, -10)])
 
 
 def new_activity_id() -> str:
