@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import os
 import signal
 import sys
 
@@ -108,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.command in CLIENT_COMMANDS:
-        return run_client_command(args, settings)
+        try:
+            return run_client_command(args, settings)
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
     if args.command == "projections":
         return run_projection_command(args, settings)
     return 2

@@ -7,6 +7,8 @@ log a second activity; and a subscriber that sees an activity's four events in o
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -629,6 +631,20 @@ async def test_cli_create_get_list_history_tail(
     lines = out.splitlines()
     assert code == 0 and lines[0].split()[:3] == ["SEQ", "OCCURRED_AT", "EVENT"]
     assert "logged" in lines[1] and activity_id in lines[1]
+
+    def read_nothing() -> tuple[int, bytes]:  # `activities list | head -0`: the reader goes away at once
+        reader = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "get", activity_id, "--tenant", "clitenant"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert reader.stdout is not None
+        reader.stdout.close()
+        _, err = reader.communicate(timeout=60)
+        return reader.returncode, err
+
+    code, err_bytes = await asyncio.to_thread(read_nothing)
+    assert code == 141 and b"Traceback" not in err_bytes and b"BrokenPipe" not in err_bytes, err_bytes
 
     monkeypatch.delenv("ACTIVITIES_JWT_SECRET")
     code, out, err = await run("list", "--tenant", "clitenant")
