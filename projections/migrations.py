@@ -221,6 +221,8 @@ def migrate(
                 )
                 applied.append(migration.version)
                 log.info("read-model migration applied", extra={"version": migration.version, "table": table})
+            if applied:  # new columns have no statistics: the planner would guess at their selectivity
+                conn.execute(sql.SQL("ANALYZE {}").format(table_identifier(table)))
             if applied and after_first is not None:
                 after_first(database_url, table)
             return applied
