@@ -9,8 +9,8 @@ What it does, in order, on its own embedded PostgreSQL (fsync on) and NATS (benc
    one tenant written through the projector's own upsert (`build_upsert_sql`), in batches of 5,000,
    in activity_date order (one a minute from 2020-01-01, as bench/read_side.py seeds). Each
    document is a whole activity document with realistic text: subject (3-9 words), description
-   (80% of rows, 10-60 words) and notes (50%, 5-40 words) drawn from a vocabulary of 4,000 English
-   words (the docstrings of Python's standard library, with about 120 CRM words mixed in) with a
+   (80% of rows, 10-60 words) and notes (50%, 5-40 words) drawn from a vocabulary of up to 4,000 English
+   words (3,898 on Python 3.11.7: the docstrings of its standard library, about 120 CRM words mixed in) with a
    Zipf distribution (rank r drawn with weight 1/r); and the v1.1 fields: priority (4 values, 90%
    of rows), direction (2, calls and emails), outcome (5, calls, meetings and tasks), source (4),
    performed_by_user_id (50 users, Zipf 0.7) and 0-3 participants of 2,000 contacts (Zipf 0.8);
