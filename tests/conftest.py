@@ -26,6 +26,7 @@ import pytest_asyncio
 from nats.aio.client import Client as NatsClient
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from services.application import ActivitiesApplication, CommandService, application_env
 from services.auth import mint_token
 from services.bootstrap import Runtime
 from services.config import Settings
@@ -108,6 +109,23 @@ def make_settings(servers: TestServers, make_database: Callable[[], str], tmp_pa
         return Settings(**values)
 
     return make
+
+
+@pytest.fixture
+def make_service(make_database: Callable[[], str]) -> Iterator[Callable[[], CommandService]]:
+    """Command services (the write path alone, no NATS) on one fresh database, closed at the end;
+    several of them stand for several command processes."""
+    database_url = make_database()
+    apps: list[ActivitiesApplication] = []
+
+    def make() -> CommandService:
+        app = ActivitiesApplication(env=application_env(database_url, pool_size=2))
+        apps.append(app)
+        return CommandService(app)
+
+    yield make
+    for app in apps:
+        app.close()
 
 
 @pytest.fixture

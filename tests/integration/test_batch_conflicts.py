@@ -9,20 +9,17 @@ is made from inside the first one's append, just before it, so the race is lost 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import pytest
 from eventsourcing.persistence import StoredEvent
 
 from events.activity import activity_uuid
 from events.commands import parse_create, parse_patch
 from services.application import (
-    ActivitiesApplication,
     CommandRequest,
     CommandResult,
     CommandService,
-    application_env,
     conflicting_commands,
 )
 from services.domain import Caller
@@ -30,19 +27,6 @@ from services.domain import Caller
 CALLER = Caller("acme", "usr-1")
 
 
-@pytest.fixture
-def make_service(make_database: Callable[[], str]) -> Iterator[Callable[[], CommandService]]:
-    database_url = make_database()
-    apps: list[ActivitiesApplication] = []
-
-    def make() -> CommandService:
-        app = ActivitiesApplication(env=application_env(database_url, pool_size=2))
-        apps.append(app)
-        return CommandService(app)
-
-    yield make
-    for app in apps:
-        app.close()
 
 
 def create(subject: str, key: str | None = None) -> CommandRequest:

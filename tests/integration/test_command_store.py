@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
@@ -22,31 +22,15 @@ from activities_client.errors import NotFound
 from events.activity import activity_uuid
 from events.commands import parse_create, parse_patch
 from services.application import (
-    ActivitiesApplication,
     CommandRequest,
     CommandResult,
     CommandService,
-    application_env,
 )
 from services.domain import Activity, Caller
 
 CALLER = Caller("acme", "usr-1")
 
 
-@pytest.fixture
-def make_service(make_database: Callable[[], str]) -> Iterator[Callable[[], CommandService]]:
-    """Command services on one fresh database, closed at the end."""
-    database_url = make_database()
-    apps: list[ActivitiesApplication] = []
-
-    def make() -> CommandService:
-        app = ActivitiesApplication(env=application_env(database_url, pool_size=2))
-        apps.append(app)
-        return CommandService(app)
-
-    yield make
-    for app in apps:
-        app.close()
 
 
 def execute(service: CommandService, requests: list[CommandRequest]) -> list[Any]:
