@@ -40,6 +40,7 @@ from projections.queries import (
     build_load_from_log_sql,
     build_position_sql,
     build_upsert_sql,
+    scoped_view,
     table_identifier,
 )
 
@@ -71,7 +72,7 @@ def ensure_reader_role(datastore: PostgresDatastore, table: str) -> None:
                 curs.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(READER_ROLE)))
         with datastore.transaction(commit=True) as curs:
             curs.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(sql.Identifier(READER_ROLE)))
-            for name in (table, TRACKING_TABLE):
+            for name in (table, scoped_view(table), TRACKING_TABLE):
                 curs.execute(
                     sql.SQL("GRANT SELECT ON {} TO {}").format(table_identifier(name), sql.Identifier(READER_ROLE))
                 )
@@ -286,7 +287,8 @@ def status(app: Application[Any], datastore: PostgresDatastore, table: str = REA
 
 
 def _drop_table(curs: Cursor[DictRow], table: str) -> None:
-    curs.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table_identifier(table)))
+    """Drop a read-model table with its caller-scoped view (CASCADE: the view is all that depends on it)."""
+    curs.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(table_identifier(table)))
 
 
 def _set_tracking(curs: Cursor[DictRow], name: str, position: int) -> None:
@@ -480,6 +482,11 @@ def _switch(
         final = max(position, live_position)
         _drop_table(curs, table)
         curs.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(table_identifier(aside), live))
+        curs.execute(  # the copy's view follows its table; it takes the live view's name
+            sql.SQL("ALTER VIEW {} RENAME TO {}").format(
+                table_identifier(scoped_view(aside)), table_identifier(scoped_view(table))
+            )
+        )
         curs.execute("SELECT indexname FROM pg_indexes WHERE schemaname = 'public' AND tablename = %s", (table,))
         for (index_name,) in [(r["indexname"],) for r in curs.fetchall()]:
             if index_name.startswith(aside):

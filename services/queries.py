@@ -46,6 +46,7 @@ from projections.queries import (
     parse_get_query,
     parse_list_query,
     parse_stats_query,
+    scoped_view,
 )
 from projections.read_model import READER_ROLE
 from services.application import ActivitiesApplication
@@ -70,6 +71,7 @@ class ReadModel:
         table: str = READ_MODEL_TABLE,
     ) -> None:
         self.table = table
+        self.view = scoped_view(table)  # every read goes through the caller-scoped view
         self.application_name = application_name
         self._pool = AsyncConnectionPool(
             conninfo(database_url),
@@ -222,7 +224,7 @@ class ReadModel:
             await asyncio.sleep(POLL_INTERVAL_S)
 
     async def get(self, activity_id: str, caller: Caller) -> tuple[int, dict[str, Any] | None]:
-        statement, params = build_get_sql(self.table, activity_id, caller)
+        statement, params = build_get_sql(self.view, activity_id, caller)
         position, rows = await self._fetch(statement, params, caller)
         return position, (rows[0]["document"] if rows else None)
 
@@ -232,7 +234,7 @@ class ReadModel:
         """(position, documents, next cursor) of one page; each document is its stored JSON text,
         which `orjson.dumps` writes into the reply as it is."""
         after = codec.decode(query.cursor, query, caller) if query.cursor else None
-        statement, params = build_list_sql(self.table, query, caller, after)
+        statement, params = build_list_sql(self.view, query, caller, after)
         position, rows = await self._fetch(statement, params, caller)
         next_cursor = None
         if len(rows) > query.limit:
@@ -242,7 +244,7 @@ class ReadModel:
 
     async def stats(self, query: StatsQuery, caller: Caller) -> tuple[int, list[dict[str, Any]]]:
         """(position, counts): `{"key", "count"}` rows, largest count first."""
-        statement, params = build_stats_sql(self.table, query, caller)
+        statement, params = build_stats_sql(self.view, query, caller)
         position, rows = await self._fetch(statement, params, caller)
         return position, [{"key": row["key"], "count": int(row["count"])} for row in rows]
 

@@ -62,3 +62,35 @@ async def test_a_read_that_fails_leaves_its_connection_idle_and_scoped_to_nobody
         assert rows == []
     _, acme_rows = await read_model._fetch(UNFILTERED, [], Caller("acme", "usr-1"))
     assert [row["id"] for row in acme_rows] == [reply["data"]["id"]]
+
+
+async def test_the_scoped_view_holds_only_the_callers_rows_even_for_the_tables_owner(
+    request_command: Requester, runtime: Runtime, token: Callable[..., str]
+) -> None:
+    """Where the service's user may not switch to the reader role, it reads as the table's owner,
+    whom the policy does not bind: the view every read goes through still scopes it."""
+    replies = [
+        await request_command("create", {"account_id": "a"}, bearer=token(tenant="acme")),
+        await request_command("create", {"account_id": "a"}, bearer=token(tenant="acme", app="gong")),
+        await request_command("create", {"account_id": "g"}, bearer=token(tenant="globex")),
+    ]
+    await read_model_of(runtime).wait_for(max(r["meta"]["position"] for r in replies), 10)
+    assert runtime.servers is not None
+    with psycopg.connect(runtime.servers.database_url) as conn:  # the owner, no reader role, no `activities.reader`
+
+        def visible(tenant: str | None, app: str = "") -> set[str]:
+            with conn.transaction():
+                if tenant is not None:
+                    conn.execute(
+                        "SELECT set_config('activities.tenant_id', %s, true), set_config('activities.app_id', %s, true)",
+                        (tenant, app),
+                    )
+                return {
+                    row[0] for row in conn.execute("SELECT tenant_id || coalesce(app_id, '') FROM activities_scoped")
+                }
+
+        assert visible("acme") == {"acme", "acmegong"}
+        assert visible("acme", "gong") == {"acmegong"}
+        assert visible("globex") == {"globex"}
+        assert visible(None) == set()
+        assert len(conn.execute("SELECT id FROM activities").fetchall()) == 3  # the table itself: every row

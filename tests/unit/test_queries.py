@@ -250,11 +250,20 @@ def test_keyset_on_a_nullable_sort_is_two_index_ranges_merged() -> None:
         "activities", ListQuery(limit=2), ACME, Keyset("2026-01-01T00:00:00+00:00", "act_X")
     )
     sql = text(statement)
-    assert sql.startswith("SELECT * FROM ((SELECT ")
+    assert "FROM (SELECT * FROM ((SELECT id, " in sql
     assert '(("activity_date", id) < (%s::timestamptz, %s)) ORDER BY "activity_date" DESC NULLS LAST' in sql
     assert " UNION ALL (SELECT " in sql and '("activity_date" IS NULL) ORDER BY' in sql
-    assert sql.endswith(') AS page ORDER BY "sort_value" DESC NULLS LAST, id DESC LIMIT %s')
+    assert ') AS ranges ORDER BY "sort_value" DESC NULLS LAST, id DESC LIMIT %s) AS page' in sql
+    assert sql.endswith('JOIN "activities" USING (id) ORDER BY page.sort_value DESC NULLS LAST, id DESC')
     assert params == ["acme", "2026-01-01T00:00:00+00:00", "act_X", 3, "acme", 3, 3]
+
+
+def test_a_page_reads_documents_only_for_its_own_keys() -> None:
+    """The keys of the page are chosen first; the documents are joined to those rows alone."""
+    sql = text(build_list_sql("activities", ListQuery(limit=5), ACME)[0])
+    keys = sql[sql.index("FROM (") : sql.index(") AS page")]
+    assert "document" not in keys and "LIMIT %s" in keys
+    assert sql.startswith("SELECT id, page.sort_value, (CASE WHEN") and ") AS page JOIN " in sql
 
 
 def test_keyset_after_a_null_sort_value_stays_among_the_nulls() -> None:
