@@ -67,6 +67,7 @@ from projections.queries import (
     params_from_pairs,
     parse_list_query,
     parse_stats_query,
+    scoped_view,
 )
 from projections.read_model import READER_ROLE, grant_reader
 from services.auth import mint_token
@@ -383,9 +384,10 @@ def statement(name: str, params: dict[str, str]) -> tuple[Any, list[Any]]:
     """The SQL the service runs for a request of the class (the same builders, the same caller)."""
     caller = Caller(TENANT, "usr-bench")
     pairs = params_from_pairs(params.items())
+    view = scoped_view(READ_MODEL_TABLE, caller)
     if is_stats(name):
-        return build_stats_sql(READ_MODEL_TABLE, parse_stats_query(pairs), caller)
-    return build_list_sql(READ_MODEL_TABLE, parse_list_query({**pairs, "limit": [str(PAGE)]}), caller)
+        return build_stats_sql(view, parse_stats_query(pairs), caller)
+    return build_list_sql(view, parse_list_query({**pairs, "limit": [str(PAGE)]}), caller)
 
 
 def matches(database_url: str, name: str, params: dict[str, str]) -> int:
@@ -412,37 +414,6 @@ def explain(database_url: str, name: str, params: dict[str, str], as_reader: boo
         text = psycopg.ClientCursor(conn).mogrify(query, values)
         rows = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS) {text}").fetchall()
         conn.rollback()
-    return "\n".join(row[0] for row in rows)
-
-
-SCOPED_VIEW = (
-    "CREATE VIEW activities_scoped AS SELECT * FROM activities "
-    "WHERE tenant_id = current_setting('activities.tenant_id', true) "
-    "AND (coalesce(current_setting('activities.app_id', true), '') = '' "
-    "OR app_id = current_setting('activities.app_id', true))"
-)
-
-
-def explain_via_view(database_url: str, name: str, params: dict[str, str]) -> str:
-    """The plan of the same statement, as the reader role, over a plain (not security_barrier) view
-    carrying the policy's tenant/app condition instead of the table under row-level security."""
-    query, values = statement(name, params)
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(SCOPED_VIEW)
-        conn.execute(f"GRANT SELECT ON activities_scoped TO {READER_ROLE}")
-    try:
-        with psycopg.connect(database_url) as conn:
-            conn.execute("SET activities.reader = 'on'")
-            conn.execute(f"SET ROLE {READER_ROLE}")
-            conn.execute("SELECT set_config('activities.tenant_id', %s, true), "
-                         "set_config('activities.app_id', '', true)", (TENANT,))
-            text = psycopg.ClientCursor(conn).mogrify(query, values).replace(
-                ' FROM "activities" ', ' FROM "activities_scoped" ', 1)
-            rows = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS) {text}").fetchall()
-            conn.rollback()
-    finally:
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            conn.execute("DROP VIEW activities_scoped")
     return "\n".join(row[0] for row in rows)
 
 
@@ -673,7 +644,6 @@ def run(rows: int, seconds: float, per_class: int, compact: bool, only: list[str
             for name in [n for n in results["classes"] if n.startswith("q_") or n == "participant"]:
                 point = results["classes"][name]
                 point["explain"]["plan_without_rls"] = explain(url, name, point["explain"]["params"], as_reader=False)
-                point["explain"]["plan_via_plain_view"] = explain_via_view(url, name, point["explain"]["params"])
             save(results)
             if tries:
                 results["tried"] = try_changes(url, servers.nats_url, root, counted, seconds)
@@ -754,10 +724,6 @@ def report(results: dict[str, Any]) -> str:
               f"Class `{slow}` (p99 furthest over its aim), its slowest query {e['params']} ({e['matches']:,} rows "
               "matched), run as the service runs it (reader role, caller scope, parameters bound on the client):", "",
               "```", e["plan"], "```", ""]
-    if "plan_via_plain_view" in e:
-        lines += ["The same statement as the reader role over a plain view carrying the policy's condition "
-                  "(`" + SCOPED_VIEW + "`, granted to the reader; EXPLAIN only, the service does not use it):", "",
-                  "```", e["plan_via_plain_view"], "```", ""]
     if "plan_without_rls" in e:
         lines += ["The same statement as the superuser, whom row-level security does not bind (for comparison):", "",
                   "```", e["plan_without_rls"], "```", ""]

@@ -35,7 +35,7 @@ from projections.queries import (
     READ_MODEL_TABLE,
     TRACKING_TABLE,
     render_statement,
-    scoped_view_sql,
+    scoped_views_sql,
     split_statements,
     table_identifier,
     upcast_sql,
@@ -166,11 +166,11 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     _derived_columns_migration(),
     Migration(
         5,
-        "reads through the caller-scoped view instead of row-level security on the owner; a covering index for "
+        "reads through caller-scoped views instead of row-level security on the owner; a covering index for "
         "counts by date",
-        # The view (queries.scoped_view_sql) is (re)made after every migration run, with every column.
-        # Its owner, the table's, must read the table unbound by the policy: the policy keeps binding
-        # the reader role, which reads through the view.
+        # The views (queries.scoped_views_sql) are (re)made after every migration run, with every column.
+        # Their owner, the table's, must read the table unbound by the policy: the policy keeps binding
+        # the reader role, which reads through the views.
         ddl=("ALTER TABLE {table} NO FORCE ROW LEVEL SECURITY",),
         concurrent=(
             "CREATE INDEX CONCURRENTLY IF NOT EXISTS {table}_counts ON {table} (tenant_id, activity_date) "
@@ -234,7 +234,7 @@ def migrate(
                 applied.append(migration.version)
                 log.info("read-model migration applied", extra={"version": migration.version, "table": table})
             if applied:  # new columns have no statistics: the planner would guess at their selectivity
-                refresh_scoped_view(conn, table)
+                refresh_scoped_views(conn, table)
                 conn.execute(sql.SQL("ANALYZE {}").format(table_identifier(table)))
             if applied and after_first is not None:
                 after_first(database_url, table)
@@ -243,10 +243,10 @@ def migrate(
             conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
 
 
-def refresh_scoped_view(conn: psycopg.Connection[Any], table: str) -> None:
-    """(Re)make the caller-scoped view that readers query, with every column of the table as it is now
-    (a view's `*` is fixed when it is made, so every change of the table's columns makes it again)."""
-    _ddl(conn, [scoped_view_sql(table).as_string(conn)])
+def refresh_scoped_views(conn: psycopg.Connection[Any], table: str) -> None:
+    """(Re)make the caller-scoped views that readers query, with every column of the table as it is now
+    (a view's `*` is fixed when it is made, so every change of the table's columns makes them again)."""
+    _ddl(conn, [statement.as_string(conn) for statement in scoped_views_sql(table)])
 
 
 def _lock(conn: psycopg.Connection[Any], wait_s: float) -> None:
@@ -333,7 +333,7 @@ def create_fresh(conn: psycopg.Connection[Any], table: str, with_indexes: bool =
         _ddl(conn, [s for s in statements if s not in later])
         later += [render(statement, table).replace(" CONCURRENTLY", "") for statement in migration.concurrent]
         indexes += later
-    refresh_scoped_view(conn, table)
+    refresh_scoped_views(conn, table)
     if with_indexes:
         for statement in indexes:
             conn.execute(statement)

@@ -40,7 +40,7 @@ from projections.queries import (
     build_load_from_log_sql,
     build_position_sql,
     build_upsert_sql,
-    scoped_view,
+    scoped_views,
     table_identifier,
 )
 
@@ -72,7 +72,7 @@ def ensure_reader_role(datastore: PostgresDatastore, table: str) -> None:
                 curs.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(READER_ROLE)))
         with datastore.transaction(commit=True) as curs:
             curs.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(sql.Identifier(READER_ROLE)))
-            for name in (table, scoped_view(table), TRACKING_TABLE):
+            for name in (table, *scoped_views(table), TRACKING_TABLE):
                 curs.execute(
                     sql.SQL("GRANT SELECT ON {} TO {}").format(table_identifier(name), sql.Identifier(READER_ROLE))
                 )
@@ -287,7 +287,7 @@ def status(app: Application[Any], datastore: PostgresDatastore, table: str = REA
 
 
 def _drop_table(curs: Cursor[DictRow], table: str) -> None:
-    """Drop a read-model table with its caller-scoped view (CASCADE: the view is all that depends on it)."""
+    """Drop a read-model table with its caller-scoped views (CASCADE: they are all that depends on it)."""
     curs.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(table_identifier(table)))
 
 
@@ -482,11 +482,11 @@ def _switch(
         final = max(position, live_position)
         _drop_table(curs, table)
         curs.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(table_identifier(aside), live))
-        curs.execute(  # the copy's view follows its table; it takes the live view's name
-            sql.SQL("ALTER VIEW {} RENAME TO {}").format(
-                table_identifier(scoped_view(aside)), table_identifier(scoped_view(table))
+        for aside_view, live_view in zip(scoped_views(aside), scoped_views(table), strict=True):
+            # the copy's views follow its table; they take the live views' names
+            curs.execute(
+                sql.SQL("ALTER VIEW {} RENAME TO {}").format(table_identifier(aside_view), table_identifier(live_view))
             )
-        )
         curs.execute("SELECT indexname FROM pg_indexes WHERE schemaname = 'public' AND tablename = %s", (table,))
         for (index_name,) in [(r["indexname"],) for r in curs.fetchall()]:
             if index_name.startswith(aside):

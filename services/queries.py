@@ -71,7 +71,6 @@ class ReadModel:
         table: str = READ_MODEL_TABLE,
     ) -> None:
         self.table = table
-        self.view = scoped_view(table)  # every read goes through the caller-scoped view
         self.application_name = application_name
         self._pool = AsyncConnectionPool(
             conninfo(database_url),
@@ -224,7 +223,7 @@ class ReadModel:
             await asyncio.sleep(POLL_INTERVAL_S)
 
     async def get(self, activity_id: str, caller: Caller) -> tuple[int, dict[str, Any] | None]:
-        statement, params = build_get_sql(self.view, activity_id, caller)
+        statement, params = build_get_sql(scoped_view(self.table, caller), activity_id, caller)
         position, rows = await self._fetch(statement, params, caller)
         return position, (rows[0]["document"] if rows else None)
 
@@ -234,7 +233,7 @@ class ReadModel:
         """(position, documents, next cursor) of one page; each document is its stored JSON text,
         which `orjson.dumps` writes into the reply as it is."""
         after = codec.decode(query.cursor, query, caller) if query.cursor else None
-        statement, params = build_list_sql(self.view, query, caller, after)
+        statement, params = build_list_sql(scoped_view(self.table, caller), query, caller, after)
         position, rows = await self._fetch(statement, params, caller)
         next_cursor = None
         if len(rows) > query.limit:
@@ -244,7 +243,7 @@ class ReadModel:
 
     async def stats(self, query: StatsQuery, caller: Caller) -> tuple[int, list[dict[str, Any]]]:
         """(position, counts): `{"key", "count"}` rows, largest count first."""
-        statement, params = build_stats_sql(self.view, query, caller)
+        statement, params = build_stats_sql(scoped_view(self.table, caller), query, caller)
         position, rows = await self._fetch(statement, params, caller)
         return position, [{"key": row["key"], "count": int(row["count"])} for row in rows]
 

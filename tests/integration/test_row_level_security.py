@@ -64,11 +64,11 @@ async def test_a_read_that_fails_leaves_its_connection_idle_and_scoped_to_nobody
     assert [row["id"] for row in acme_rows] == [reply["data"]["id"]]
 
 
-async def test_the_scoped_view_holds_only_the_callers_rows_even_for_the_tables_owner(
+async def test_the_scoped_views_hold_only_the_callers_rows_even_for_the_tables_owner(
     request_command: Requester, runtime: Runtime, token: Callable[..., str]
 ) -> None:
     """Where the service's user may not switch to the reader role, it reads as the table's owner,
-    whom the policy does not bind: the view every read goes through still scopes it."""
+    whom the policy does not bind: the views every read goes through still scope it."""
     replies = [
         await request_command("create", {"account_id": "a"}, bearer=token(tenant="acme")),
         await request_command("create", {"account_id": "a"}, bearer=token(tenant="acme", app="gong")),
@@ -85,12 +85,12 @@ async def test_the_scoped_view_holds_only_the_callers_rows_even_for_the_tables_o
                         "SELECT set_config('activities.tenant_id', %s, true), set_config('activities.app_id', %s, true)",
                         (tenant, app),
                     )
-                return {
-                    row[0] for row in conn.execute("SELECT tenant_id || coalesce(app_id, '') FROM activities_scoped")
-                }
+                view = "activities_of_app" if app else "activities_of_tenant"
+                return {row[0] for row in conn.execute(f"SELECT tenant_id || coalesce(app_id, '') FROM {view}")}
 
         assert visible("acme") == {"acme", "acmegong"}
         assert visible("acme", "gong") == {"acmegong"}
         assert visible("globex") == {"globex"}
         assert visible(None) == set()
+        assert visible("acme", "crm") == set()
         assert len(conn.execute("SELECT id FROM activities").fetchall()) == 3  # the table itself: every row

@@ -65,7 +65,8 @@ async def test_every_word_must_match_by_prefix_ignoring_case(request_command: Se
 def reader_plan(conn: psycopg.Connection[Any], filters: dict[str, Any]) -> str:
     """The plan of a list page exactly as the service reads it: the reader role, the caller's scope
     set in the transaction, through the caller-scoped view (row-level security still on the table)."""
-    statement, params = build_list_sql(scoped_view("activities"), ListQuery(filters=filters), Caller("acme", "usr-1"))
+    caller = Caller("acme", "usr-1")
+    statement, params = build_list_sql(scoped_view("activities", caller), ListQuery(filters=filters), caller)
     with conn.transaction():
         conn.execute("SET LOCAL activities.reader = 'on'")
         conn.execute("SET LOCAL ROLE activities_reader")
