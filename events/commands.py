@@ -327,13 +327,19 @@ class HttpRoute:
     if_match: bool = False
     errors: tuple[int, ...] = ()
     created_status: int | None = None  # the status when the command created the activity (an upsert)
+    slashed: tuple[str, ...] = ()  # path parameters whose value may hold `/` (routed as the path's rest)
 
     @property
     def path_parameters(self) -> tuple[str, ...]:
-        """The path's parameters (a Starlette converter, as in `{external_key:path}`, left out)."""
-        return tuple(
-            part[1:-1].split(":")[0] for part in self.path.split("/") if part.startswith("{") and part.endswith("}")
-        )
+        return tuple(part[1:-1] for part in self.path.split("/") if part.startswith("{") and part.endswith("}"))
+
+    @property
+    def route_path(self) -> str:
+        """The path as the web framework routes it: a `slashed` parameter takes the rest of the path."""
+        path = self.path
+        for name in self.slashed:
+            path = path.replace("{" + name + "}", "{" + name + ":path}")
+        return path
 
 
 @dataclass(frozen=True)
@@ -400,11 +406,12 @@ COMMANDS: Final[Mapping[str, CommandSpec]] = {
             UpsertReply,
             HttpRoute(
                 "PUT",
-                "/by-key/{external_key:path}",
+                "/by-key/{external_key}",
                 body_field="activity",
                 if_match=True,
-                errors=(409, 410, 412),
+                errors=(404, 409, 410, 412),  # 404: a key the path cannot carry (a line break)
                 created_status=201,
+                slashed=("external_key",),
             ),
         ),
         CommandSpec(

@@ -372,7 +372,7 @@ def _add_command_route(app: FastAPI, spec: CommandSpec, commands: CommandGateway
 
     endpoint.__name__ = f"{spec.name}_activity"
     app.add_api_route(
-        BASE + route.path,
+        BASE + route.route_path,
         endpoint,
         methods=[route.method],
         summary=spec.summary,
