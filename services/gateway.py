@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Any
 
-from activities_client.errors import ActivitiesError, field_error
+from activities_client.errors import ActivitiesError, Unavailable, field_error
 from events.activity import valid_traceparent
 from events.caller import Caller
 from events.commands import COMMANDS, BatchCommands, Command, command_fingerprint, parse_json_object
@@ -61,6 +61,9 @@ class CommandGateway:
                 command: Command | BatchCommands = spec.parse(data)
                 if isinstance(command, BatchCommands):
                     outcomes = await self._batch(command, caller, key, trace_context, received)
+                    unavailable = [o for o in outcomes if isinstance(o, Unavailable)]
+                    if len(unavailable) == len(outcomes):
+                        raise unavailable[0]  # at capacity, or the store is down: the whole batch is retried
                     self._metrics.command_done(name, "ok", started)
                     return spec.http.status, batch_envelope(outcomes)
                 fingerprint = command_fingerprint(name, data) if key else ""

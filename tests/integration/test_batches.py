@@ -14,8 +14,11 @@ import psycopg
 import pytest_asyncio
 
 from events.activity import activity_uuid
+from services.application import CommandBatcher, CommandService
+from services.auth import TokenVerifier, mint_token
 from services.bootstrap import Runtime
-from tests.conftest import Requester
+from services.gateway import CommandGateway
+from tests.conftest import JWT_SECRET, Requester
 
 BASE = "/api/v1/crm/activities"
 EVENTS = "activities_events"
@@ -180,3 +183,24 @@ async def test_http_batch_route(http: httpx.AsyncClient, token: Callable[..., st
     spec = (await http.get("/openapi.json")).json()
     assert "post" in spec["paths"][BASE + "/batch"]
     assert {"put", "get"} <= set(spec["paths"][BASE + "/by-key/{external_key}"])
+
+
+def test_a_batch_nothing_could_be_done_for_is_one_unavailable(make_service: Callable[[], CommandService]) -> None:
+    """When no item could even be tried (the store did not take the batch before its deadline), the
+    reply is one `unavailable`, which clients retry with the same key, not 200 with a list of them."""
+
+    async def scenario() -> None:
+        service = make_service()
+        batcher = CommandBatcher(service, timeout_s=0.3)  # never started: nothing is saved in time
+        gateway = CommandGateway(TokenVerifier(secret=JWT_SECRET), batcher)
+        body = {"commands": [{"op": "create", "account_id": "acc_1"}, {"op": "create", "account_id": "acc_2"}]}
+        bearer = f"Bearer {mint_token(JWT_SECRET, 'acme', 'usr-1')}"
+        status, envelope = await gateway.handle("batch", orjson.dumps(body), bearer)
+        assert status == 503 and envelope["error"]["code"] == "unavailable"
+        body["commands"].append({"op": "create"})  # one item fails on its own: per-item results
+        status, envelope = await gateway.handle("batch", orjson.dumps(body), bearer)
+        assert status == 200
+        assert [code_of(r) for r in envelope["data"]] == ["unavailable", "unavailable", "validation_error"]
+        await service.close()
+
+    asyncio.run(scenario())
