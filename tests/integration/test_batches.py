@@ -204,3 +204,22 @@ def test_a_batch_nothing_could_be_done_for_is_one_unavailable(make_service: Call
         await service.close()
 
     asyncio.run(scenario())
+
+
+async def test_a_reply_larger_than_nats_carries_is_still_one_reply(
+    request_command: Requester, runtime: Runtime, http: httpx.AsyncClient, token: Callable[..., str]
+) -> None:
+    """Patches of five activities of 240 KB each: the NATS reply would hold 1.2 MB of documents,
+    more than NATS carries; the caller gets one error saying the batch was carried out (and the
+    same batch over HTTP gets every document)."""
+    ids = [
+        (await request_command("create", {"account_id": "acc_1", "description": "x" * 240_000}))["data"]["id"]
+        for _ in range(5)
+    ]
+    body = {"commands": [{"op": "patch", "id": activity_id, "changes": {"status": "done"}} for activity_id in ids]}
+    reply = await request_command("batch", body)
+    assert reply["error"]["code"] == "internal" and "carried out" in reply["error"]["message"]
+    assert event_count(runtime) == 10  # the five creates and the five patches
+    body = {"commands": [{"op": "patch", "id": activity_id, "changes": {"status": "closed"}} for activity_id in ids]}
+    response = await http.post(BASE + "/batch", json=body, headers={"Authorization": f"Bearer {token()}"})
+    assert response.status_code == 200 and [r["data"]["version"] for r in response.json()["data"]] == [3] * 5
