@@ -16,10 +16,24 @@ from ulid import ULID
 
 from activities_client.document import ID_PREFIX, SCHEMA_VERSION, client_fields, format_datetime, upcast_document
 
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_TO_BASE_32 = str.maketrans(  # Crockford's digits to Python's; its four excluded letters to a non-digit
+    _CROCKFORD + _CROCKFORD.lower() + "ILOUilou", "0123456789ABCDEFGHIJKLMNOPQRSTUV" * 2 + "!" * 8
+)
+
 
 def activity_uuid(activity_id: str) -> UUID:
-    """The event store's originator id (a UUID) of an `act_<ULID>` id."""
-    return ULID.from_str(activity_id[len(ID_PREFIX) :]).to_uuid()
+    """The event store's originator id (a UUID) of an `act_<ULID>` id: the ULID's 128 bits.
+
+    Crockford base32 is read as Python's base 32 after renaming its letters (`int` in C); the ULID
+    package's pure-Python decoder was an eighth of the CPU of a create in a batch (profiled)."""
+    encoded = activity_id[len(ID_PREFIX) :]
+    if len(encoded) != 26 or encoded[0] not in "01234567":
+        raise ValueError("an activity id is act_ followed by a 26-character ULID")
+    translated = encoded.translate(_TO_BASE_32)
+    if not translated.isalnum() or not translated.isascii():
+        raise ValueError("an activity id is act_ followed by a 26-character ULID")
+    return UUID(int=int(translated, 32))
 
 
 def activity_id_of(originator_id: UUID) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
@@ -27,7 +27,15 @@ from activities_client.document import (
     is_activity_id,
 )
 from activities_client.errors import ValidationError, field_error
-from activities_client.wire import ActivityRefBody, ActivityReply, PatchActivityBody
+from activities_client.wire import (
+    ActivityRefBody,
+    ActivityReply,
+    BatchBody,
+    BatchReply,
+    PatchActivityBody,
+    UpsertActivityBody,
+    UpsertReply,
+)
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,36 @@ class RestoreActivity:
     expected_version: int | None = None
 
 
-Command = CreateActivity | PatchActivity | DeleteActivity | RestoreActivity
+@dataclass(frozen=True)
+class UpsertActivity:
+    """Create the activity keyed `external_key` in the caller's tenant (and app) from `changes`, or
+    apply `changes` to it as a JSON Merge Patch (docs/contract.md section 8)."""
+
+    external_key: str
+    changes: dict[str, Any]
+    expected_version: int | None = None
+
+
+Command = CreateActivity | PatchActivity | DeleteActivity | RestoreActivity | UpsertActivity
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One item of a batch: its command and key, or the error that makes it fail alone."""
+
+    op: str
+    command: Command | None
+    idempotency_key: str | None
+    fingerprint: str
+    error: ValidationError | None = None
+    body: dict[str, Any] = field(default_factory=dict)  # the command's body (without op and key)
+
+
+@dataclass(frozen=True)
+class BatchCommands:
+    """`cmd.batch`: independent commands, carried out in order, their creates saved together."""
+
+    items: tuple[BatchItem, ...]
 
 
 def details_of(error: pydantic.ValidationError) -> list[dict[str, str]]:
@@ -80,12 +117,12 @@ def validation_error(error: pydantic.ValidationError) -> ValidationError:
     return ValidationError(f"invalid activity: {summary}", details)
 
 
-def parse_json_object(body: bytes | str | dict[str, Any]) -> dict[str, Any]:
+def parse_json_object(body: bytes | str | dict[str, Any], max_bytes: int = MAX_BODY_BYTES) -> dict[str, Any]:
     """The body as a JSON object, or a validation error (not JSON, not an object, too large)."""
     if isinstance(body, dict):
         return body
-    if len(body) > MAX_BODY_BYTES:
-        raise field_error("body", f"is larger than {MAX_BODY_BYTES} bytes")
+    if len(body) > max_bytes:
+        raise field_error("body", f"is larger than {max_bytes} bytes")
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -200,6 +237,72 @@ def parse_restore(body: bytes | str | dict[str, Any]) -> RestoreActivity:
     return RestoreActivity(_activity_id(data), _expected_version(data))
 
 
+MAX_EXTERNAL_KEY_LENGTH: Final = 200
+
+
+def check_external_key(value: Any, field: str = "external_key") -> str:
+    """1-200 printable ASCII characters (as an Idempotency-Key)."""
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value) <= MAX_EXTERNAL_KEY_LENGTH
+        or not all(" " <= ch <= "~" for ch in value)
+    ):
+        raise field_error(field, f"must be 1-{MAX_EXTERNAL_KEY_LENGTH} printable ASCII characters")
+    return value
+
+
+def parse_upsert(body: bytes | str | dict[str, Any]) -> UpsertActivity:
+    """The key, and the activity's fields as a merge patch; whether they make a valid activity
+    (create rules, or the patched document) is decided once it is known whether the key exists."""
+    data = parse_json_object(body)
+    _only_keys(data, {"external_key", "activity", "expected_version"})
+    key = check_external_key(data.get("external_key"))
+    changes = data.get("activity")
+    if not isinstance(changes, dict):
+        raise field_error("activity", "must be a JSON object (the activity's fields; a merge patch when it exists)")
+    reject_server_and_unknown_fields(changes)
+    return UpsertActivity(key, changes, _expected_version(data))
+
+
+MAX_BATCH_ITEMS: Final = 100
+MAX_BATCH_BYTES: Final = 1024 * 1024
+BATCH_OPS: Final = ("create", "patch", "delete", "restore", "upsert")
+
+
+def parse_batch(body: bytes | str | dict[str, Any]) -> BatchCommands:
+    """A batch: malformed as a whole (not an object with a list of 1-100 `commands`) is one
+    validation error; an item that does not parse is its own `validation_error` result."""
+    data = parse_json_object(body, MAX_BATCH_BYTES)
+    _only_keys(data, {"commands"})
+    commands = data.get("commands")
+    if not isinstance(commands, list):
+        raise field_error("commands", "must be a list of 1-100 commands")
+    if not 1 <= len(commands) <= MAX_BATCH_ITEMS:
+        raise field_error("commands", f"must hold 1-{MAX_BATCH_ITEMS} commands, not {len(commands)}")
+    return BatchCommands(tuple(_batch_item(i, item) for i, item in enumerate(commands)))
+
+
+def _batch_item(index: int, item: Any) -> BatchItem:
+    op = item.get("op") if isinstance(item, dict) else None
+    try:
+        if not isinstance(item, dict):
+            raise field_error(f"commands.{index}", "must be a JSON object with an `op`")
+        if op not in BATCH_OPS:
+            raise field_error("op", f"must be one of {', '.join(BATCH_OPS)}")
+        key = item.get("idempotency_key")
+        if key is not None and (
+            not isinstance(key, str) or not 1 <= len(key) <= 200 or not all(" " <= ch <= "~" for ch in key)
+        ):
+            raise field_error("idempotency_key", "must be 1-200 printable ASCII characters")
+        body = {name: value for name, value in item.items() if name not in ("op", "idempotency_key")}
+        command = COMMANDS[str(op)].parse(body)
+        assert not isinstance(command, BatchCommands)
+        fingerprint = command_fingerprint(str(op), body) if key else ""
+        return BatchItem(str(op), command, key, fingerprint, body=body)
+    except ValidationError as error:
+        return BatchItem(str(op), None, None, "", error)
+
+
 # ---------------------------------------------------------------------------------------------
 # The registry: one entry per command
 # ---------------------------------------------------------------------------------------------
@@ -223,10 +326,20 @@ class HttpRoute:
     media_type: str = "application/json"
     if_match: bool = False
     errors: tuple[int, ...] = ()
+    created_status: int | None = None  # the status when the command created the activity (an upsert)
+    slashed: tuple[str, ...] = ()  # path parameters whose value may hold `/` (routed as the path's rest)
 
     @property
     def path_parameters(self) -> tuple[str, ...]:
         return tuple(part[1:-1] for part in self.path.split("/") if part.startswith("{") and part.endswith("}"))
+
+    @property
+    def route_path(self) -> str:
+        """The path as the web framework routes it: a `slashed` parameter takes the rest of the path."""
+        path = self.path
+        for name in self.slashed:
+            path = path.replace("{" + name + "}", "{" + name + ":path}")
+        return path
 
 
 @dataclass(frozen=True)
@@ -235,10 +348,11 @@ class CommandSpec:
 
     name: str
     summary: str
-    parse: Callable[[dict[str, Any]], Command]
+    parse: Callable[[dict[str, Any]], Command | BatchCommands]
     body: type[BaseModel]
     reply: type[BaseModel]
     http: HttpRoute
+    max_body_bytes: int = MAX_BODY_BYTES
 
 
 COMMANDS: Final[Mapping[str, CommandSpec]] = {
@@ -282,6 +396,33 @@ COMMANDS: Final[Mapping[str, CommandSpec]] = {
             ActivityRefBody,
             ActivityReply,
             HttpRoute("POST", "/{id}/restore", has_body=False, if_match=True, errors=(404, 409, 412)),
+        ),
+        CommandSpec(
+            "upsert",
+            "Create the activity keyed `external_key` in the caller's tenant (and app), or merge-patch it "
+            "(`meta.created` says which); a change of nothing appends nothing.",
+            parse_upsert,
+            UpsertActivityBody,
+            UpsertReply,
+            HttpRoute(
+                "PUT",
+                "/by-key/{external_key}",
+                body_field="activity",
+                if_match=True,
+                errors=(404, 409, 410, 412),  # 404: a key the path cannot carry (a line break)
+                created_status=201,
+                slashed=("external_key",),
+            ),
+        ),
+        CommandSpec(
+            "batch",
+            "1-100 independent commands (op create, patch, delete, restore, upsert), applied in order; "
+            "one result per item, each the single command's reply; the creates are saved in one transaction.",
+            parse_batch,
+            BatchBody,
+            BatchReply,
+            HttpRoute("POST", "/batch"),
+            max_body_bytes=MAX_BATCH_BYTES,
         ),
     )
 }

@@ -13,6 +13,7 @@ from activities_client.wire import (
     ActivityListReply,
     ActivityReply,
     GetActivityBody,
+    GetByKeyBody,
     ListActivitiesBody,
     StatsBody,
     StatsReply,
@@ -49,6 +50,13 @@ QUERIES: Final[Mapping[str, QuerySpec]] = {
             "Counts of the activities matching the filters by `group_by`, largest first, from the read model.",
             StatsBody,
             StatsReply,
+        ),
+        QuerySpec(
+            "get_by_key",
+            "The activity an upsert created under `external_key` in the caller's tenant (and app); "
+            "`min_position` waits for the read model.",
+            GetByKeyBody,
+            ActivityReply,
         ),
     )
 }

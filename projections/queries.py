@@ -335,6 +335,48 @@ def parse_get_query(params: Params) -> GetQuery:
     )
 
 
+GET_BY_KEY_PARAMS: Final = frozenset({"external_key", "include_deleted", "min_position"})
+
+
+@dataclass(frozen=True)
+class GetByKeyQuery:
+    """The activity an upsert created under a key, in the caller's tenant and app."""
+
+    external_key: str
+    include_deleted: bool = False
+    min_position: int | None = None
+
+
+def parse_get_by_key_query(params: Params) -> GetByKeyQuery:
+    """Validated get-by-key parameters (`external_key`, `include_deleted`, `min_position`)."""
+    _check_names(params, GET_BY_KEY_PARAMS)
+    key = _single(params, "external_key")
+    if not isinstance(key, str) or not 1 <= len(key) <= 200 or not all(" " <= ch <= "~" for ch in key):
+        raise field_error("external_key", "must be 1-200 printable ASCII characters")
+    return GetByKeyQuery(
+        external_key=key,
+        include_deleted=parse_bool("include_deleted", _single(params, "include_deleted")),
+        min_position=_optional_int(params, "min_position", 0),
+    )
+
+
+def build_get_by_key_sql(table: str, external_key: str, caller: Caller) -> tuple[sql.Composed, list[Any]]:
+    """The current document of the activity keyed `external_key` in the caller's scope: a key is
+    unique per tenant and app (the app of the upsert's token, none for a token without one), so a
+    caller without an app finds the keys of activities without an app."""
+    where, params = _scope(caller)
+    if caller.app_id is None:
+        where.append(sql.SQL("app_id IS NULL"))
+    statement = sql.SQL(
+        "SELECT {document} AS document FROM {table} WHERE external_key = %s AND {where} LIMIT 1"
+    ).format(
+        document=upcast_sql(sql.Identifier("document")),
+        table=table_identifier(table),
+        where=sql.SQL(" AND ").join(where),
+    )
+    return statement, [external_key, *params]
+
+
 # ---------------------------------------------------------------------------------------------
 # Cursors
 # ---------------------------------------------------------------------------------------------

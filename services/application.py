@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import random
@@ -45,7 +46,7 @@ from psycopg.sql import SQL, Identifier, Literal
 from activities_client.document import new_activity_id
 from activities_client.errors import ActivitiesError, IdempotencyConflict, InternalError, NotFound, Unavailable
 from events.activity import ActivityEvent, activity_id_of, activity_uuid
-from events.commands import Command, CreateActivity
+from events.commands import Command, CreateActivity, UpsertActivity
 from projections.consumer import lock_key, schema_lock
 from projections.database import URL_KEY, conninfo, datastore_url
 from services.cache import SizedLRUCache, estimated_size
@@ -56,6 +57,7 @@ log = logging.getLogger("activities.application")
 
 APP_NAME = "Activities"
 IDEMPOTENCY_TABLE = "activities_idempotency"
+EXTERNAL_KEYS_TABLE = "activities_external_keys"
 EVENTS_SCHEMA_LOCK: Final = 7_146_501_220  # advisory lock key of event-store schema changes
 
 
@@ -81,9 +83,22 @@ class CommandResult:
 
     document: dict[str, Any]
     position: int
+    created: bool | None = None  # an upsert's: whether it created the activity (`meta.created`)
 
     def envelope(self) -> dict[str, Any]:
+        if self.created is not None:
+            return {"data": self.document, "meta": {"position": self.position, "created": self.created}}
         return {"data": self.document, "meta": {"position": self.position}}
+
+
+ExternalKey = tuple[str, str, str]
+"""An upsert's key in its scope: (tenant id, app id or "", external key)."""
+
+
+def external_key_of(request: CommandRequest) -> ExternalKey:
+    """The scope of an upsert's key: the caller's tenant and app ("" for a token without one)."""
+    assert isinstance(request.command, UpsertActivity)
+    return (request.caller.tenant_id, request.caller.app_id or "", request.command.external_key)
 
 
 Outcome = CommandResult | ActivitiesError
@@ -156,6 +171,50 @@ class ActivitiesRecorder(PostgresApplicationRecorder):
             "SELECT notification_id FROM {schema}.{append}("
             "%b::uuid[], %b::bigint[], %b::text[], %b::bytea[], %s::text::jsonb, %s::float8) AS notification_id"
         ).format(schema=schema, append=append)
+        # Upserts' keys (docs/architecture.md, "Upserts"): unique per tenant and app, written in the
+        # same transaction as the creating event, before the append lock, so that a second process
+        # creating the same key fails on the primary key (an IntegrityError, retried as an update).
+        external_keys = Identifier(EXTERNAL_KEYS_TABLE)
+        append_keyed = Identifier(self.events_table_name + "_append_keyed")
+        self.sql_create_statements.append(
+            SQL(
+                "CREATE TABLE IF NOT EXISTS {schema}.{keys} ("
+                "tenant_id text NOT NULL, app_id text NOT NULL, external_key text NOT NULL, "
+                "originator_id uuid NOT NULL, created_at timestamptz NOT NULL DEFAULT now(), "
+                "PRIMARY KEY (tenant_id, app_id, external_key))"
+            ).format(schema=schema, keys=external_keys)
+        )
+        self.sql_create_statements.append(
+            SQL(
+                "CREATE OR REPLACE FUNCTION {schema}.{append_keyed}("
+                "ids uuid[], versions bigint[], topics text[], states bytea[], keys jsonb, key_ttl_s float8, "
+                "external_keys jsonb) RETURNS SETOF bigint LANGUAGE plpgsql AS $body$ "
+                "BEGIN "
+                "  PERFORM set_config('lock_timeout', {lock_timeout}, true); "
+                "  INSERT INTO {schema}.{keys} (tenant_id, app_id, external_key, originator_id) "
+                "   SELECT * FROM jsonb_to_recordset(external_keys) "
+                "    AS q(tenant_id text, app_id text, external_key text, originator_id uuid); "
+                "  RETURN QUERY SELECT * FROM {schema}.{append}(ids, versions, topics, states, keys, key_ttl_s); "
+                "END $body$"
+            ).format(
+                schema=schema,
+                append_keyed=append_keyed,
+                append=append,
+                keys=external_keys,
+                lock_timeout=Literal(f"{self.datastore.lock_timeout}s"),
+            )
+        )
+        self.append_keyed_sql = SQL(
+            "SELECT notification_id FROM {schema}.{append_keyed}("
+            "%b::uuid[], %b::bigint[], %b::text[], %b::bytea[], %s::text::jsonb, %s::float8, %s::text::jsonb) "
+            "AS notification_id"
+        ).format(schema=schema, append_keyed=append_keyed)
+        self.select_external_keys_sql = SQL(
+            "SELECT k.tenant_id, k.app_id, k.external_key, k.originator_id "
+            "FROM unnest(%b::text[], %b::text[], %b::text[]) AS q(tenant_id, app_id, external_key) "
+            "CROSS JOIN LATERAL (SELECT * FROM {schema}.{keys} WHERE tenant_id = q.tenant_id "
+            " AND app_id = q.app_id AND external_key = q.external_key OFFSET 0) AS k"
+        ).format(schema=schema, keys=external_keys)
         # Lookups of many rows by key are written `unnest(...) CROSS JOIN LATERAL (... OFFSET 0)`:
         # one index probe per key whatever the table's statistics say. As a plain join, a table
         # not yet analyzed after a burst of writes was hash-joined by a full scan (32 ms instead
@@ -272,16 +331,39 @@ class CommandStore:
             raise _persistence_error(exc) from exc
 
     async def append(
-        self, stored_events: Sequence[StoredEvent], keys: Sequence[tuple[str, str, str, UUID, int]]
+        self,
+        stored_events: Sequence[StoredEvent],
+        keys: Sequence[tuple[str, str, str, UUID, int]],
+        external_keys: Sequence[tuple[str, str, str, UUID]] = (),
     ) -> list[int]:
-        """Append events and their idempotency keys in one transaction; their notification ids."""
+        """Append events, their idempotency keys and the keys of the upserts that created
+        activities (tenant, app or "", key, originator id) in one transaction; their notification ids."""
         if not stored_events:
             return []
+        params = self._recorder.append_params(stored_events, keys)
+        statement = self._recorder.append_sql
+        if external_keys:
+            statement = self._recorder.append_keyed_sql
+            rows = [
+                {"tenant_id": t, "app_id": a, "external_key": k, "originator_id": str(i)}
+                for t, a, k, i in external_keys
+            ]
+            params = (*params, orjson.dumps(rows).decode())
+        async with self._cursor() as cursor:
+            await cursor.execute(statement, params, binary=True)
+            return [row[0] for row in await cursor.fetchall()]
+
+    async def find_external_keys(self, scoped: Sequence[ExternalKey]) -> dict[ExternalKey, UUID]:
+        """The activities of upserts' keys that exist: (tenant, app or "", key) -> originator id."""
+        if not scoped:
+            return {}
         async with self._cursor() as cursor:
             await cursor.execute(
-                self._recorder.append_sql, self._recorder.append_params(stored_events, keys), binary=True
+                self._recorder.select_external_keys_sql,
+                ([k[0] for k in scoped], [k[1] for k in scoped], [k[2] for k in scoped]),
+                binary=True,
             )
-            return [row[0] for row in await cursor.fetchall()]
+            return {(row[0], row[1], row[2]): row[3] for row in await cursor.fetchall()}
 
     async def select_after(self, refs: Sequence[tuple[UUID, int]]) -> list[StoredEvent]:
         """The events of many streams in one query: for each (originator id, version), the events
@@ -462,6 +544,9 @@ class _Pending:
     aggregates: dict[UUID, Activity] = field(default_factory=dict)
     refs: dict[int, tuple[UUID, int, bool]] = field(default_factory=dict)  # index -> (id, version, wrote)
     keys: list[tuple[str, str, str, UUID, int]] = field(default_factory=list)
+    keyed: dict[int, UUID] = field(default_factory=dict)  # upserts whose key existed: index -> activity
+    new_keys: dict[ExternalKey, UUID] = field(default_factory=dict)  # keys this batch creates
+    created: set[int] = field(default_factory=set)  # the upserts that create their activity
 
 
 class CommandService:
@@ -556,6 +641,8 @@ class CommandService:
                 )
             else:
                 outcomes[i] = await self._result_at(originator_id, version)
+                if isinstance(requests[i].command, UpsertActivity):  # it created iff it wrote version 1
+                    outcomes[i] = dataclasses.replace(cast(CommandResult, outcomes[i]), created=version == 1)
 
     async def _result_at(self, originator_id: UUID, version: int) -> CommandResult:
         # a replay is rare: the library's versioned read, in a thread so as not to block the loop
@@ -570,8 +657,21 @@ class CommandService:
     ) -> None:
         now = self._clock()
         changed = [requests[i].command for i in indexes]
+        upserts = {i: external_key_of(requests[i]) for i in indexes if isinstance(requests[i].command, UpsertActivity)}
+        found = await self.store.find_external_keys(list(dict.fromkeys(upserts.values())))
+        keyed = {i: found[key] for i, key in upserts.items() if key in found}
         pending = _Pending(
-            await self.load_current(activity_uuid(c.activity_id) for c in changed if not isinstance(c, CreateActivity))
+            await self.load_current(
+                [
+                    *(
+                        activity_uuid(c.activity_id)
+                        for c in changed
+                        if not isinstance(c, CreateActivity | UpsertActivity)
+                    ),
+                    *keyed.values(),
+                ]
+            ),
+            keyed=keyed,
         )
         read = {originator_id: activity.version for originator_id, activity in pending.current.items()}
         for i in indexes:
@@ -584,10 +684,15 @@ class CommandService:
             except Exception:  # a bug tripped by one command fails that command only, not its batch
                 outcomes[i] = internal_error("deciding a command failed")
         events, stored = self.app.pending_events(pending.aggregates.values())
+        external_keys = [(*key, originator_id) for key, originator_id in pending.new_keys.items()]
         try:
-            notification_ids = await self.store.append(stored, pending.keys)
+            if external_keys:
+                notification_ids = await self.store.append(stored, pending.keys, external_keys)
+            else:  # (the two-argument form: what tests that stand in for the store's append wrap)
+                notification_ids = await self.store.append(stored, pending.keys)
         except IntegrityError:
-            raise _Conflict(await self._conflicting(requests, indexes, read)) from None
+            conflicting = await self._conflicting(requests, indexes, read)
+            raise _Conflict(conflicting | await self._conflicting_upserts(upserts, keyed, read)) from None
         self.app.remember(pending.aggregates.values(), stored)
         refs: list[tuple[UUID, int]] = [(cast(UUID, e.originator_id), e.originator_version) for e in stored]
         written = dict(zip(refs, notification_ids, strict=True))
@@ -598,7 +703,22 @@ class CommandService:
             document = documents.get((originator_id, version))
             if document is None:
                 document = await self._document_at(pending, originator_id, version)
-            outcomes[i] = CommandResult(document, positions[(originator_id, version)])
+            created = (i in pending.created) if i in upserts else None
+            outcomes[i] = CommandResult(document, positions[(originator_id, version)], created)
+
+    async def _conflicting_upserts(
+        self, upserts: dict[int, ExternalKey], keyed: dict[int, UUID], read: dict[UUID, int]
+    ) -> set[int]:
+        """After a lost race, the upserts another writer got in the way of: those whose key it
+        created (theirs now updates it) and those whose keyed activity it wrote."""
+        if not upserts:
+            return set()
+        taken = await self.store.find_external_keys([key for i, key in upserts.items() if i not in keyed])
+        moved = {
+            cast(UUID, event.originator_id)
+            for event in await self.store.select_after([(k, read[k]) for k in set(keyed.values()) if k in read])
+        }
+        return {i for i, key in upserts.items() if key in taken or keyed.get(i) in moved}
 
     async def _conflicting(
         self, requests: Sequence[CommandRequest], indexes: Sequence[int], read: dict[UUID, int]
@@ -615,7 +735,7 @@ class CommandService:
         targets = {
             i: activity_uuid(command.activity_id)
             for i in indexes
-            if not isinstance(command := requests[i].command, CreateActivity)
+            if not isinstance(command := requests[i].command, CreateActivity | UpsertActivity)
         }
         return conflicting_commands(targets, {i: (t, str(k)) for i, (t, k) in keys.items()}, moved, taken)
 
@@ -637,7 +757,9 @@ class CommandService:
 
     def _decide_one(self, request: CommandRequest, i: int, pending: _Pending, now: datetime) -> None:
         command = request.command
-        if isinstance(command, CreateActivity):
+        if isinstance(command, UpsertActivity):
+            activity, wrote = self._decide_upsert(request, command, i, pending, now)
+        elif isinstance(command, CreateActivity):
             activity_id = new_activity_id()
             decision = decide(None, command, request.caller, now, activity_id)
             assert decision is not None
@@ -652,6 +774,34 @@ class CommandService:
             if decision is not None:
                 activity.record(decision, now, request.traceparent)
             wrote = decision is not None
+        self._note(request, i, pending, activity, wrote)
+
+    def _decide_upsert(
+        self, request: CommandRequest, command: UpsertActivity, i: int, pending: _Pending, now: datetime
+    ) -> tuple[Activity, bool]:
+        """An upsert: an update of the activity its key names (found in the key table, or created
+        earlier in this batch), else a create that records the key with its event."""
+        key = external_key_of(request)
+        originator_id = pending.keyed.get(i) or pending.new_keys.get(key)
+        if originator_id is None:
+            activity_id = new_activity_id()
+            decision = decide(None, command, request.caller, now, activity_id)
+            assert decision is not None
+            activity = Activity.log(activity_uuid(activity_id), decision, now, request.traceparent)
+            pending.new_keys[key] = activity.id
+            pending.created.add(i)
+            return activity, True
+        loaded = pending.aggregates.get(originator_id) or pending.current.get(originator_id)
+        if loaded is None:  # a key is written with its activity's first event: never seen
+            raise InternalError("the keyed activity has no events")
+        decision = decide(loaded.document, command, request.caller, now)
+        if decision is not None:
+            loaded.record(decision, now, request.traceparent)
+        return loaded, decision is not None
+
+    @staticmethod
+    def _note(request: CommandRequest, i: int, pending: _Pending, activity: Activity, wrote: bool) -> None:
+        """Record a decided command in the batch: its activity, its result's ref, its key."""
         pending.aggregates[activity.id] = activity
         pending.refs[i] = (activity.id, activity.version, wrote)
         if request.idempotency_key and wrote:
@@ -728,8 +878,13 @@ class Waiting:
     """A submitted command, its caller's future and its deadline (event-loop time)."""
 
     request: CommandRequest
-    future: asyncio.Future[Outcome]
+    future: asyncio.Future[Any]  # its Outcome; for a group, the list of its outcomes (or one error for all)
     deadline: float
+    group: tuple[CommandRequest, ...] | None = None  # a batch command's items, saved in one batch
+
+    @property
+    def requests(self) -> tuple[CommandRequest, ...]:
+        return self.group if self.group is not None else (self.request,)
 
 
 def still_wanted(waiting: Waiting, now: float) -> bool:
@@ -768,6 +923,7 @@ class CommandBatcher:
         self._timeout_s = timeout_s
         self._queue: asyncio.Queue[Waiting] = asyncio.Queue(maxsize=queue_bound(queue_max, max_size))
         self._task: asyncio.Task[None] | None = None
+        self._held: Waiting | None = None  # a group that did not fit the last batch: first in the next
         self._saving = False
         self.batches = 0  # counters for metrics, tests and the benchmark
         self.commands = 0
@@ -780,7 +936,7 @@ class CommandBatcher:
 
     async def stop(self) -> None:
         """Finish what is queued and the batch being saved, then stop."""
-        while not self._queue.empty() or self._saving:
+        while not self._queue.empty() or self._saving or self._held is not None:
             await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
@@ -815,6 +971,30 @@ class CommandBatcher:
         except TimeoutError:
             return self._timed_out()
 
+    async def submit_group(self, requests: Sequence[CommandRequest], received: float | None = None) -> list[Outcome]:
+        """The outcomes of commands that are saved in the same batch (so in one transaction, but
+        for those that conflict with another writer and run again alone), in order; as `submit`
+        for the queue and the deadline."""
+        if not requests:
+            return []
+        loop = asyncio.get_running_loop()
+        deadline = (loop.time() if received is None else received) + self._timeout_s
+        future: asyncio.Future[Any] = loop.create_future()
+        try:
+            self._queue.put_nowait(Waiting(requests[0], future, deadline, tuple(requests)))
+        except asyncio.QueueFull:
+            self.refused += 1
+            error = Unavailable("the service is at capacity; retry shortly with the same Idempotency-Key")
+            return [error for _ in requests]
+        try:
+            async with asyncio.timeout_at(deadline):
+                outcome = await future
+        except TimeoutError:
+            outcome = self._timed_out()
+        if isinstance(outcome, list):
+            return outcome
+        return [outcome for _ in requests]
+
     def _timed_out(self) -> Unavailable:
         return Unavailable(
             f"the event store did not answer within {self._timeout_s:g} s; retry with the same Idempotency-Key"
@@ -823,16 +1003,24 @@ class CommandBatcher:
     async def _next_batch(self) -> list[Waiting]:
         """Up to `max_size` commands still wanted, in arrival order; waits for the first."""
         batch: list[Waiting] = []
-        waiting = await self._queue.get()
+        size = 0
+        if self._held is not None:
+            waiting, self._held = self._held, None
+        else:
+            waiting = await self._queue.get()
         loop = asyncio.get_running_loop()
         while True:
-            if still_wanted(waiting, loop.time()):
-                batch.append(waiting)
-            else:
+            if not still_wanted(waiting, loop.time()):
                 self.expired += 1
                 if not waiting.future.done():  # its timer has not fired yet: answer it now
                     waiting.future.set_result(self._timed_out())
-            if len(batch) >= self._max_size or self._queue.empty():
+            elif batch and size + len(waiting.requests) > self._max_size:
+                self._held = waiting  # a group is never split: it starts the next batch
+                return batch
+            else:
+                batch.append(waiting)
+                size += len(waiting.requests)
+            if size >= self._max_size or self._queue.empty():
                 return batch
             waiting = self._queue.get_nowait()
 
@@ -841,18 +1029,22 @@ class CommandBatcher:
             batch = await self._next_batch()
             if not batch:
                 continue
-            requests = [waiting.request for waiting in batch]
+            requests = [request for waiting in batch for request in waiting.requests]
             self._saving = True
             try:
                 outcomes = await self._service.execute(requests)
             except Exception:  # a bug: every waiter still gets exactly one reply
                 error = internal_error("command batch failed")
-                outcomes = [error for _ in batch]
+                outcomes = [error for _ in requests]
             finally:
                 self._saving = False
             self.batches += 1
-            self.commands += len(batch)
-            self._on_batch(len(batch))
-            for waiting, outcome in zip(batch, outcomes, strict=True):
+            self.commands += len(requests)
+            self._on_batch(len(requests))
+            start = 0
+            for waiting in batch:
+                count = len(waiting.requests)
                 if not waiting.future.done():
-                    waiting.future.set_result(outcome)
+                    own = outcomes[start : start + count]
+                    waiting.future.set_result(own if waiting.group is not None else own[0])
+                start += count

@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Final
 
 from activities_client import ActivitiesError, Activity, AsyncClient, Event, StartAt
@@ -25,7 +26,7 @@ from services.auth import mint_token
 from services.bootstrap import DEV_SECRET_FILE
 from services.config import Settings
 
-CLIENT_COMMANDS: Final = ("create", "get", "list", "stats", "history", "tail")
+CLIENT_COMMANDS: Final = ("create", "get", "list", "stats", "history", "tail", "upsert", "get-by-key", "batch")
 TOKEN_ENV: Final = "ACTIVITIES_TOKEN"
 LIST_COLUMNS: Final = ("id", "type", "subject", "status", "activity_date", "linked_to", "version", "deleted")
 CELL_WIDTH: Final = 40
@@ -146,6 +147,55 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     tail.add_argument("--count", type=int, default=None, help="stop after this many events")
     tail.add_argument("--idle", type=float, default=None, help="stop after this many seconds without events")
     _connection_options(tail)
+    _add_keyed_commands(commands)
+
+
+def _add_keyed_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """upsert, get-by-key and batch (docs/contract.md section 8)."""
+    upsert = commands.add_parser(
+        "upsert",
+        help="create or update the activity keyed KEY",
+        description="Create the activity keyed KEY, or merge the fields into it: "
+        "activities upsert erp-42 -f account_id=acc_1 -f subject='Order 42'",
+    )
+    upsert.add_argument("key", help="the external key (1-200 printable characters)")
+    upsert.add_argument(
+        "-f", "--field", dest="fields", action="append", type=_field, default=[], metavar="NAME=VALUE",
+        help="a field, as for create; null clears it on an update",
+    )  # fmt: skip
+    upsert.add_argument("--expected-version", type=int, default=None, help="update only at this version")
+    _connection_options(upsert)
+
+    by_key = commands.add_parser("get-by-key", help="show the activity an upsert created under KEY")
+    by_key.add_argument("key")
+    by_key.add_argument("--include-deleted", action="store_true", help="show it even when deleted")
+    _connection_options(by_key)
+
+    batch = commands.add_parser(
+        "batch",
+        help="run 1-100 commands from a JSON file (- for stdin)",
+        description='Run a batch: FILE holds {"commands": [...]} or a JSON array of commands, each '
+        '{"op": "create"|"patch"|"delete"|"restore"|"upsert", "idempotency_key"?: ..., ...its body}. '
+        "Prints one line per command; the exit code is 2 when any of them failed.",
+    )
+    batch.add_argument("file", help="a JSON file, or - for standard input")
+    _connection_options(batch)
+
+
+def read_batch(path: str) -> list[Any]:
+    """The commands of a batch file: `{"commands": [...]}` or a bare list."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{path} is not JSON: {exc}") from None
+    commands = data.get("commands") if isinstance(data, dict) else data
+    if not isinstance(commands, list):
+        raise CliError(f'{path} must hold a JSON list of commands, or {{"commands": [...]}}')
+    return commands
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +362,39 @@ async def _run(args: argparse.Namespace, settings: Settings, out: Callable[[str]
                 out(table([event_row(event)[1:] for event in events], EVENT_COLUMNS[1:]))
         elif args.command == "tail":
             await _tail(args, client, out)
+        elif args.command == "upsert":
+            done = await activities.upsert(args.key, dict(args.fields), args.expected_version)
+            if args.json:
+                out(_json({**done.model_dump(mode="json"), "created": done.created}))
+            else:
+                out(activity_table(done))
+                out("created" if done.created else "updated")
+        elif args.command == "get-by-key":
+            found = await activities.get_by_key(args.key, include_deleted=args.include_deleted)
+            out(_json(found.model_dump(mode="json")) if args.json else activity_table(found))
+        elif args.command == "batch":
+            await _batch(args, activities, out)
+
+
+async def _batch(args: argparse.Namespace, activities: Any, out: Callable[[str], None]) -> None:
+    """Print one result per command (a JSON array with --json); CliError when any failed."""
+    results = await activities.batch(read_batch(args.file))
+    if args.json:
+        out(_json([
+            r.to_envelope() if isinstance(r, ActivitiesError)
+            else {"data": r.model_dump(mode="json"), **({"created": r.created} if r.created is not None else {})}
+            for r in results
+        ]))  # fmt: skip
+    else:
+        rows = [
+            (i, "error", r.code, r.message) if isinstance(r, ActivitiesError)
+            else (i, "created" if r.created or (r.created is None and r.version == 1) else "ok", r.id, r.version)
+            for i, r in enumerate(results)
+        ]  # fmt: skip
+        out(table(rows, ("item", "result", "id / code", "version / message")))
+    failed = sum(isinstance(r, ActivitiesError) for r in results)
+    if failed:
+        raise CliError(f"{failed} of {len(results)} commands failed")
 
 
 async def _tail(args: argparse.Namespace, client: AsyncClient, out: Callable[[str], None]) -> None:

@@ -25,6 +25,7 @@ from events.commands import (
     DeleteActivity,
     PatchActivity,
     RestoreActivity,
+    UpsertActivity,
     validate_fields,
 )
 
@@ -170,8 +171,35 @@ def decide(
                 raise NotFound(f"activity {command.activity_id} not found")
             _check_version(document, command.expected_version)
             return _decide_change(document, command, caller, now)
+        case UpsertActivity():
+            return _decide_upsert(document, command, caller, now, new_id)
         case _:
             assert_never(command)
+
+
+def _decide_upsert(
+    document: dict[str, Any] | None, command: UpsertActivity, caller: Caller, now: datetime, new_id: str | None
+) -> Decision | None:
+    """`document` is the activity keyed `command.external_key` in the caller's scope, or None: then
+    the upsert creates it (create rules; `null` fields are left out, as a merge patch of nothing
+    would), stamped with the key. Otherwise it is a merge patch of that activity."""
+    if document is None:
+        if command.expected_version is not None:
+            raise VersionConflict(
+                f"expected version {command.expected_version} but no activity has this external_key yet",
+                current_version=0,
+            )
+        assert new_id is not None, "an upsert that creates needs the new activity id"
+        fields = validate_fields(merge_patch({}, command.changes)).to_json()
+        created = {**new_document(new_id, fields, caller, now), "external_key": command.external_key}
+        return Decision(ActivityLogged, created, fields, caller.sub)
+    if not is_visible(document, caller):
+        raise NotFound("no activity has this external_key")
+    if document.get("is_erased"):
+        raise Gone(f"activity {document['id']} is erased")
+    patch = PatchActivity(document["id"], command.changes, command.expected_version)
+    _check_version(document, command.expected_version)
+    return _decide_change(document, patch, caller, now)
 
 
 def _decide_change(

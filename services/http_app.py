@@ -32,7 +32,14 @@ from activities_client.document import ACTIVITY_ID_PATTERN
 from activities_client.errors import ActivitiesError, NotFound, ValidationError, field_error
 from activities_client.filters import LIST_FILTERS, PAGE_PARAMETERS, STATS_GROUPS, STATS_PARAMETERS
 from activities_client.subjects import Subjects
-from activities_client.wire import ActivityListReply, ActivityReply, ErrorReply, EventHistoryReply, StatsReply
+from activities_client.wire import (
+    EXTERNAL_KEY_PATTERN,
+    ActivityListReply,
+    ActivityReply,
+    ErrorReply,
+    EventHistoryReply,
+    StatsReply,
+)
 from events.commands import COMMANDS, CommandSpec, HttpRoute, parse_json_object
 from events.queries import QUERIES
 from projections.queries import params_from_pairs
@@ -56,6 +63,14 @@ SCHEMA_REF: Final = "#/components/schemas/{model}"
 ActivityId = Annotated[
     str,  # documented with the id pattern; checked by the query gateway, which answers HTTP and NATS alike
     Path(alias="id", description=ACTIVITY_ID_DESCRIPTION, json_schema_extra={"pattern": ACTIVITY_ID_PATTERN}),
+]
+
+ExternalKey = Annotated[
+    str,
+    Path(
+        description="1-200 printable ASCII characters, unique in the caller's tenant (and app)",
+        json_schema_extra={"pattern": EXTERNAL_KEY_PATTERN},
+    ),
 ]
 
 BEARER_AUTH: Final = {"type": "http", "scheme": "bearer", "bearerFormat": "JWT", "description": "Bearer <JWT>"}
@@ -226,6 +241,21 @@ def create_http_app(queries: QueryGateway, commands: CommandGateway) -> FastAPI:
         return json_response(status_code, envelope)
 
     @app.get(
+        BASE + "/by-key/{external_key:path}",  # before /{id}/events, which would take `by-key` for an id
+        summary="The activity an upsert created under this external_key",
+        tags=["queries"],
+        openapi_extra=query_string(include_deleted="true to read a deleted activity", min_position=MIN_POSITION),
+        responses=replies(200, ActivityReply, 404, 410),
+    )
+    async def get_activity_by_key(request: Request, external_key: ExternalKey) -> Response:
+        params = params_from_pairs(request.query_params.multi_items())
+        if "external_key" in params:
+            return error_response(field_error("external_key", "is taken from the path"))
+        params["external_key"] = [external_key]
+        status_code, envelope = await queries.get_by_key(params, request.headers.get("authorization"))
+        return json_response(status_code, envelope, etag_headers(status_code, envelope))
+
+    @app.get(
         BASE + "/{id}",
         summary="Get one activity",
         tags=["queries"],
@@ -342,15 +372,25 @@ def _add_command_route(app: FastAPI, spec: CommandSpec, commands: CommandGateway
 
     endpoint.__name__ = f"{spec.name}_activity"
     app.add_api_route(
-        BASE + route.path,
+        BASE + route.route_path,
         endpoint,
         methods=[route.method],
         summary=spec.summary,
         tags=["commands"],
         status_code=route.status,
         openapi_extra=command_route_documentation(spec),
-        responses=replies(route.status, spec.reply, *route.errors),
+        responses=command_replies(spec),
     )
+
+
+def command_replies(spec: CommandSpec) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of a command route (an upsert also has its `created` status)."""
+    route = spec.http
+    documented = replies(route.status, spec.reply, *route.errors)
+    if route.created_status is not None:
+        description = "created: " + (spec.reply.__doc__ or "")
+        documented[route.created_status] = {"model": spec.reply, "description": description}
+    return documented
 
 
 class MeasureRequests:

@@ -18,7 +18,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from activities_client.errors import ActivitiesError, Unavailable
+from activities_client.errors import ActivitiesError, InternalError, Unavailable
 from activities_client.subjects import COMMAND_QUEUE, Subjects
 from events.commands import COMMANDS
 from services.application import internal_error
@@ -29,6 +29,20 @@ log = logging.getLogger("activities.commands")
 Handler = Callable[[str, bytes, dict[str, str]], Awaitable[tuple[int, dict[str, Any]]]]
 
 JSON_HEADERS = {"Content-Type": "application/json"}
+REPLY_HEADROOM = 1024  # the reply subject and headers travel in the same message
+
+
+def oversized_reply(name: str, size: int, max_payload: int) -> bytes:
+    """The reply when the real one is larger than NATS carries (a batch of patches of large
+    activities): still exactly one reply, saying that the command was carried out and where to read
+    its results, instead of a publish that fails and a caller that times out and retries."""
+    log.warning("reply larger than max_payload", extra={"command": name, "size": size, "max_payload": max_payload})
+    error = InternalError(
+        f"the command was carried out, but its reply ({size} bytes) is larger than this NATS server's "
+        f"max_payload ({max_payload} bytes): read the results with get, send fewer commands per batch, "
+        "or use the HTTP route, which has no such limit"
+    )
+    return orjson.dumps(error.to_envelope())
 
 
 class RequestServer:
@@ -92,7 +106,10 @@ class RequestServer:
             except Exception:  # a bug in a gateway: still exactly one reply
                 envelope = internal_error(f"request {name} failed").to_envelope()
             if message.reply:
-                await connection.publish(message.reply, orjson.dumps(envelope), headers=JSON_HEADERS)
+                payload = orjson.dumps(envelope)
+                if len(payload) + REPLY_HEADROOM > connection.max_payload:
+                    payload = oversized_reply(name, len(payload), connection.max_payload)
+                await connection.publish(message.reply, payload, headers=JSON_HEADERS)
         finally:
             self._active -= 1
 

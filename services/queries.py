@@ -36,6 +36,7 @@ from projections.queries import (
     ListQuery,
     Params,
     StatsQuery,
+    build_get_by_key_sql,
     build_get_sql,
     build_history_sql,
     build_list_sql,
@@ -43,6 +44,7 @@ from projections.queries import (
     build_stats_sql,
     keyset_of,
     params_from_json,
+    parse_get_by_key_query,
     parse_get_query,
     parse_list_query,
     parse_stats_query,
@@ -227,6 +229,11 @@ class ReadModel:
         position, rows = await self._fetch(statement, params, caller)
         return position, (rows[0]["document"] if rows else None)
 
+    async def get_by_key(self, external_key: str, caller: Caller) -> tuple[int, dict[str, Any] | None]:
+        statement, params = build_get_by_key_sql(self.table, external_key, caller)
+        position, rows = await self._fetch(statement, params, caller)
+        return position, (rows[0]["document"] if rows else None)
+
     async def page(
         self, query: ListQuery, caller: Caller, codec: CursorCodec
     ) -> tuple[int, list[orjson.Fragment], str | None]:
@@ -352,6 +359,22 @@ class QueryGateway:
             raise Gone(f"activity {query.id} is deleted; restore it, or read it with include_deleted=true")
         return 200, {"data": document, "meta": {"position": position}}
 
+    async def get_by_key(self, params: Params, authorization: str | None) -> Reply:
+        """The activity an upsert created under `external_key`, from the read model."""
+
+        async def work() -> Reply:
+            caller = self._verifier.verify(authorization)
+            query = parse_get_by_key_query(params)
+            await self.read_model.wait_for(query.min_position, self._wait_s)
+            position, document = await self.read_model.get_by_key(query.external_key, caller)
+            if document is None:
+                raise NotFound("no activity has this external_key")
+            if document["is_deleted"] and not query.include_deleted:
+                raise Gone(f"activity {document['id']} is deleted; restore it, or read it with include_deleted=true")
+            return 200, {"data": document, "meta": {"position": position}}
+
+        return await self._guard("get_by_key", work)
+
     async def list(self, params: Params, authorization: str | None) -> Reply:
         """One page of the caller's activities matching the filters, in the sort order."""
 
@@ -407,4 +430,6 @@ class QueryGateway:
             return await self.get(params, authorization)
         if name == "stats":
             return await self.stats(params, authorization)
+        if name == "get_by_key":
+            return await self.get_by_key(params, authorization)
         return await self.list(params, authorization)

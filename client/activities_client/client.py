@@ -133,6 +133,12 @@ class Activity(ActivityDocument):
 
     model_config = ConfigDict(extra="ignore", strict=False)
 
+    created: bool | None = Field(
+        default=None,
+        exclude=True,
+        description="after an upsert: true when it created the activity, false when it updated it (else None)",
+    )
+
 
 
 
@@ -478,6 +484,18 @@ class AsyncClient:
             self.position = max(self.position, position)
         return Activity.model_validate(envelope["data"])
 
+    async def command_envelope(
+        self, name: str, body: Mapping[str, Any], idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Send a command (every attempt with the same Idempotency-Key) and return its success envelope."""
+        headers = {"Authorization": f"Bearer {self.token}", "Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+        subject = self.subjects.command(name)
+        envelope = await self._with_retry(lambda: self._nats_request(subject, body, headers), f"{name} command")
+        position = (envelope.get("meta") or {}).get("position")
+        if isinstance(position, int):
+            self.position = max(self.position, position)
+        return envelope
+
     async def query(self, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """A NATS query (`get` or `list`) and its success envelope."""
         headers = {"Authorization": f"Bearer {self.token}"}
@@ -593,7 +611,47 @@ class AsyncActivities:
         """Restore a soft-deleted activity; returns the live document."""
         return await self._client.command("restore", _target(id, expected_version), idempotency_key)
 
+    async def upsert(
+        self,
+        external_key: str,
+        fields: Mapping[str, Any],
+        expected_version: int | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> Activity:
+        """Create the activity keyed `external_key` (in the token's tenant and app) from `fields`, or
+        apply `fields` to it as a JSON Merge Patch; `.created` on the result says which."""
+        body: dict[str, Any] = {"external_key": external_key, "activity": dict(fields)}
+        if expected_version is not None:
+            body["expected_version"] = expected_version
+        envelope = await self._client.command_envelope("upsert", body, idempotency_key)
+        return _activity_of(envelope)
+
+    async def batch(
+        self, commands: Sequence[Mapping[str, Any]], *, idempotency_key: str | None = None
+    ) -> builtins.list[Activity | ActivitiesError]:
+        """1-100 commands, each `{"op": "create" | "patch" | "delete" | "restore" | "upsert",
+        "idempotency_key"?: str, ...the body of that command}`, carried out in order and
+        independently: one result per command, an `Activity` or the `ActivitiesError` it failed
+        with (a malformed batch as a whole raises). Items without a key of their own take the
+        batch's key and their index, so a retried batch replays them."""
+        envelope = await self._client.command_envelope(
+            "batch", {"commands": [dict(command) for command in commands]}, idempotency_key
+        )
+        return [error_from_envelope(item) if "error" in item else _activity_of(item) for item in envelope["data"]]
+
     # Reads ----------------------------------------------------------------------------------
+
+    async def get_by_key(self, external_key: str, include_deleted: bool = False) -> Activity:
+        """The activity an upsert created under `external_key` (in the token's tenant and app)."""
+        params: dict[str, Any] = {"include_deleted": include_deleted}
+        if self._client.position:
+            params["min_position"] = self._client.position
+        if self._client.http_url:
+            envelope = await self._client.http_get(f"{API_PATH}/by-key/{quote(external_key, safe='')}", params)
+        else:
+            envelope = await self._client.query("get_by_key", {"external_key": external_key, **params})
+        return Activity.model_validate(envelope["data"])
 
     async def get(self, id: str, include_deleted: bool = False, version: int | None = None) -> Activity:
         """One activity (as it was at `version`, when given); a deleted one is `Gone` unless `include_deleted`."""
@@ -685,6 +743,15 @@ class AsyncActivities:
                 loop body does not get the rest of its batch again.
         """
         return Subscription(self._client, start, durable, ack, idle_timeout, batch, ack_wait)
+
+
+def _activity_of(envelope: Mapping[str, Any]) -> Activity:
+    """The activity of a command's success envelope, with `created` from its meta (an upsert's)."""
+    activity = Activity.model_validate(envelope["data"])
+    created = (envelope.get("meta") or {}).get("created")
+    if isinstance(created, bool):
+        activity.created = created
+    return activity
 
 
 def _target(id: str, expected_version: int | None) -> dict[str, Any]:
@@ -986,6 +1053,29 @@ class SyncActivities:
     def restore(self, id: str, expected_version: int | None = None, *, idempotency_key: str | None = None) -> Activity:
         """See `AsyncActivities.restore`."""
         return self._client._run(self._async.restore(id, expected_version, idempotency_key=idempotency_key))
+
+    def upsert(
+        self,
+        external_key: str,
+        fields: Mapping[str, Any],
+        expected_version: int | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> Activity:
+        """See `AsyncActivities.upsert`."""
+        return self._client._run(
+            self._async.upsert(external_key, fields, expected_version, idempotency_key=idempotency_key)
+        )
+
+    def batch(
+        self, commands: Sequence[Mapping[str, Any]], *, idempotency_key: str | None = None
+    ) -> builtins.list[Activity | ActivitiesError]:
+        """See `AsyncActivities.batch`."""
+        return self._client._run(self._async.batch(commands, idempotency_key=idempotency_key))
+
+    def get_by_key(self, external_key: str, include_deleted: bool = False) -> Activity:
+        """See `AsyncActivities.get_by_key`."""
+        return self._client._run(self._async.get_by_key(external_key, include_deleted))
 
     def get(self, id: str, include_deleted: bool = False, version: int | None = None) -> Activity:
         """See `AsyncActivities.get`."""

@@ -167,3 +167,68 @@ class EventHistoryReply(BaseModel):
 
     data: list[EventBody]
     meta: Meta
+
+
+EXTERNAL_KEY_PATTERN = "^[ -~]{1,200}$"
+
+
+class UpsertActivityBody(BaseModel):
+    """`crm.activities.cmd.upsert`: the activity keyed `external_key` (unique in the caller's tenant,
+    and app when the token has one): created from `activity` when there is none, else `activity`
+    applied to it as a JSON Merge Patch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    external_key: str = Field(pattern=EXTERNAL_KEY_PATTERN, description="1-200 printable ASCII characters")
+    activity: dict[str, Any] = Field(description="ActivityFields: a create body, or a merge patch when it exists")
+    expected_version: int | None = Field(default=None, ge=1)
+
+
+class UpsertMeta(BaseModel):
+    """`meta` of an upsert's reply."""
+
+    position: int
+    created: bool = Field(description="true when the upsert created the activity, false when it updated it")
+
+
+class UpsertReply(BaseModel):
+    """Success of an upsert: the activity after it; `meta.created` says which it did."""
+
+    data: ActivityDocument
+    meta: UpsertMeta
+
+
+class BatchItemBody(BaseModel):
+    """One command of a batch: `op`, an optional `idempotency_key` (as the header on a single
+    command), and the rest of the fields the body of that command."""
+
+    model_config = ConfigDict(extra="allow")
+
+    op: Literal["create", "patch", "delete", "restore", "upsert"]
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class BatchBody(BaseModel):
+    """`crm.activities.cmd.batch`: 1-100 commands, the whole body at most 1 MiB."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    commands: list[BatchItemBody] = Field(min_length=1, max_length=100)
+
+
+class BatchReply(BaseModel):
+    """Success of a batch: one result per command, in order, each the single command's reply;
+    `meta.position` is the highest position any of them wrote or read (0 when none succeeded)."""
+
+    data: list[UpsertReply | ActivityReply | ErrorReply]
+    meta: Meta
+
+
+class GetByKeyBody(BaseModel):
+    """`crm.activities.query.get_by_key`: the activity an upsert created under this key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    external_key: str = Field(pattern=EXTERNAL_KEY_PATTERN)
+    include_deleted: bool = False
+    min_position: int | None = Field(default=None, ge=0)

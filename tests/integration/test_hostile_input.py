@@ -123,7 +123,7 @@ def bearer(tenant: str = "acme", sub: str = "usr-1", app: str | None = None, ttl
 # ---------------------------------------------------------------------------------------------
 
 
-def check_envelope(reply: Any, *, listing: bool = False, counting: bool = False) -> str | None:
+def check_envelope(reply: Any, *, listing: bool = False, counting: bool = False, batch: bool = False) -> str | None:
     """Assert a reply is a contract envelope; its error code, or None for a success."""
     assert isinstance(reply, dict), reply
     if "error" in reply:
@@ -148,12 +148,16 @@ def check_envelope(reply: Any, *, listing: bool = False, counting: bool = False)
     if listing:
         assert set(meta) == {"next_cursor", "position"}, reply
         assert isinstance(reply["data"], list) and all(isinstance(d, dict) for d in reply["data"]), reply
+    elif batch:  # one envelope per item
+        assert set(meta) == {"position"} and isinstance(reply["data"], list), reply
+        for item in reply["data"]:
+            check_envelope(item)
     elif counting:  # stats: one {"key", "count"} per group, largest first
         assert set(meta) == {"position"}, reply
         counts = [item["count"] for item in reply["data"]]
         assert all(set(item) == {"key", "count"} for item in reply["data"]) and counts == sorted(counts, reverse=True)
     else:
-        assert set(meta) == {"position"}, reply
+        assert set(meta) == {"position"} or (set(meta) == {"position", "created"} and meta["created"] in (True, False))
         data = reply["data"]
         assert isinstance(data, dict) and str(data.get("id", "")).startswith("act_"), reply
         assert isinstance(data.get("version"), int), reply
@@ -681,7 +685,8 @@ def envelope_check(ctx: Any, response: Any, case: Any) -> bool | None:
     assert response.headers.get("content-type", [""])[0].startswith("application/json"), response.headers
     listing = case.operation.path == "/api/v1/crm/activities" and case.method.upper() == "GET"
     counting = case.operation.path == "/api/v1/crm/activities/stats"
-    check_envelope(orjson.loads(response.content), listing=listing, counting=counting)
+    batch = case.operation.path == "/api/v1/crm/activities/batch"
+    check_envelope(orjson.loads(response.content), listing=listing, counting=counting, batch=batch)
     return None
 
 
@@ -713,7 +718,7 @@ def fuzz_operation(
     return statuses
 
 
-OPERATIONS = 8  # list, get, events, stats, and the four commands' routes
+OPERATIONS = 11  # list, get, events, stats, get by key, and the six commands' routes
 
 
 @pytest.mark.timeout(300)
