@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -55,6 +54,7 @@ from activities_client.document import EVENT_KINDS
 from activities_client.subjects import Subjects
 from events.activity import ActivityEvent, event_body, event_type_name
 from projections.consumer import ConsumerSettings, Entry, TrackedConsumer, event_store
+from projections.streams import ensure_stream, nats_servers
 
 log = logging.getLogger("activities.relay")
 
@@ -93,12 +93,6 @@ def stream_config(spec: StreamSpec) -> StreamConfig:
         duplicate_window=max(spec.duplicate_window_s, MIN_DUPLICATE_WINDOW_S),
         description="Activity events (docs/contract.md section 4), published by the activities relay",
     )
-
-
-def config_changes(current: StreamConfig, wanted: StreamConfig) -> dict[str, Any]:
-    """The fields of `wanted` the relay owns that differ in `current` (empty: nothing to update)."""
-    owned = ("subjects", "retention", "num_replicas", "duplicate_window")
-    return {name: getattr(wanted, name) for name in owned if getattr(current, name) != getattr(wanted, name)}
 
 
 @dataclass(frozen=True)
@@ -187,25 +181,6 @@ def messages(subjects: Subjects, page: Sequence[Entry]) -> list[Outgoing]:
 # ---------------------------------------------------------------------------------------------
 # NATS: the stream and one publishing session
 # ---------------------------------------------------------------------------------------------
-
-
-async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
-    """Create the stream, or bring the fields the relay owns up to date."""
-    assert wanted.name is not None
-    try:
-        info = await js.stream_info(wanted.name)
-    except NotFoundError:
-        await js.add_stream(wanted)
-        log.info("created stream", extra={"stream": wanted.name})
-        return
-    changes = config_changes(info.config, wanted)
-    if info.config.storage != wanted.storage:
-        log.warning(
-            "stream storage differs from the contract's file storage; not changed", extra={"stream": wanted.name}
-        )
-    if changes:
-        await js.update_stream(dataclasses.replace(info.config, **changes))
-        log.info("updated stream", extra={"stream": wanted.name, "fields": sorted(changes)})
 
 
 async def last_position_on_stream(js: JetStreamContext, stream: str) -> int:
@@ -387,7 +362,7 @@ class Relay:
     async def _jetstream(self) -> JetStreamContext:
         if self._nc is None:
             self._nc = await nats.connect(
-                self.nats_url,
+                nats_servers(self.nats_url),  # a cluster's nodes: reconnects go to the others
                 name="activities-relay",
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=self.options.nats_reconnect_wait_s,
@@ -401,7 +376,7 @@ class Relay:
         if not self._nc.is_connected:
             raise ConnectionError("NATS is not connected")
         if not self._stream_ready:
-            await ensure_stream(self._js, stream_config(self.stream))
+            await ensure_stream(self._js, stream_config(self.stream), self.stream.replicas)
             self._stream_ready = True
         return self._js
 
