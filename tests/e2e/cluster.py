@@ -34,6 +34,7 @@ import orjson
 import psycopg
 from nats.aio.client import Client as NatsClient
 
+from events.activity import activity_id_of
 from services.embedded import nats_server_binary
 
 # ---------------------------------------------------------------------------------------------
@@ -526,7 +527,7 @@ def stored_events(database_url: str) -> dict[tuple[str, int], bytes]:
     """(activity id, version) -> the stored event's state, from the event store."""
     with psycopg.connect(database_url, connect_timeout=5) as conn:
         rows = conn.execute("SELECT originator_id, originator_version, state FROM activities_events").fetchall()
-    return {(str(row[0]), int(row[1])): bytes(row[2]) for row in rows}
+    return {(activity_id_of(row[0]), int(row[1])): bytes(row[2]) for row in rows}
 
 
 def missing_acknowledged(report: LoadReport, events: dict[tuple[str, int], bytes]) -> list[Acked]:
@@ -538,22 +539,16 @@ def missing_acknowledged(report: LoadReport, events: dict[tuple[str, int], bytes
     ]
 
 
-async def stream_messages(nc: NatsClient, stream: str, subject: str) -> list[tuple[int, str, dict[str, Any]]]:
-    """(stream sequence, Nats-Msg-Id, body) of every message on the stream, in stream order."""
+async def stream_messages(nc: NatsClient, stream: str) -> list[tuple[int, str, dict[str, Any]]]:
+    """(stream sequence, Nats-Msg-Id, body) of every message on the stream, in stream order
+    (read one by one from the stream's leader: no consumer to create on a cluster in flux)."""
     js = nc.jetstream(timeout=10)
     info = await js.stream_info(stream)
-    total = info.state.messages
-    subscription = await js.pull_subscribe(subject, stream=stream)
     result: list[tuple[int, str, dict[str, Any]]] = []
-    try:
-        while len(result) < total:
-            for message in await subscription.fetch(500, timeout=5):
-                assert message.headers is not None
-                result.append((message.metadata.sequence.stream, message.headers["Nats-Msg-Id"],
-                               orjson.loads(message.data)))
-    finally:
-        with contextlib.suppress(Exception):
-            await subscription.unsubscribe()
+    for sequence in range(info.state.first_seq, info.state.last_seq + 1):
+        message = await js.get_msg(stream, seq=sequence)
+        assert message.headers is not None and message.data is not None
+        result.append((sequence, message.headers["Nats-Msg-Id"], orjson.loads(message.data)))
     return result
 
 
