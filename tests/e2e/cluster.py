@@ -321,8 +321,11 @@ class PostgresPair:
 
     DATABASE = "activities"
 
-    def __init__(self, directory: Path, synchronous: bool) -> None:
+    def __init__(self, directory: Path, synchronous: bool, fsync: bool = False) -> None:
+        """`fsync=False` (tests): a SIGKILL of a server keeps the OS's page cache, so what a failover
+        keeps depends on replication alone; benchmarks of the write path turn it on."""
         user = _system_user()
+        self.fsync = fsync
         primary_port, standby_port = free_ports(2)
         self.synchronous = synchronous
         self.primary = PostgresNode("primary", directory / "primary", primary_port, user)
@@ -336,7 +339,8 @@ class PostgresPair:
             f"/{self.DATABASE}?target_session_attrs=read-write&connect_timeout=2"
         )
 
-    def start(self) -> None:
+    def start(self, with_standby: bool = True) -> None:
+        """Start the primary and (unless `with_standby` is false: a primary alone) the standby."""
         primary, standby = self.primary, self.standby
         primary.prepare_directory()
         primary.run("initdb", "-D", str(primary.directory), "-U", "postgres", "--auth=trust", "--encoding=utf8")
@@ -344,7 +348,7 @@ class PostgresPair:
             "listen_addresses": "'127.0.0.1'",
             "port": str(primary.port),
             "unix_socket_directories": "''",
-            "fsync": "off",  # a SIGKILL of the server keeps the OS's page cache: what counts is replication
+            "fsync": "on" if self.fsync else "off",
             "shared_buffers": "'64MB'",
             "max_connections": "200",
             "wal_level": "replica",
@@ -363,6 +367,8 @@ class PostgresPair:
             primary.execute("ALTER SYSTEM SET synchronous_standby_names = ''")
             primary.execute("SELECT pg_reload_conf()")
         primary.execute(f"CREATE DATABASE {self.DATABASE}")
+        if not with_standby:
+            return
         primary.run(
             "pg_basebackup", "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
             "-D", str(standby.directory), "-X", "stream", "-R", "--checkpoint=fast",
