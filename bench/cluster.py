@@ -35,12 +35,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import nats
 import uvloop
 
 from bench.run import RESULTS, SECRET, create_body, drive, machine, progress, service
 from services.auth import mint_token
 from services.config import Settings
-from tests.e2e.cluster import PostgresPair, RetryingLoad, missing_acknowledged, stored_events
+from tests.e2e.cluster import PostgresPair, RetryingLoad, missing_acknowledged, stored_events, stream_messages
 from tests.e2e.processes import ServiceProcess
 
 MODES = ("primary alone", "asynchronous standby", "synchronous standby")
@@ -97,7 +98,9 @@ async def failover_round(root: Path, nats_url: str, synchronous: bool, workers: 
         first_ack_s = time.monotonic() - killed
         await asyncio.sleep(3)
         report = await load.stop()
-        lost = missing_acknowledged(report, stored_events(pair.standby.url(PostgresPair.DATABASE)))
+        events = stored_events(pair.standby.url(PostgresPair.DATABASE))
+        lost = missing_acknowledged(report, events)
+        stream = await settled_stream(nats_url, settings.stream_name, len(events))
         return {
             "replication": "synchronous" if synchronous else "asynchronous",
             "acknowledged": len(report.acked),
@@ -108,12 +111,49 @@ async def failover_round(root: Path, nats_url: str, synchronous: bool, workers: 
             "retries": report.retries,
             "rejected": report.rejected,
             "first_ack_after_kill_s": round(first_ack_s, 2),
+            "stored_events": len(events),
+            **stream_divergence(events, stream),
         }
     finally:
         for process in processes:
             process.stop()
         pair.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+async def settled_stream(nats_url: str, stream: str, expected: int) -> list[tuple[int, str, dict[str, Any]]]:
+    """The stream's messages once the relay has caught up (`expected` messages) or stopped adding."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream(timeout=5)
+        last, still_since = -1, time.monotonic()
+        while time.monotonic() - still_since < 3:
+            count = (await js.stream_info(stream)).state.messages
+            if count >= expected:
+                break
+            if count != last:
+                last, still_since = count, time.monotonic()
+            await asyncio.sleep(0.2)
+        return await stream_messages(nc, stream)
+    finally:
+        await nc.close()
+
+
+def stream_divergence(
+    events: dict[tuple[str, int], bytes], stream: list[tuple[int, str, dict[str, Any]]]
+) -> dict[str, int]:
+    """How the stream and the store disagree: messages of events the store does not hold (or holds
+    another event under that id and version), and stored events never published."""
+    published = {(body["activity_id"], int(body["version"])): body for _, _, body in stream}
+    not_in_store = sum(
+        1 for key, body in published.items()
+        if str(body["activity"].get("subject")).encode() not in events.get(key, b"")
+    )
+    return {
+        "stream_messages": len(stream),
+        "stream_events_not_in_store": not_in_store,
+        "stored_events_not_on_stream": sum(1 for key in events if key not in published),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,6 +218,8 @@ def report(results: dict[str, Any]) -> str:
         "|---|---|---|",
     ]
     for mode, runs in results["throughput"].items():
+        if not runs:
+            continue
         rates = [run["rate_per_s"] for run in runs]
         ratios = [rate / b for rate, b in zip(rates, base, strict=True) if b]
         lines.append(
@@ -188,14 +230,16 @@ def report(results: dict[str, Any]) -> str:
         "",
         "Failover (SIGKILL of the primary, promotion of the standby 0.5 s later, load going on):",
         "",
-        "| replication | acknowledged | before the kill (acks/s) | lost | retries | first ack after the kill |",
-        "|---|---|---|---|---|---|",
+        "| replication | acknowledged | before the kill (acks/s) | lost | retries | first ack after the kill "
+        "| stream: events not in the store / stored events not on it |",
+        "|---|---|---|---|---|---|---|",
     ]
     for run in results["failovers"]:
         lines.append(
             f"| {run['replication']} | {run['acknowledged']} | {run['acknowledged_before_kill']} "
             f"({run['acks_per_s_before_kill']}/s) | {run['lost']} {run['lost_ops'] or ''} | {run['retries']} | "
-            f"{run['first_ack_after_kill_s']} s |"
+            f"{run['first_ack_after_kill_s']} s | {run.get('stream_events_not_in_store', '-')} / "
+            f"{run.get('stored_events_not_on_stream', '-')} |"
         )
     return "\n".join(lines) + "\n"
 
