@@ -13,7 +13,8 @@ asynchronous standby loses when the primary dies.
    projector/relay process on the multi-host URL; the primary is SIGKILLed, the standby promoted
    0.5 s later, the load goes on; afterwards each acknowledged command is looked up in the new
    primary's store. Several rounds with an asynchronous standby, one with a synchronous one
-   (the control: none lost).
+   (the control: none lost). `--lag S` stops the primary's WAL sender (SIGSTOP) for S seconds
+   before the kill, as a slow network or a busy standby would: replication lag made on purpose.
 
     .venv/bin/python -m bench.cluster [--rounds 2] [--seconds 10] [--failovers 4] [--workers 32]
 
@@ -27,10 +28,12 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import statistics
 import tempfile
 import time
 import uuid
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -62,7 +65,9 @@ def throughput_round(root: Path, nats_url: str, mode: str, seconds: float, in_fl
         shutil.rmtree(pair.primary.directory.parent, ignore_errors=True)
 
 
-async def failover_round(root: Path, nats_url: str, synchronous: bool, workers: int) -> dict[str, Any]:
+async def failover_round(
+    root: Path, nats_url: str, synchronous: bool, workers: int, lag_s: float = 0.0
+) -> dict[str, Any]:
     directory = root / f"failover-{uuid.uuid4().hex[:6]}"
     pair = PostgresPair(directory / "pg", synchronous=synchronous)
     pair.start()
@@ -88,7 +93,17 @@ async def failover_round(root: Path, nats_url: str, synchronous: bool, workers: 
             await asyncio.sleep(0.1)
         acked_before = load.acked_count()
         rate_before = acked_before / (time.monotonic() - started)
-        pair.primary.kill()
+        acked_while_stalled = 0
+        if lag_s > 0:
+            # the standby falls behind: the primary's WAL sender stopped, as a slow network or a busy
+            # standby would hold it (stopping the standby's receiver instead lags nothing: what was
+            # sent waits in its socket's buffer and is read after the primary died)
+            [(sender,)] = pair.primary.execute("SELECT pid FROM pg_stat_replication")
+            os.kill(sender, signal.SIGSTOP)
+            stalled_from = load.acked_count()
+            await asyncio.sleep(lag_s)
+            acked_while_stalled = load.acked_count() - stalled_from
+        pair.primary.kill()  # SIGKILL ends the stopped sender too
         killed = time.monotonic()
         await asyncio.sleep(0.5)
         await asyncio.get_running_loop().run_in_executor(None, pair.standby.promote)
@@ -106,6 +121,8 @@ async def failover_round(root: Path, nats_url: str, synchronous: bool, workers: 
             "acknowledged": len(report.acked),
             "acknowledged_before_kill": acked_before,
             "acks_per_s_before_kill": round(rate_before, 1),
+            "standby_stalled_s": lag_s,
+            "acknowledged_while_stalled": acked_while_stalled,
             "lost": len(lost),
             "lost_ops": sorted(a.op for a in lost),
             "retries": report.retries,
@@ -158,12 +175,20 @@ def stream_divergence(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--render", type=Path, help="only write the report of a results dir's cluster.json again")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--in-flight", type=int, default=256)
     parser.add_argument("--failovers", type=int, default=4)
     parser.add_argument("--workers", type=int, default=32)
+    parser.add_argument(
+        "--lag", type=float, default=0.0,
+        help="stop the standby's WAL receiver for this many seconds before the kill (replication lag)",
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        (args.render / "cluster.md").write_text(report(json.loads((args.render / "cluster.json").read_text())))
+        return 0
     from services.embedded import EmbeddedNats
 
     root = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
@@ -190,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         for number in range(args.failovers + 1):
             synchronous = number == args.failovers
             progress(f"failover {number + 1}: {'synchronous' if synchronous else 'asynchronous'} standby")
-            results["failovers"].append(uvloop.run(failover_round(root, nats_url, synchronous, args.workers)))
+            results["failovers"].append(uvloop.run(failover_round(root, nats_url, synchronous, args.workers, args.lag)))
     finally:
         nats_server.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -204,19 +229,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def lost_by_op(ops: list[str]) -> str:
+    """` (creates 3, patches 5)`, or nothing when none was lost."""
+    counts = Counter(ops)
+    plural = {"create": "creates", "patch": "patches"}
+    return f" ({', '.join(f'{plural.get(op, op)} {n}' for op, n in sorted(counts.items()))})" if counts else ""
+
+
 def report(results: dict[str, Any]) -> str:
     base = [run["rate_per_s"] for run in results["throughput"]["primary alone"]]
     lines = [
         f"Cluster benchmark {results['date']} on {results['machine']}; load average before "
         f"{results['load_average_before']}, after {results['load_average_after']} (a shared machine: "
         "other benchmarks and test suites ran beside it)",
-        "",
-        f"Creates through one command process, {results['settings']['in_flight']} in flight, "
-        f"{results['settings']['seconds']} s per run, PostgreSQL with fsync on, all on one 2-core machine:",
-        "",
-        "| server | creates/s per round | median ratio to the primary alone |",
-        "|---|---|---|",
     ]
+    if any(results["throughput"].values()):
+        lines += [
+            "",
+            f"Creates through one command process, {results['settings']['in_flight']} in flight, "
+            f"{results['settings']['seconds']} s per run, PostgreSQL with fsync on, all on one 2-core machine:",
+            "",
+            "| server | creates/s per round | median ratio to the primary alone |",
+            "|---|---|---|",
+        ]
     for mode, runs in results["throughput"].items():
         if not runs:
             continue
@@ -228,16 +263,20 @@ def report(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Failover (SIGKILL of the primary, promotion of the standby 0.5 s later, load going on):",
+        f"Failover (SIGKILL of the primary, promotion of the standby 0.5 s later, load going on from "
+        f"{results['settings']['workers']} retrying clients, each creating an activity and patching it five times):",
         "",
-        "| replication | acknowledged | before the kill (acks/s) | lost | retries | first ack after the kill "
+        "| replication | standby stalled before the kill | acknowledged | before the kill (acks/s) "
+        "| acknowledged while stalled | lost | retries | first ack after the kill "
         "| stream: events not in the store / stored events not on it |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in results["failovers"]:
         lines.append(
-            f"| {run['replication']} | {run['acknowledged']} | {run['acknowledged_before_kill']} "
-            f"({run['acks_per_s_before_kill']}/s) | {run['lost']} {run['lost_ops'] or ''} | {run['retries']} | "
+            f"| {run['replication']} | {run.get('standby_stalled_s', 0)} s | {run['acknowledged']} "
+            f"| {run['acknowledged_before_kill']} "
+            f"({run['acks_per_s_before_kill']}/s) | {run.get('acknowledged_while_stalled', 0)} "
+            f"| {run['lost']}{lost_by_op(run['lost_ops'])} | {run['retries']} | "
             f"{run['first_ack_after_kill_s']} s | {run.get('stream_events_not_in_store', '-')} / "
             f"{run.get('stored_events_not_on_stream', '-')} |"
         )
