@@ -391,6 +391,14 @@ class PostgresPair:
             "the standby streaming",
         )
 
+    def stall_replication(self) -> None:
+        """The standby falls behind from now on: the primary's WAL sender is stopped (SIGSTOP), as a
+        slow network or a busy standby would hold it. (Stopping the standby's receiver instead lags
+        nothing: what was sent waits in its socket's buffer and is read after the primary died.)
+        A synchronous primary's commits wait; an asynchronous one's return."""
+        [(sender,)] = self.primary.execute("SELECT pid FROM pg_stat_replication")
+        os.kill(sender, signal.SIGSTOP)  # ended with the primary's SIGKILL
+
     def stop(self) -> None:
         self.standby.stop()
         self.primary.stop()
