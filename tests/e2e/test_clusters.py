@@ -285,7 +285,7 @@ async def test_reads_from_a_lagging_standby_wait_for_min_position_and_never_serv
         return dict(result)
 
     try:
-        assert runtime.http is not None
+        assert runtime.http is not None and runtime.http.url is not None
         async with httpx.AsyncClient(base_url=runtime.http.url, headers=headers, timeout=10) as http:
             created = await command("create", {"account_id": "acc_1", "subject": "first"})
             activity_id = created["data"]["id"]  # type: ignore[index]
