@@ -155,6 +155,10 @@ class RelayStore:
             "INSERT INTO {table} AS t (name, position) VALUES (%s, %s) ON CONFLICT (name) DO UPDATE "
             "SET position = GREATEST(t.position, EXCLUDED.position), updated_at = now()"
         ).format(table=table)
+        recorder = event_store(app)
+        self._head = SQL("SELECT max(notification_id) AS head FROM {}.{}").format(
+            Identifier(self.datastore.schema), Identifier(recorder.events_table_name)
+        )
 
     def ensure_table(self) -> None:
         with self.datastore.transaction(commit=True) as curs:
@@ -167,6 +171,13 @@ class RelayStore:
             curs.execute(self._select, (self.name,))
             row = curs.fetchone()
         return int(row["position"]) if row else 0
+
+    def head(self) -> int:
+        """The log's last position in the store (0: empty)."""
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(self._head)
+            row = curs.fetchone()
+        return int(row["head"]) if row and row["head"] is not None else 0
 
     def save_position(self, position: int) -> None:
         with self.datastore.transaction(commit=True) as curs:
@@ -309,6 +320,7 @@ class Relay:
         self.position = 0
         self.published = 0
         self.duplicates = 0
+        self.stream_ahead = 0  # the stream's last position when it was found ahead of the store (an alarm)
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._stream_ready = False
@@ -325,6 +337,18 @@ class Relay:
         js = await self._jetstream()
         recorded = await self._in_thread(self.store.load_position)
         published = await last_position_on_stream(js, self.stream.name)
+        if published > recorded and published > await self._in_thread(self.store.head):
+            # The stream has events the store lacks: PostgreSQL failed over to a standby without the
+            # last commits (asynchronous replication), or the stream belongs to another store. The
+            # store's next events reuse those positions and versions, and would be skipped.
+            log.error(
+                "the events stream is ahead of the event store; events the store appends up to the "
+                "stream's last position will not be published. If PostgreSQL failed over to a standby "
+                "that lacked commits, stop the relays, delete the stream and the relay's row in "
+                f"{TRACKING_TABLE}, and start them again: the whole log is published anew",
+                extra={"stream": self.stream.name, "stream_position": published, "store_recorded": recorded},
+            )
+            self.stream_ahead = published
         self.position = max(recorded, published)
         return self.position
 
