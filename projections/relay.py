@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -55,6 +54,7 @@ from activities_client.document import EVENT_KINDS
 from activities_client.subjects import Subjects
 from events.activity import ActivityEvent, event_body, event_type_name
 from projections.consumer import ConsumerSettings, Entry, TrackedConsumer, event_store
+from projections.streams import ensure_stream, nats_servers
 
 log = logging.getLogger("activities.relay")
 
@@ -93,12 +93,6 @@ def stream_config(spec: StreamSpec) -> StreamConfig:
         duplicate_window=max(spec.duplicate_window_s, MIN_DUPLICATE_WINDOW_S),
         description="Activity events (docs/contract.md section 4), published by the activities relay",
     )
-
-
-def config_changes(current: StreamConfig, wanted: StreamConfig) -> dict[str, Any]:
-    """The fields of `wanted` the relay owns that differ in `current` (empty: nothing to update)."""
-    owned = ("subjects", "retention", "num_replicas", "duplicate_window")
-    return {name: getattr(wanted, name) for name in owned if getattr(current, name) != getattr(wanted, name)}
 
 
 @dataclass(frozen=True)
@@ -161,6 +155,10 @@ class RelayStore:
             "INSERT INTO {table} AS t (name, position) VALUES (%s, %s) ON CONFLICT (name) DO UPDATE "
             "SET position = GREATEST(t.position, EXCLUDED.position), updated_at = now()"
         ).format(table=table)
+        recorder = event_store(app)
+        self._head = SQL("SELECT max(notification_id) AS head FROM {}.{}").format(
+            Identifier(self.datastore.schema), Identifier(recorder.events_table_name)
+        )
 
     def ensure_table(self) -> None:
         with self.datastore.transaction(commit=True) as curs:
@@ -173,6 +171,13 @@ class RelayStore:
             curs.execute(self._select, (self.name,))
             row = curs.fetchone()
         return int(row["position"]) if row else 0
+
+    def head(self) -> int:
+        """The log's last position in the store (0: empty)."""
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(self._head)
+            row = curs.fetchone()
+        return int(row["head"]) if row and row["head"] is not None else 0
 
     def save_position(self, position: int) -> None:
         with self.datastore.transaction(commit=True) as curs:
@@ -187,25 +192,6 @@ def messages(subjects: Subjects, page: Sequence[Entry]) -> list[Outgoing]:
 # ---------------------------------------------------------------------------------------------
 # NATS: the stream and one publishing session
 # ---------------------------------------------------------------------------------------------
-
-
-async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
-    """Create the stream, or bring the fields the relay owns up to date."""
-    assert wanted.name is not None
-    try:
-        info = await js.stream_info(wanted.name)
-    except NotFoundError:
-        await js.add_stream(wanted)
-        log.info("created stream", extra={"stream": wanted.name})
-        return
-    changes = config_changes(info.config, wanted)
-    if info.config.storage != wanted.storage:
-        log.warning(
-            "stream storage differs from the contract's file storage; not changed", extra={"stream": wanted.name}
-        )
-    if changes:
-        await js.update_stream(dataclasses.replace(info.config, **changes))
-        log.info("updated stream", extra={"stream": wanted.name, "fields": sorted(changes)})
 
 
 async def last_position_on_stream(js: JetStreamContext, stream: str) -> int:
@@ -334,6 +320,7 @@ class Relay:
         self.position = 0
         self.published = 0
         self.duplicates = 0
+        self.stream_ahead = 0  # the stream's last position when it was found ahead of the store (an alarm)
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._stream_ready = False
@@ -350,6 +337,18 @@ class Relay:
         js = await self._jetstream()
         recorded = await self._in_thread(self.store.load_position)
         published = await last_position_on_stream(js, self.stream.name)
+        if published > recorded and published > await self._in_thread(self.store.head):
+            # The stream has events the store lacks: PostgreSQL failed over to a standby without the
+            # last commits (asynchronous replication), or the stream belongs to another store. The
+            # store's next events reuse those positions and versions, and would be skipped.
+            log.error(
+                "the events stream is ahead of the event store; events the store appends up to the "
+                "stream's last position will not be published. If PostgreSQL failed over to a standby "
+                "that lacked commits, stop the relays, delete the stream and the relay's row in "
+                f"{TRACKING_TABLE}, and start them again: the whole log is published anew",
+                extra={"stream": self.stream.name, "stream_position": published, "store_recorded": recorded},
+            )
+            self.stream_ahead = published
         self.position = max(recorded, published)
         return self.position
 
@@ -387,7 +386,7 @@ class Relay:
     async def _jetstream(self) -> JetStreamContext:
         if self._nc is None:
             self._nc = await nats.connect(
-                self.nats_url,
+                nats_servers(self.nats_url),  # a cluster's nodes: reconnects go to the others
                 name="activities-relay",
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=self.options.nats_reconnect_wait_s,
@@ -401,7 +400,7 @@ class Relay:
         if not self._nc.is_connected:
             raise ConnectionError("NATS is not connected")
         if not self._stream_ready:
-            await ensure_stream(self._js, stream_config(self.stream))
+            await ensure_stream(self._js, stream_config(self.stream), self.stream.replicas)
             self._stream_ready = True
         return self._js
 

@@ -17,7 +17,7 @@ import dataclasses
 import itertools
 import logging
 import random
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, cast
@@ -303,10 +303,20 @@ class CommandStore:
     `IntegrityError`, an unreachable database an `OperationalError` or `InterfaceError`.
     """
 
-    def __init__(self, recorder: ActivitiesRecorder, connect_timeout_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        recorder: ActivitiesRecorder,
+        connect_timeout_s: float = 2.0,
+        on_new_session: Callable[[], None] | None = None,
+    ) -> None:
         self._recorder = recorder
         self._connect_timeout_s = connect_timeout_s
         self._connection: psycopg.AsyncConnection[Any] | None = None
+        # called when a connection replaces one that broke: the server may be another one now (a
+        # promoted standby, reached through a multi-host URL) that lacks what the last one had
+        self._on_new_session = on_new_session
+        self._broke = False
+        self.resets = 0  # connections that replaced a broken one: a reader of the cache checks it did not change
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -317,16 +327,23 @@ class CommandStore:
     async def _cursor(self) -> AsyncIterator[psycopg.AsyncCursor[Any]]:
         try:
             if self._connection is None or self._connection.closed:
+                self._broke = self._broke or self._connection is not None  # closed under us
                 url = conninfo(
                     datastore_url(self._recorder.datastore), connect_timeout=max(1, round(self._connect_timeout_s))
                 )
                 self._connection = await psycopg.AsyncConnection.connect(
                     url, autocommit=True  # each statement is its own transaction
                 )
+                if self._broke:
+                    self.resets += 1
+                    if self._on_new_session is not None:
+                        self._on_new_session()
+                self._broke = False
             async with self._connection.cursor() as cursor:
                 yield cursor
         except psycopg.Error as exc:
             if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+                self._broke = True
                 await self.close()  # a broken connection: the next batch opens a fresh one
             raise _persistence_error(exc) from exc
 
@@ -554,7 +571,10 @@ class CommandService:
 
     def __init__(self, app: ActivitiesApplication, clock: Any = None) -> None:
         self.app = app
-        self.store = CommandStore(app.activities_recorder)
+        # After a reconnect the cache may be ahead of the server: an asynchronous standby promoted
+        # without the last commits. Deciding on it would append after a gap in the versions, which
+        # no replay can read; so a new session starts with an empty cache.
+        self.store = CommandStore(app.activities_recorder, on_new_session=app.activity_cache.clear)
         self._clock = clock or (lambda: datetime.now(UTC))
 
     async def close(self) -> None:
@@ -740,12 +760,18 @@ class CommandService:
         return conflicting_commands(targets, {i: (t, str(k)) for i, (t, k) in keys.items()}, moved, taken)
 
     async def load_current(self, originator_ids: Iterable[UUID]) -> dict[UUID, Activity]:
-        """Activities as they are now (copies; the absent do not exist): one read for a whole batch."""
-        known = self.app.cached(originator_ids)
-        later = await self.store.select_after(
-            [(originator_id, activity.version if activity else 0) for originator_id, activity in known.items()]
-        )
-        return self.app.fast_forward(known, later)
+        """Activities as they are now (copies; the absent do not exist): one read for a whole batch.
+        Read again when the store's connection was replaced after a break meanwhile (which empties
+        the cache): what was taken from the cache may be ahead of the server now reached."""
+        ids = list(originator_ids)
+        while True:
+            resets = self.store.resets
+            known = self.app.cached(ids)
+            later = await self.store.select_after(
+                [(originator_id, activity.version if activity else 0) for originator_id, activity in known.items()]
+            )
+            if self.store.resets == resets:
+                return self.app.fast_forward(known, later)
 
     async def _document_at(self, pending: _Pending, originator_id: UUID, version: int) -> dict[str, Any]:
         activity = pending.aggregates.get(originator_id)

@@ -31,6 +31,7 @@ from projections.database import conninfo, shared_secret
 from projections.queries import CURSOR_KEY_NAME, CursorCodec
 from projections.read_model import PROJECTOR_SETTINGS, Projector, prepare_read_model
 from projections.relay import RELAY_SETTINGS, Relay, StreamSpec
+from projections.streams import nats_servers
 from services.application import ActivitiesApplication, CommandBatcher, CommandService, application_env
 from services.asyncapi import add_asyncapi_route
 from services.auth import JwksKeys, TokenVerifier, jwks_file_loader, jwks_url_loader
@@ -173,7 +174,7 @@ class Runtime:
             await loop.run_in_executor(None, prepare_read_model, self.servers.database_url)
         verifier = token_verifier(settings)
         self.broker = NatsBroker(
-            self.servers.nats_url,
+            nats_servers(self.servers.nats_url),  # a cluster's nodes: reconnects go to the others
             max_reconnect_attempts=-1,
             reconnect_time_wait=1,
             logger=logging.getLogger("activities.nats"),

@@ -69,3 +69,8 @@ class SizedLRUCache(Generic[K, V]):
         if entry is not None:
             self.bytes -= entry[1]
 
+    def clear(self) -> None:
+        """Forget everything."""
+        self._entries.clear()
+        self.bytes = 0
+

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 import psycopg
 
+from projections.database import conninfo
 from projections.read_model import REBUILD_WORKERS, read_model_datastore, rebuild, status
 from services.config import Settings
 
@@ -88,7 +89,7 @@ def run_projection_command(args: argparse.Namespace, settings: Settings) -> int:
 
     url = database_url(settings)
     try:  # the database down or the URL wrong is one line, not a trace of the libraries' internals
-        with psycopg.connect(url, connect_timeout=5):
+        with psycopg.connect(conninfo(url, connect_timeout=5)):  # the URL's own timeout, if any, wins
             pass
     except psycopg.Error as exc:
         print(f"activities: the database is unreachable: {_one_line(exc)}", file=sys.stderr)

@@ -23,7 +23,8 @@ class Settings(BaseSettings):
         description="libpq URL of a PostgreSQL replica that serves get and list (the read model); unset: database_url",
     )
     nats_url: str | None = Field(
-        default=None, description="NATS URL; unset starts an embedded nats-server with JetStream"
+        default=None,
+        description="NATS URL, or a comma-separated list of a cluster's nodes; unset starts an embedded nats-server",
     )
     embedded_nats_port: int = Field(
         default=4222, description="port of the embedded NATS; taken or 0 picks a free one"

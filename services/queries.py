@@ -18,7 +18,9 @@ from typing import Any, Final
 
 import orjson
 import psycopg
+from eventsourcing.persistence import InterfaceError as StoreInterfaceError
 from eventsourcing.persistence import Notification
+from eventsourcing.persistence import OperationalError as StoreOperationalError
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
@@ -61,6 +63,9 @@ log = logging.getLogger("activities.queries")
 POLL_INTERVAL_S: Final = 0.01
 NO_ROWS: Final = sql.SQL("SELECT 1 WHERE false")
 
+
+STORE_DISCONNECTED: Final = (psycopg.OperationalError, StoreOperationalError, StoreInterfaceError, OSError)
+"""A read of the event store that failed for its connection (the library wraps psycopg's errors)."""
 
 class ReadModel:
     """Async reads of the read-model table and of its tracked position."""
@@ -156,6 +161,8 @@ class ReadModel:
                         return await self._read(conn, statement, params, caller)
                     except psycopg.OperationalError:
                         if attempt == 0 and conn.broken:
+                            # the others may be dead too (a failover): check the idle ones first
+                            await self._pool.check()
                             continue
                         raise
             except psycopg.errors.UndefinedTable:
@@ -263,10 +270,20 @@ class EventStoreReads:
         self._executor = executor
 
     async def _run(self, function: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
-        except (psycopg.OperationalError, OSError) as exc:
-            raise Unavailable("the event store is unavailable; retry") from exc
+        """`function` on the store's thread pool. Its pooled connections may all have died at once
+        (PostgreSQL restarted, or a standby promoted after a failover, which a multi-host URL then
+        finds): after a failure the idle ones are checked, the dead replaced, and it is tried once more."""
+        loop = asyncio.get_running_loop()
+        for attempt in range(2):
+            try:
+                return await loop.run_in_executor(self._executor, function, *args)
+            except STORE_DISCONNECTED as exc:
+                if attempt == 0:
+                    with contextlib.suppress(Exception):
+                        await loop.run_in_executor(self._executor, self.app.recorder.datastore.pool.check)  # type: ignore[attr-defined]
+                    continue
+                raise Unavailable("the event store is unavailable; retry") from exc
+        raise AssertionError("unreachable")
 
     def _version(self, activity_id: str, version: int) -> dict[str, Any] | None:
         activity = self.app.load_version(activity_uuid(activity_id), version)

@@ -181,3 +181,47 @@ def test_appends_commit_in_the_order_of_their_positions(make_service: Callable[[
     other.join(timeout=10)
     assert len(late) == 1
     assert earlier.position < held["notification_id"] < late[0].position
+
+
+def test_after_a_broken_connection_the_cache_is_forgotten_so_a_lost_commit_leaves_no_gap(
+    make_service: Callable[[], CommandService],
+) -> None:
+    """An asynchronous standby promoted without the last commit: the command path's cache holds a
+    version the new server lacks. The connection broke, so the next session starts from the store:
+    the next patch is stored as that version again, not after a gap (which no replay could read)."""
+    import psycopg
+
+    from projections.database import datastore_url
+
+    service = make_service()
+    url = datastore_url(service.app.activities_recorder.datastore)
+
+    def patch(activity_id: str, subject: str) -> CommandRequest:
+        return CommandRequest(parse_patch({"id": activity_id, "changes": {"subject": subject}}), CALLER)
+
+    async def scenario() -> list[Any]:
+        try:
+            [created] = await service.execute([CommandRequest(parse_create({"account_id": "acc_1"}), CALLER)])
+            assert isinstance(created, CommandResult)
+            activity_id = created.document["id"]
+            [patched] = await service.execute([patch(activity_id, "lost")])
+            assert isinstance(patched, CommandResult) and patched.document["version"] == 2
+            with psycopg.connect(url, autocommit=True) as conn:  # the commit lost, the session ended
+                conn.execute(
+                    "DELETE FROM activities_events WHERE originator_id = %s AND originator_version = 2",
+                    (activity_uuid(activity_id),),
+                )
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            outcomes = [await service.execute([patch(activity_id, f"after {i}")]) for i in range(3)]
+            return [outcome for [outcome] in outcomes]
+        finally:
+            await service.close()
+
+    outcomes = asyncio.run(scenario())
+    results = [outcome for outcome in outcomes if isinstance(outcome, CommandResult)]
+    assert results, outcomes  # the broken session answers `unavailable` once at most, then it works
+    assert [result.document["version"] for result in results] == list(range(2, 2 + len(results)))
+    assert results[0].document["subject"] == f"after {len(outcomes) - len(results)}"

@@ -450,3 +450,55 @@ async def test_postgres_restart_is_survived_and_the_relay_resumes(
     finally:
         await runtime.stop()
         await asyncio.to_thread(postgres.stop)
+
+
+async def test_a_stream_ahead_of_the_store_is_reported_as_after_an_asynchronous_failover(
+    make_settings: Callable[..., Settings], js: JetStreamContext
+) -> None:
+    """The relay published events the store then lost (PostgreSQL failed over to a standby without
+    the last commits): on resume it says so, once, with what to do, instead of silently skipping."""
+    import psycopg
+
+    runtime = Runtime(make_settings(), roles=("commands",))
+    await runtime.start()
+    assert runtime.servers is not None and runtime.app is not None
+    relay: RelayUnderTest | None = None
+    try:
+        for n in range(2):
+            await lifecycle(runtime, n)
+        await published_unrecorded(runtime, 8)  # on the stream, not recorded
+        log = await logged_refs(runtime)
+        with psycopg.connect(runtime.servers.database_url, autocommit=True) as conn:  # the store loses the tail
+            conn.execute("DELETE FROM activities_events WHERE notification_id > %s", (log[3][2],))
+        relay = new_relay(runtime)
+        await relay.start()
+        deadline = time.monotonic() + 10
+        while relay.consumer.handler.stream_ahead == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert relay.consumer.handler.stream_ahead == log[-1][2]
+    finally:
+        if relay is not None:
+            await relay.stop()
+        await runtime.stop()
+
+
+async def test_a_stream_behind_or_level_with_the_store_raises_no_alarm(
+    make_settings: Callable[..., Settings], js: JetStreamContext
+) -> None:
+    runtime = Runtime(make_settings(), roles=("commands",))
+    await runtime.start()
+    relay: RelayUnderTest | None = None
+    try:
+        await lifecycle(runtime, 0)
+        await published_unrecorded(runtime, 4)  # the crash the resume rule is for: ahead of the record only
+        relay = new_relay(runtime)
+        await relay.start()
+        log = await logged_refs(runtime)
+        deadline = time.monotonic() + 10
+        while relay.stats.position < log[-1][2] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert relay.stats.position == log[-1][2] and relay.consumer.handler.stream_ahead == 0
+    finally:
+        if relay is not None:
+            await relay.stop()
+        await runtime.stop()

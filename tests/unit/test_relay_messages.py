@@ -12,7 +12,8 @@ from activities_client.document import new_activity_id
 from activities_client.subjects import Subjects
 from events.activity import ActivityPatched, activity_uuid
 from projections.consumer import Backoff
-from projections.relay import chained_headers, config_changes, outgoing, stream_config
+from projections.relay import chained_headers, outgoing, stream_config
+from projections.streams import config_changes
 from services.bootstrap import stream_spec
 from services.config import Settings
 
