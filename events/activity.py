@@ -14,12 +14,25 @@ from uuid import UUID
 from eventsourcing.domain import AggregateCreated, AggregateEvent
 from ulid import ULID
 
-from activities_client.document import ID_PREFIX, SCHEMA_VERSION, client_fields, format_datetime, upcast_document
+from activities_client.document import (
+    ID_PREFIX,
+    SCHEMA_VERSION,
+    client_fields,
+    format_datetime,
+    is_activity_id,
+    skeleton,
+    upcast_document,
+)
 
 
 def activity_uuid(activity_id: str) -> UUID:
     """The event store's originator id (a UUID) of an `act_<ULID>` id."""
     return ULID.from_str(activity_id[len(ID_PREFIX) :]).to_uuid()
+
+
+def is_activity_event_id(value: object) -> bool:
+    """Whether a value is an `act_<ULID>` id (e.g. a message's Activity-Id header)."""
+    return is_activity_id(value)
 
 
 def activity_id_of(originator_id: UUID) -> str:
@@ -52,6 +65,8 @@ class ActivityLogged(AggregateCreated):
 
     @property
     def changes(self) -> dict[str, Any]:
+        if self.document.get("is_erased"):  # rewritten to its skeleton by an erasure: no client fields
+            return {}
         return client_fields(self.document)
 
     @staticmethod
@@ -94,7 +109,46 @@ class ActivityRestored(ActivityChanged):
     """A soft-deleted activity was restored. `changes` is {}."""
 
 
-ActivityEvent = ActivityLogged | ActivityPatched | ActivityDeleted | ActivityRestored
+class ActivityErased(ActivityChanged):
+    """The activity was erased (docs/contract.md section 11). `changes` is {} and `document` the
+    skeleton (activities_client.document.SKELETON_FIELDS). In the same transaction every earlier
+    event of the activity was rewritten to its skeleton (`erased_state`): same topic, version,
+    position and time stamp, the document reduced to the skeleton at that version, `changes` {}."""
+
+
+ActivityEvent = ActivityLogged | ActivityPatched | ActivityDeleted | ActivityRestored | ActivityErased
+
+
+def erased_copy(event: ActivityEvent) -> ActivityEvent:
+    """The skeleton an erasure leaves of a stored event: the same class, activity, version, time
+    stamp and actor (the verified caller, a server field); the document reduced to the skeleton of
+    that version; no `changes` and no trace context (both came from a client)."""
+    document = skeleton(event.document)
+    event_class: Any = type(event)  # the library's dataclass events: mypy does not see their fields
+    if isinstance(event, ActivityLogged):
+        logged: ActivityEvent = event_class(
+            originator_id=event.originator_id,
+            originator_version=event.originator_version,
+            timestamp=event.timestamp,
+            originator_topic=event.originator_topic,
+            document=document,
+            actor=event.actor,
+            schema_version=SCHEMA_VERSION,
+            traceparent=None,
+        )
+        return logged
+    changed: ActivityEvent = event_class(
+        originator_id=event.originator_id,
+        originator_version=event.originator_version,
+        timestamp=event.timestamp,
+        document=document,
+        changes={},
+        actor=event.actor,
+        schema_version=SCHEMA_VERSION,
+        traceparent=None,
+    )
+    return changed
+
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
