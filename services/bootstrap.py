@@ -27,8 +27,8 @@ from nats.aio.client import Client as NatsClient
 from activities_client.errors import Unavailable
 from activities_client.subjects import Subjects
 from projections.consumer import TrackedConsumer
-from projections.erasure import StreamEraser
 from projections.database import conninfo, shared_secret
+from projections.erasure import StreamEraser
 from projections.queries import CURSOR_KEY_NAME, CursorCodec
 from projections.read_model import PROJECTOR_SETTINGS, Projector, prepare_read_model
 from projections.relay import RELAY_SETTINGS, Relay, StreamSpec

@@ -457,9 +457,11 @@ class AsyncClient:
                 await asyncio.sleep(self.retry.delay(number))
         raise Unavailable(f"{last} ({what}, {self.retry.attempts} attempts)")
 
-    async def _nats_request(self, subject: str, body: Any, headers: dict[str, str]) -> dict[str, Any]:
+    async def _nats_request(
+        self, subject: str, body: Any, headers: dict[str, str], timeout: float | None = None
+    ) -> dict[str, Any]:
         nc = await self._ensure_connected()
-        message = await nc.request(subject, _dumps(body), timeout=self.timeout, headers=headers)
+        message = await nc.request(subject, _dumps(body), timeout=timeout or self.timeout, headers=headers)
         try:
             decoded = orjson.loads(message.data)
         except orjson.JSONDecodeError:
@@ -477,6 +479,20 @@ class AsyncClient:
         if isinstance(position, int):
             self.position = max(self.position, position)
         return Activity.model_validate(envelope["data"])
+
+    async def command_envelope(
+        self, name: str, body: Mapping[str, Any], idempotency_key: str | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Send a command whose reply is not an activity (`erase`); its success envelope."""
+        headers = {"Authorization": f"Bearer {self.token}", "Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+        subject = self.subjects.command(name)
+        envelope = await self._with_retry(
+            lambda: self._nats_request(subject, body, headers, timeout), f"{name} command"
+        )
+        position = (envelope.get("meta") or {}).get("position")
+        if isinstance(position, int):
+            self.position = max(self.position, position)
+        return envelope
 
     async def query(self, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """A NATS query (`get` or `list`) and its success envelope."""
@@ -592,6 +608,25 @@ class AsyncActivities:
     ) -> Activity:
         """Restore a soft-deleted activity; returns the live document."""
         return await self._client.command("restore", _target(id, expected_version), idempotency_key)
+
+    async def erase(
+        self,
+        id: str | None = None,
+        *,
+        contact_id: str | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Erase an activity for good (`id`), or every activity of the caller's naming a contact
+        (`contact_id`); how many were erased (0: already erased, or none named the contact).
+        An erasure by contact may take a while: `timeout` (default: the client's, times 12) bounds
+        each attempt; a retry erases whatever the interrupted attempt had not."""
+        if (id is None) == (contact_id is None):
+            raise TypeError("erase(id) or erase(contact_id=...), one of the two")
+        body = {"id": id} if id is not None else {"contact_id": contact_id}
+        wait = timeout or (self._client.timeout * 12 if contact_id is not None else None)
+        envelope = await self._client.command_envelope("erase", body, idempotency_key, wait)
+        return int(envelope["data"]["erased"])
 
     # Reads ----------------------------------------------------------------------------------
 
@@ -986,6 +1021,19 @@ class SyncActivities:
     def restore(self, id: str, expected_version: int | None = None, *, idempotency_key: str | None = None) -> Activity:
         """See `AsyncActivities.restore`."""
         return self._client._run(self._async.restore(id, expected_version, idempotency_key=idempotency_key))
+
+    def erase(
+        self,
+        id: str | None = None,
+        *,
+        contact_id: str | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """See `AsyncActivities.erase`."""
+        return self._client._run(
+            self._async.erase(id, contact_id=contact_id, idempotency_key=idempotency_key, timeout=timeout)
+        )
 
     def get(self, id: str, include_deleted: bool = False, version: int | None = None) -> Activity:
         """See `AsyncActivities.get`."""
