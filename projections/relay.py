@@ -56,6 +56,7 @@ from activities_client.subjects import Subjects
 from events.activity import ActivityEvent, activity_uuid, event_body, event_type_name, is_activity_event_id
 from projections.consumer import ConsumerSettings, Entry, TrackedConsumer, event_store
 from projections.erasure import remember_published_params, remember_published_sql, scanned_through_sql
+from projections.errors import describe
 
 log = logging.getLogger("activities.relay")
 
@@ -245,6 +246,8 @@ async def last_position_on_stream(js: JetStreamContext, stream: str) -> int:
 
 class PublishInterrupted(Exception):
     """Only a prefix of a page was acknowledged; the rest is published again later."""
+
+    safe_to_log = True  # counts and the NATS error: no client content
 
 
 @dataclass
@@ -465,7 +468,7 @@ class Relay:
         return self._js
 
     async def _nats_error(self, error: Exception) -> None:
-        log.debug("relay NATS error", extra={"error": repr(error)})
+        log.debug("relay NATS error", extra={"error": describe(error)})
 
     async def _nats_disconnected(self) -> None:
         self._chain_tail = None

@@ -49,6 +49,7 @@ from events.commands import Command, CreateActivity, target_id
 from projections import erasure as erasure_tables
 from projections.consumer import lock_key, schema_lock
 from projections.database import URL_KEY, conninfo, datastore_url
+from projections.errors import describe
 from projections.queries import READ_MODEL_TABLE, build_upsert_sql
 from services.cache import SizedLRUCache, estimated_size
 from services.domain import Activity, Caller, decide
@@ -564,7 +565,7 @@ class CommandService:
         try:
             return await self._execute(requests)
         except (OperationalError, InterfaceError) as exc:
-            log.warning("event store unavailable", extra={"error": str(exc)})
+            log.warning("event store unavailable", extra={"error": describe(exc)})
             error = Unavailable("the event store is unavailable; retry with the same Idempotency-Key")
             return [error for _ in requests]
 

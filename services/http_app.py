@@ -260,12 +260,19 @@ def create_http_app(queries: QueryGateway, commands: CommandGateway) -> FastAPI:
     return app
 
 
+def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A path parameter's schema: a field optional in the body (`anyOf` with null) is required in a path."""
+    variants = [v for v in schema.get("anyOf", []) if v.get("type") != "null"]
+    return variants[0] if len(variants) == 1 else schema
+
+
 def command_route_documentation(spec: CommandSpec, route: HttpRoute | None = None) -> dict[str, Any]:
     """OpenAPI of a command route: its path parameters, its headers and its request body."""
     route = route or spec.http
     fields = spec.body.model_json_schema()["properties"]
     parameters: list[dict[str, Any]] = [
-        {"name": name, "in": "path", "required": True, "schema": fields[name]} for name in route.path_parameters
+        {"name": name, "in": "path", "required": True, "schema": _not_null(fields[name])}
+        for name in route.path_parameters
     ]
     parameters.append(IDEMPOTENCY_KEY_PARAMETER)
     if route.if_match:
