@@ -205,6 +205,12 @@ class StreamEraser:
     async def sweep(self) -> int:
         """Delete the messages of up to `batch` pending erasures the relay has got past; how many
         erasures were finished (0: nothing to do)."""
+        try:
+            return await self._sweep()
+        except psycopg.errors.UndefinedTable:  # the relay has not started yet: nothing published
+            return 0
+
+    async def _sweep(self) -> int:
         tracking, name = self.relay_tracking
         async with await psycopg.AsyncConnection.connect(
             conninfo(self.database_url, connect_timeout=5), autocommit=True
