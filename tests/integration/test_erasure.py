@@ -6,6 +6,7 @@ encryption at rest, by id and by contact. What remains are skeletons and an `Act
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
+import nats
 import orjson
 import psycopg
 import pytest
@@ -28,6 +30,9 @@ from projections.read_model import read_model_datastore, rebuild
 from services.bootstrap import Runtime
 from services.config import Settings
 from services.logs import JsonFormatter
+from tests.integration.test_upgrade import upgraded  # noqa: F401 - the fixture
+
+nats_connect = nats.connect
 
 Send = Callable[..., Any]
 
@@ -175,7 +180,9 @@ class Captured(logging.Handler):
         """The lines of the service and its libraries: all but those of the test's own HTTP client
         (httpx logs each request's URL, query included, in the process that sends it)."""
         return [
-            line for line, name in zip(self.lines, self.names, strict=True) if not name.startswith(("httpx", "httpcore"))
+            line
+            for line, name in zip(self.lines, self.names, strict=True)
+            if not name.startswith(("httpx", "httpcore"))
         ]
 
 
@@ -471,3 +478,49 @@ def _rows(database_url: str) -> list[tuple[Any, ...]]:
     with psycopg.connect(database_url) as conn:
         return list(conn.execute("SELECT id, document, is_erased, version, position FROM activities ORDER BY id"))
 
+
+
+async def test_erasing_release_1_0_data(upgraded: Runtime, servers: Any) -> None:  # noqa: F811
+    """Activities, events (class version 1), keys and stream messages written by release 1.0: erased
+    by the new release, nothing but skeletons remains, and the stream keeps only ActivityErased
+    (the relay remembered the messages 1.0 had published when it first started)."""
+    from tests.integration.test_upgrade import MANIFEST, bearer_for, request
+
+    assert upgraded.servers is not None
+    prefix = upgraded.settings.subject_prefix
+    database_url = upgraded.servers.database_url
+    eraser = next(c for c in upgraded.components if isinstance(c, StreamEraser))
+    eraser.interval_s = 0.1
+    nc = await nats_connect(servers.nats_url)
+    try:
+        for activity_id, expected in MANIFEST["activities"].items():
+            bearer = bearer_for(expected["tenant_id"], expected["app_id"])
+            reply = await request(nc, f"{prefix}.cmd.erase", {"id": activity_id}, bearer)
+            assert reply["data"] == {"erased": 1}, reply
+        total = MANIFEST["events_in_store"] + len(MANIFEST["activities"])
+        js = nc.jetstream()
+        deadline = time.monotonic() + 20
+        while True:
+            with psycopg.connect(database_url) as conn:
+                row = conn.execute("SELECT count(*) FROM activities_erasures WHERE pending").fetchone()
+            info = await js.stream_info(upgraded.settings.stream_name)
+            if row == (0,) and info.state.last_seq >= total:
+                break
+            assert time.monotonic() < deadline, (row, info.state)
+            await asyncio.sleep(0.1)
+        kinds = []
+        for seq in range(1, info.state.last_seq + 1):
+            with contextlib.suppress(NotFoundError):
+                kinds.append((await js.get_msg(upgraded.settings.stream_name, seq=seq)).headers["Event-Type"])
+        assert kinds == ["ActivityErased"] * len(MANIFEST["activities"])
+    finally:
+        await nc.drain()
+    assert upgraded.app is not None
+    with psycopg.connect(database_url) as conn:
+        states = conn.execute("SELECT topic, state FROM activities_events ORDER BY notification_id").fetchall()
+        fingerprints = {row[0] for row in conn.execute("SELECT fingerprint FROM activities_idempotency")}
+    assert len(states) == total
+    for topic, state in states:
+        document = orjson.loads(bytes(state))["document"]
+        assert set(document) == set(SKELETON_FIELDS) and document["is_erased"] is True, (topic, document)
+    assert fingerprints == {"erased"}
