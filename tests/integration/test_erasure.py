@@ -11,6 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -25,6 +26,7 @@ from nats.js.errors import NotFoundError
 from psycopg import sql
 
 from activities_client.document import SKELETON_FIELDS
+from events.activity import activity_uuid
 from projections.erasure import StreamEraser
 from projections.read_model import read_model_datastore, rebuild
 from services.bootstrap import Runtime
@@ -524,3 +526,71 @@ async def test_erasing_release_1_0_data(upgraded: Runtime, servers: Any) -> None
         document = orjson.loads(bytes(state))["document"]
         assert set(document) == set(SKELETON_FIELDS) and document["is_erased"] is True, (topic, document)
     assert fingerprints == {"erased"}
+
+
+async def test_retention_erases_activities_deleted_longer_ago(make_service: Callable[..., Any]) -> None:
+    from services.retention import RetentionSweep
+
+    service = await make_service(purge_deleted_after_days=1.0)
+    sweep = next(c for c in service.runtime.components if isinstance(c, RetentionSweep))
+    old = await service.send("create", {"account_id": "a", "subject": "old"})
+    await service.send("delete", {"id": old["data"]["id"]})
+    restored = await service.send("create", {"account_id": "a", "subject": "restored"})
+    await service.send("delete", {"id": restored["data"]["id"]})
+    recent = await service.send("create", {"account_id": "a", "subject": "recent"})
+    recent_deleted = await service.send("delete", {"id": recent["data"]["id"]})
+    live = await service.send("create", {"account_id": "a", "subject": "live"})
+    await service.settled()
+    with psycopg.connect(service.database_url) as conn:  # two deleted two days ago (as the read model says)
+        conn.execute(
+            "UPDATE activities SET updated_at = now() - interval '2 days' WHERE id = ANY(%s)",
+            ([old["data"]["id"], restored["data"]["id"]],),
+        )
+    await service.send("restore", {"id": restored["data"]["id"]})  # restored since: not erased
+    await service.settled()
+    # the event store says when it was deleted: let the sweep's clock run two days ahead
+    sweep._clock = lambda: datetime.now(UTC) + timedelta(days=2)
+    with psycopg.connect(service.database_url) as conn:
+        conn.execute(
+            "UPDATE activities SET updated_at = now() + interval '3 days' WHERE id = %s", (recent["data"]["id"],)
+        )
+    assert await sweep.sweep() == 1
+    await service.settled()
+    assert (await service.get(f"/{old['data']['id']}", include_deleted="true")).status_code == 410
+    assert (await service.get(f"/{restored['data']['id']}")).status_code == 200
+    assert (await service.get(f"/{live['data']['id']}")).status_code == 200
+    reply = await service.get(f"/{recent['data']['id']}", include_deleted="true")
+    assert reply.status_code == 200 and reply.json()["data"]["version"] == recent_deleted["data"]["version"]
+    history = (await service.get(f"/{old['data']['id']}/events")).json()["data"]
+    assert history[-1]["event_type"] == "ActivityErased" and history[-1]["actor"] == "system"
+    assert await sweep.sweep() == 0  # erased ones are not found again
+
+
+async def test_another_command_process_never_serves_a_cached_erased_activity(
+    make_settings: Callable[..., Settings], nc: NatsClient, token: Callable[..., str]
+) -> None:
+    """Two command processes on one store: the one that cached the activity learns of its erasure
+    from the log (its cache is brought up to date on every use), so it answers `gone`."""
+    settings = make_settings()
+    first, second = Runtime(settings), Runtime(settings, roles=("http",))
+    await first.start()
+    await second.start()
+    try:
+        one = Service(first, nc, token())
+        created = await one.send("create", {"account_id": "a", "subject": "cached"})
+        activity_id = created["data"]["id"]
+        assert (await one.send("patch", {"id": activity_id, "changes": {"notes": "x"}}))["data"]["version"] == 2
+        assert second.command_service is not None and first.command_service is not None
+        assert first.command_service.app.activity_cache.get(activity_uuid(activity_id)) is not None
+        headers = {"Authorization": f"Bearer {one.token}"}
+        async with httpx.AsyncClient(base_url=str(second.endpoints["http_url"])) as http:
+            erased = await http.post(f"/api/v1/crm/activities/{activity_id}/erase", headers=headers)
+        assert erased.json()["data"] == {"erased": 1}
+        reply = await one.send("patch", {"id": activity_id, "changes": {"notes": "y"}})  # served by `first`
+        assert reply["error"]["code"] == "gone"
+        cached = first.command_service.app.activity_cache.get(activity_uuid(activity_id))
+        assert cached is not None and set(cached.document) == set(SKELETON_FIELDS)
+        await one.http.aclose()
+    finally:
+        await second.stop()
+        await first.stop()
