@@ -115,6 +115,18 @@ def record_erasures_sql(schema: str) -> Composed:
     ).format(t=_table(schema, ERASURES_TABLE))
 
 
+def forget_published_sql(schema: str, all_of_it: bool) -> list[Composed]:
+    """Forget a stream's remembered messages (params: stream, before): those below `before`, which
+    the stream no longer holds, or all of them and its scan (a stream made again from sequence 1)."""
+    published, scan = _table(schema, PUBLISHED_TABLE), _table(schema, SCAN_TABLE)
+    if not all_of_it:
+        return [SQL("DELETE FROM {t} WHERE stream = %(stream)s AND seq < %(before)s").format(t=published)]
+    return [
+        SQL("DELETE FROM {t} WHERE stream = %(stream)s").format(t=published),
+        SQL("DELETE FROM {t} WHERE stream = %(stream)s").format(t=scan),
+    ]
+
+
 def scanned_through_sql(schema: str) -> Composed:
     return SQL("SELECT through_seq FROM {t} WHERE stream = %s").format(t=_table(schema, SCAN_TABLE))
 

@@ -55,7 +55,12 @@ from activities_client.document import EVENT_KINDS
 from activities_client.subjects import Subjects
 from events.activity import ActivityEvent, activity_uuid, event_body, event_type_name, is_activity_event_id
 from projections.consumer import ConsumerSettings, Entry, TrackedConsumer, event_store
-from projections.erasure import remember_published_params, remember_published_sql, scanned_through_sql
+from projections.erasure import (
+    forget_published_sql,
+    remember_published_params,
+    remember_published_sql,
+    scanned_through_sql,
+)
 from projections.errors import describe
 
 log = logging.getLogger("activities.relay")
@@ -189,6 +194,12 @@ class RelayStore:
             if stream is not None and (published or through):
                 params = remember_published_params(stream, published, through)
                 curs.execute(remember_published_sql(self.datastore.schema), params)
+
+    def forget_stream(self, stream: str, before_seq: int | None) -> None:
+        """Forget the remembered messages of a stream below a sequence (None: all, and its scan)."""
+        with self.datastore.transaction(commit=True) as curs:
+            for statement in forget_published_sql(self.datastore.schema, all_of_it=before_seq is None):
+                curs.execute(statement, {"stream": stream, "before": before_seq or 0})
 
     def scanned_through(self, stream: str) -> int:
         """The stream sequence up to which every message is remembered (0: none yet)."""
@@ -385,7 +396,14 @@ class Relay:
         stream = self.stream.name
         info = await js.stream_info(stream)
         through: int = await self._in_thread(self.store.scanned_through, stream)
-        first, last = max(through + 1, int(info.state.first_seq or 1)), int(info.state.last_seq or 0)
+        first_seq, last_seq = int(info.state.first_seq or 1), int(info.state.last_seq or 0)
+        if last_seq < through:  # the stream was deleted and made again: its sequences are new ones
+            log.warning("the stream restarted its sequences; remembering it from the start", extra={"stream": stream})
+            await self._in_thread(self.store.forget_stream, stream, None)
+            through = 0
+        else:  # messages the stream no longer holds (its limits removed them) need no erasing
+            await self._in_thread(self.store.forget_stream, stream, first_seq)
+        first, last = max(through + 1, first_seq), last_seq
         found: list[tuple[int, Any]] = []
         for start in range(first, last + 1, SCAN_CHUNK):
             seqs = range(start, min(start + SCAN_CHUNK, last + 1))
