@@ -150,10 +150,16 @@ async def stream_hits(nc: NatsClient, subject_prefix: str, marker: str) -> tuple
     needle = marker.encode()
     hits: list[str] = []
     read = 0
-    for info in await js.streams_info():
-        if not any(s.startswith(subject_prefix + ".") for s in info.config.subjects or []):
-            continue
-        name = str(info.config.name)
+    names: list[str] = []
+    while True:  # every stream over the runtime's subjects (the server pages the list)
+        request = orjson.dumps({"subject": f"{subject_prefix}.>", "offset": len(names)})
+        page = orjson.loads((await nc.request("$JS.API.STREAM.NAMES", request, timeout=5)).data)
+        names += page.get("streams") or []
+        if not page.get("streams") or len(names) >= page["total"]:
+            break
+    assert names, "the runtime's streams"
+    for name in names:
+        info = await js.stream_info(name)
         for seq in range(info.state.first_seq or 1, (info.state.last_seq or 0) + 1):
             try:
                 message = await js.get_msg(name, seq=seq)
@@ -594,3 +600,48 @@ async def test_another_command_process_never_serves_a_cached_erased_activity(
     finally:
         await second.stop()
         await first.stop()
+
+
+async def test_stream_cleanup_survives_a_restart(make_service: Callable[..., Any], nc: NatsClient) -> None:
+    """The erasure is recorded with the erase; its messages are deleted by whichever process runs the
+    relay role next, however the process that erased went away (and the relay's memory of what it
+    published survives too: forgotten rows are found again by scanning the stream's tail)."""
+    service = await make_service()
+    eraser = next(c for c in service.runtime.components if isinstance(c, StreamEraser))
+    await eraser.stop()  # as if the process died right after the erase's reply
+    mark = marker()
+    activity_id = await write_versions(service.send, mark, "c-restart", f"k-{uuid.uuid4().hex}")
+    head = 0
+    while head < 6:  # the relay has published them
+        with psycopg.connect(service.database_url) as conn:
+            row = conn.execute("SELECT coalesce(max(position), 0) FROM activities_relay_tracking").fetchone()
+        head = row[0] if row else 0
+        await asyncio.sleep(0.05)
+    assert (await service.send("erase", {"id": activity_id}))["data"] == {"erased": 1}
+    await asyncio.sleep(0.5)
+    assert (await stream_hits(nc, service.settings.subject_prefix, mark))[1]  # not deleted yet
+    await service.runtime.stop()
+    with psycopg.connect(service.database_url, autocommit=True) as conn:  # as if never recorded (a crash)
+        conn.execute("DELETE FROM activities_published")
+        conn.execute("DELETE FROM activities_published_scan")
+
+    again = Runtime(service.settings)
+    await again.start()
+    try:
+        for component in again.components:
+            if isinstance(component, StreamEraser):
+                component.interval_s = 0.1
+        restarted = Service(again, nc, service.token)
+        scanned = None
+        while scanned is None:  # the new relay has scanned the stream's tail it had no record of
+            with psycopg.connect(service.database_url) as conn:
+                scanned = conn.execute("SELECT through_seq FROM activities_published_scan").fetchone()
+            await asyncio.sleep(0.05)
+        await restarted.settled()
+        read, hits = await stream_hits(nc, service.settings.subject_prefix, mark)
+        assert hits == [] and read == 1  # only the ActivityErased message remains
+        assert database_hits(service.database_url, mark) == []
+        await restarted.http.aclose()
+    finally:
+        await again.stop()
+        service.runtime = Runtime(service.settings)  # the fixture's stop of a never-started runtime is harmless
