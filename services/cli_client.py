@@ -25,7 +25,7 @@ from services.auth import mint_token
 from services.bootstrap import DEV_SECRET_FILE
 from services.config import Settings
 
-CLIENT_COMMANDS: Final = ("create", "get", "list", "stats", "history", "tail")
+CLIENT_COMMANDS: Final = ("create", "get", "list", "stats", "history", "tail", "erase")
 TOKEN_ENV: Final = "ACTIVITIES_TOKEN"
 LIST_COLUMNS: Final = ("id", "type", "subject", "status", "activity_date", "linked_to", "version", "deleted")
 CELL_WIDTH: Final = 40

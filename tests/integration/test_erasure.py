@@ -645,3 +645,46 @@ async def test_stream_cleanup_survives_a_restart(make_service: Callable[..., Any
     finally:
         await again.stop()
         service.runtime = Runtime(service.settings)  # the fixture's stop of a never-started runtime is harmless
+
+
+async def test_client_and_cli_erase(
+    runtime: Runtime, token: Callable[..., str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from activities_client import AsyncClient, Client, Gone
+    from services.cli import main as cli_main
+
+    kwargs = {
+        "nats_url": runtime.endpoints["nats_url"],
+        "subject_prefix": runtime.settings.subject_prefix,
+        "stream_name": runtime.settings.stream_name,
+    }
+    bearer = token(tenant="erase-client")
+    async with AsyncClient(token=bearer, **kwargs) as client:
+        activities = client.customer.activities
+        one = await activities.create(account_id="a", subject="one")
+        assert await activities.erase(one.id) == 1
+        assert await activities.erase(one.id) == 0
+        with pytest.raises(Gone):
+            await activities.get(one.id)
+        for _ in range(3):
+            await activities.create(contact_id="c-client", subject="x")
+        assert await activities.erase(contact_id="c-client") == 3
+        with pytest.raises(TypeError):
+            await activities.erase()
+        two = await activities.create(account_id="a", subject="two")
+        three = await activities.create(contact_id="c-cli", subject="three")
+
+    def blocking() -> int:
+        with Client(token=bearer, **kwargs) as sync_client:
+            return sync_client.customer.activities.erase(two.id)
+
+    assert await asyncio.to_thread(blocking) == 1
+    monkeypatch.setenv("ACTIVITIES_SUBJECT_PREFIX", runtime.settings.subject_prefix)
+    monkeypatch.setenv("ACTIVITIES_STREAM_NAME", runtime.settings.stream_name)
+    connection = ["--nats-url", runtime.endpoints["nats_url"], "--token", bearer]
+    code = await asyncio.to_thread(cli_main, ["erase", "--contact-id", "c-cli", *connection])
+    assert code == 0 and capsys.readouterr().out.strip() == "erased 1 activity"
+    code = await asyncio.to_thread(cli_main, ["erase", three.id, "--json", *connection])
+    assert code == 0 and orjson.loads(capsys.readouterr().out) == {"erased": 0}
+    code = await asyncio.to_thread(cli_main, ["erase", *connection])
+    assert code != 0
