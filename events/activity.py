@@ -8,7 +8,7 @@ event classes the store holds, the mapping of `act_` ids to the store's UUIDs, a
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, assert_never
 from uuid import UUID
 
 from eventsourcing.domain import AggregateCreated, AggregateEvent
@@ -117,6 +117,18 @@ class ActivityErased(ActivityChanged):
 
 
 ActivityEvent = ActivityLogged | ActivityPatched | ActivityDeleted | ActivityRestored | ActivityErased
+
+
+def holds_client_content(event: ActivityEvent) -> bool:
+    """Whether an event's body may hold what a client wrote (its published message must then be
+    remembered for erasure, projections/erasure.py). Exhaustive: a new event type must say."""
+    match event:
+        case ActivityLogged() | ActivityPatched() | ActivityDeleted() | ActivityRestored():
+            return not event.document.get("is_erased")  # a skeleton left by an erasure holds none
+        case ActivityErased():
+            return False  # the skeleton that tells subscribers to forget: it stays on the stream
+        case _:
+            assert_never(event)
 
 
 def erased_copy(event: ActivityEvent) -> ActivityEvent:

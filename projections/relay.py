@@ -53,7 +53,14 @@ from psycopg.sql import SQL, Identifier
 
 from activities_client.document import EVENT_KINDS
 from activities_client.subjects import Subjects
-from events.activity import ActivityEvent, activity_uuid, event_body, event_type_name, is_activity_event_id
+from events.activity import (
+    ActivityEvent,
+    activity_uuid,
+    event_body,
+    event_type_name,
+    holds_client_content,
+    is_activity_event_id,
+)
 from projections.consumer import ConsumerSettings, Entry, TrackedConsumer, event_store
 from projections.erasure import (
     forget_published_sql,
@@ -439,9 +446,9 @@ class Relay:
             last = outgoing_page[outcome.acked - 1]
             self._chain_tail = last.msg_id
             remembered = [
-                (seq, activity_uuid(message.headers["Activity-Id"]))
-                for seq, message in zip(outcome.seqs, outgoing_page, strict=False)
-                if message.headers["Event-Type"] != "ActivityErased"  # the erasure's own message stays
+                (seq, entry.event.originator_id)
+                for seq, entry in zip(outcome.seqs, page, strict=False)
+                if holds_client_content(entry.event)  # (an ActivityErased stays on the stream)
             ]
             await self.record(last.position, remembered, max(outcome.seqs))
         if outcome.error is not None:
