@@ -377,10 +377,13 @@ async def test_erased_activity_reads_gone_and_keeps_skeleton_events(make_service
     assert retried["error"]["code"] == "gone" and _events(service.database_url) == count
 
 
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
 async def test_erase_by_contact_and_rebuild(
-    make_service: Callable[..., Any], nc: NatsClient, token: Callable[..., str]
+    make_service: Callable[..., Any], nc: NatsClient, token: Callable[..., str], debug_logs: Captured, encrypted: bool
 ) -> None:
-    service = await make_service()
+    key = AESCipher.create_key(16) if encrypted else None
+    cipher = AESCipher(_cipher_env(key)) if key else None
+    service = await make_service(cipher_key=key)
     mark = marker()
     contact = f"contact-{uuid.uuid4().hex}"  # (not the marker: a kept activity names it as a user)
     ids = [await write_versions(service.send, mark, contact, f"k-{uuid.uuid4().hex}") for _ in range(2)]
@@ -398,6 +401,7 @@ async def test_erase_by_contact_and_rebuild(
     foreign_token = token(tenant="globex")
     foreign = await service.send("create", {"contact_id": contact, "subject": "kept"}, bearer=foreign_token)
     await service.settled()
+    assert database_hits(service.database_url, mark, cipher), "the scan finds the marker before the erasure"
 
     erase = await service.http.post(
         "/api/v1/crm/activities/erase",
@@ -407,8 +411,9 @@ async def test_erase_by_contact_and_rebuild(
     assert erase.status_code == 200, erase.text
     assert erase.json()["data"] == {"erased": 5}, erase.json()
     await service.settled()
-    assert database_hits(service.database_url, mark) == []
+    assert database_hits(service.database_url, mark, cipher) == []
     assert (await stream_hits(nc, service.settings.subject_prefix, mark))[1] == []
+    assert not [line for line in debug_logs.service_lines() if mark in line or contact in line]
     for activity_id in [*ids, as_participant["data"]["id"], in_list["data"]["id"], deleted["data"]["id"]]:
         assert (await service.get(f"/{activity_id}", include_deleted="true")).status_code == 410
     for kept in (user_named, other):
