@@ -171,6 +171,13 @@ async def stream_hits(nc: NatsClient, subject_prefix: str, marker: str) -> tuple
     return read, hits
 
 
+def nats_files_holding(directory: Any, marker: str) -> list[str]:
+    """The files of an embedded nats-server's JetStream store holding the marker's bytes."""
+    files = [path for path in (directory / "jetstream").rglob("*") if path.is_file()]
+    assert files
+    return [str(path) for path in files if marker.encode() in path.read_bytes()]
+
+
 class Captured(logging.Handler):
     """Every log record of the process at DEBUG, formatted as the service formats them."""
 
@@ -293,7 +300,7 @@ def marker() -> str:
 
 @pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
 async def test_erase_by_id_leaves_the_marker_nowhere(
-    make_service: Callable[..., Any], nc: NatsClient, debug_logs: Captured, encrypted: bool
+    make_service: Callable[..., Any], nc: NatsClient, debug_logs: Captured, encrypted: bool, servers: Any
 ) -> None:
     key = AESCipher.create_key(32) if encrypted else None
     service = await make_service(cipher_key=key)
@@ -310,6 +317,8 @@ async def test_erase_by_id_leaves_the_marker_nowhere(
     assert database_hits(service.database_url, mark, cipher), "the scan finds the marker before the erasure"
     read, before = await stream_hits(nc, service.settings.subject_prefix, mark)
     assert before and read >= 12
+    if servers.nats is not None:
+        assert nats_files_holding(servers.nats.directory, mark), "the file scan finds the marker before"
 
     erased = await service.send("erase", {"id": activity_id}, key=f"erase-{uuid.uuid4().hex}")
     assert erased["data"] == {"erased": 1} and erased["meta"]["position"] > 0
@@ -318,6 +327,8 @@ async def test_erase_by_id_leaves_the_marker_nowhere(
     assert database_hits(service.database_url, mark, cipher) == []
     read, hits = await stream_hits(nc, service.settings.subject_prefix, mark)
     assert hits == [] and read > 0
+    if servers.nats is not None:  # the embedded server's files: secure deletes overwrote the messages
+        assert nats_files_holding(servers.nats.directory, mark) == []
     assert not [line for line in debug_logs.service_lines() if mark in line]
     assert any("activities." in line for line in debug_logs.lines)  # the capture did see the service's logs
     # the other activity is untouched
