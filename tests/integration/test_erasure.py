@@ -337,7 +337,9 @@ async def test_erase_by_id_leaves_the_marker_nowhere(
     assert other.status_code == 200 and other.json()["data"]["notes"] == f"KEEP{mark[3:]} last words"
 
 
-async def test_erased_activity_reads_gone_and_keeps_skeleton_events(make_service: Callable[..., Any]) -> None:
+async def test_erased_activity_reads_gone_and_keeps_skeleton_events(
+    make_service: Callable[..., Any], token: Callable[..., str]
+) -> None:
     service = await make_service()
     mark = marker()
     activity_id = await write_versions(service.send, mark, f"{mark}-c", f"k-{uuid.uuid4().hex}")
@@ -364,6 +366,17 @@ async def test_erased_activity_reads_gone_and_keeps_skeleton_events(make_service
         assert (await service.send(name, body))["error"]["code"] == "gone", name
     again = await service.send("erase", {"id": activity_id})
     assert again["data"] == {"erased": 0} and again["meta"]["position"] == position  # a no-op
+
+    # bad input: a clear error, nothing written
+    count = _events(service.database_url)
+    for body in ({}, {"id": activity_id, "contact_id": "c"}, {"id": "act_nope"}, {"contact_id": ""}, {"x": 1}):
+        reply = await service.send("erase", body)
+        assert reply["error"]["code"] == "validation_error" and reply["error"]["details"], (body, reply)
+    unknown = "act_" + "0" * 26
+    assert (await service.send("erase", {"id": unknown}))["error"]["code"] == "not_found"
+    stranger = await service.send("erase", {"id": second["data"]["id"]}, bearer=token(tenant="globex"))
+    assert stranger["error"]["code"] == "not_found"
+    assert _events(service.database_url) == count
 
     history = await service.get(f"/{activity_id}/events")
     events = history.json()["data"]
