@@ -674,9 +674,12 @@ class CommandService:
         if erased:
             stored, erasure = await self._erasure(erased, stored)
         try:
-            notification_ids = await self.store.append(
-                stored, pending.keys, erasure, [event.document for event in erased]
-            )
+            if erasure is None:
+                notification_ids = await self.store.append(stored, pending.keys)
+            else:
+                notification_ids = await self.store.append(
+                    stored, pending.keys, erasure, [event.document for event in erased]
+                )
         except IntegrityError:
             raise _Conflict(await self._conflicting(requests, indexes, read)) from None
         self.app.remember(pending.aggregates.values(), stored)
