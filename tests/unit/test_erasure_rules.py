@@ -146,3 +146,12 @@ def test_logs_name_errors_by_type_and_sqlstate_never_by_message() -> None:
         record = logging.LogRecord("t", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
     line = JsonFormatter().format(record)
     assert SECRET not in line and "RuntimeError" in line and "22007" in line and "raise RuntimeError" in line
+
+
+def test_connection_errors_keep_their_first_line_which_says_what_to_fix() -> None:
+    import psycopg
+
+    refused = psycopg.OperationalError("connection failed: server does not support SSL, but SSL was required\nmore")
+    assert describe(refused) == "OperationalError: connection failed: server does not support SSL, but SSL was required"
+    assert describe(ConnectionRefusedError("refused")) == "ConnectionRefusedError: refused"
+    assert describe(ValueError(SECRET)) == "ValueError"
