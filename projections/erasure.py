@@ -171,6 +171,7 @@ class StreamEraser:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._nc: NatsClient | None = None
+        self._conn: psycopg.AsyncConnection[Any] | None = None
 
     async def start(self) -> None:
         if self._task is None:
@@ -186,6 +187,7 @@ class StreamEraser:
             with contextlib.suppress(Exception):
                 await self._nc.close()
             self._nc = None
+        await self._close_connection()
 
     def wake(self) -> None:
         self._wake.set()
@@ -222,50 +224,68 @@ class StreamEraser:
         except psycopg.errors.UndefinedTable:  # the relay has not started yet: nothing published
             return 0
 
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        """One connection kept across sweeps (a sweep a second would otherwise start a backend a second)."""
+        if self._conn is None or self._conn.closed:
+            self._conn = await psycopg.AsyncConnection.connect(
+                conninfo(self.database_url, connect_timeout=5), autocommit=True
+            )
+        return self._conn
+
     async def _sweep(self) -> int:
+        try:
+            return await self._sweep_on(await self._connection())
+        except psycopg.OperationalError:
+            await self._close_connection()  # broken: the next sweep opens a fresh one
+            raise
+
+    async def _close_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+            self._conn = None
+
+    async def _sweep_on(self, conn: psycopg.AsyncConnection[Any]) -> int:
         tracking, name = self.relay_tracking
-        async with await psycopg.AsyncConnection.connect(
-            conninfo(self.database_url, connect_timeout=5), autocommit=True
-        ) as conn:
-            rows = await (
-                await conn.execute(
-                    SQL(
-                        "SELECT e.activity_id, e.generation FROM {erasures} e "
-                        "WHERE e.pending "
-                        "AND e.position <= COALESCE((SELECT position FROM {tracking} WHERE name = %s), 0) "
-                        "ORDER BY e.position LIMIT %s"
-                    ).format(erasures=_table(self.schema, ERASURES_TABLE), tracking=_table(self.schema, tracking)),
-                    (name, self.batch),
-                )
-            ).fetchall()
-            if not rows:
-                return 0
-            ids = [row[0] for row in rows]
-            messages = await (
-                await conn.execute(
-                    SQL("SELECT stream, seq FROM {t} WHERE activity_id = ANY(%s::uuid[])").format(
-                        t=_table(self.schema, PUBLISHED_TABLE)
-                    ),
-                    (ids,),
-                )
-            ).fetchall()
-            await self._delete_messages([(str(row[0]), int(row[1])) for row in messages])
-            async with conn.transaction():
-                await conn.execute(
-                    SQL(
-                        "DELETE FROM {t} p USING unnest(%s::text[], %s::bigint[]) AS m(stream, seq) "
-                        "WHERE p.stream = m.stream AND p.seq = m.seq"
-                    ).format(t=_table(self.schema, PUBLISHED_TABLE)),
-                    ([row[0] for row in messages], [row[1] for row in messages]),
-                )
-                cursor = await conn.execute(
-                    SQL(
-                        "UPDATE {t} e SET pending = false FROM unnest(%s::uuid[], %s::bigint[]) AS d(id, generation) "
-                        "WHERE e.activity_id = d.id AND e.generation = d.generation"
-                    ).format(t=_table(self.schema, ERASURES_TABLE)),
-                    (ids, [row[1] for row in rows]),
-                )
-                finished = cursor.rowcount
+        rows = await (
+            await conn.execute(
+                SQL(
+                    "SELECT e.activity_id, e.generation FROM {erasures} e "
+                    "WHERE e.pending "
+                    "AND e.position <= COALESCE((SELECT position FROM {tracking} WHERE name = %s), 0) "
+                    "ORDER BY e.position LIMIT %s"
+                ).format(erasures=_table(self.schema, ERASURES_TABLE), tracking=_table(self.schema, tracking)),
+                (name, self.batch),
+            )
+        ).fetchall()
+        if not rows:
+            return 0
+        ids = [row[0] for row in rows]
+        messages = await (
+            await conn.execute(
+                SQL("SELECT stream, seq FROM {t} WHERE activity_id = ANY(%s::uuid[])").format(
+                    t=_table(self.schema, PUBLISHED_TABLE)
+                ),
+                (ids,),
+            )
+        ).fetchall()
+        await self._delete_messages([(str(row[0]), int(row[1])) for row in messages])
+        async with conn.transaction():
+            await conn.execute(
+                SQL(
+                    "DELETE FROM {t} p USING unnest(%s::text[], %s::bigint[]) AS m(stream, seq) "
+                    "WHERE p.stream = m.stream AND p.seq = m.seq"
+                ).format(t=_table(self.schema, PUBLISHED_TABLE)),
+                ([row[0] for row in messages], [row[1] for row in messages]),
+            )
+            cursor = await conn.execute(
+                SQL(
+                    "UPDATE {t} e SET pending = false FROM unnest(%s::uuid[], %s::bigint[]) AS d(id, generation) "
+                    "WHERE e.activity_id = d.id AND e.generation = d.generation"
+                ).format(t=_table(self.schema, ERASURES_TABLE)),
+                (ids, [row[1] for row in rows]),
+            )
+            finished = cursor.rowcount
         self.done += finished
         log.info("erased activities' messages deleted", extra={"erasures": len(rows), "messages": len(messages)})
         return len(rows)
