@@ -8,13 +8,21 @@ event classes the store holds, the mapping of `act_` ids to the store's UUIDs, a
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, assert_never
 from uuid import UUID
 
 from eventsourcing.domain import AggregateCreated, AggregateEvent
 from ulid import ULID
 
-from activities_client.document import ID_PREFIX, SCHEMA_VERSION, client_fields, format_datetime, upcast_document
+from activities_client.document import (
+    ID_PREFIX,
+    SCHEMA_VERSION,
+    client_fields,
+    format_datetime,
+    is_activity_id,
+    skeleton,
+    upcast_document,
+)
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _TO_BASE_32 = str.maketrans(  # Crockford's digits to Python's; its four excluded letters to a non-digit
@@ -34,6 +42,11 @@ def activity_uuid(activity_id: str) -> UUID:
     if not translated.isalnum() or not translated.isascii():
         raise ValueError("an activity id is act_ followed by a 26-character ULID")
     return UUID(int=int(translated, 32))
+
+
+def is_activity_event_id(value: object) -> bool:
+    """Whether a value is an `act_<ULID>` id (e.g. a message's Activity-Id header)."""
+    return is_activity_id(value)
 
 
 def activity_id_of(originator_id: UUID) -> str:
@@ -66,6 +79,8 @@ class ActivityLogged(AggregateCreated):
 
     @property
     def changes(self) -> dict[str, Any]:
+        if self.document.get("is_erased"):  # rewritten to its skeleton by an erasure: no client fields
+            return {}
         return client_fields(self.document)
 
     @staticmethod
@@ -108,7 +123,58 @@ class ActivityRestored(ActivityChanged):
     """A soft-deleted activity was restored. `changes` is {}."""
 
 
-ActivityEvent = ActivityLogged | ActivityPatched | ActivityDeleted | ActivityRestored
+class ActivityErased(ActivityChanged):
+    """The activity was erased (docs/contract.md section 11). `changes` is {} and `document` the
+    skeleton (activities_client.document.SKELETON_FIELDS). In the same transaction every earlier
+    event of the activity was rewritten to its skeleton (`erased_state`): same topic, version,
+    position and time stamp, the document reduced to the skeleton at that version, `changes` {}."""
+
+
+ActivityEvent = ActivityLogged | ActivityPatched | ActivityDeleted | ActivityRestored | ActivityErased
+
+
+def holds_client_content(event: ActivityEvent) -> bool:
+    """Whether an event's body may hold what a client wrote (its published message must then be
+    remembered for erasure, projections/erasure.py). Exhaustive: a new event type must say."""
+    match event:
+        case ActivityLogged() | ActivityPatched() | ActivityDeleted() | ActivityRestored():
+            return not event.document.get("is_erased")  # a skeleton left by an erasure holds none
+        case ActivityErased():
+            return False  # the skeleton that tells subscribers to forget: it stays on the stream
+        case _:
+            assert_never(event)
+
+
+def erased_copy(event: ActivityEvent) -> ActivityEvent:
+    """The skeleton an erasure leaves of a stored event: the same class, activity, version, time
+    stamp and actor (the verified caller, a server field); the document reduced to the skeleton of
+    that version; no `changes` and no trace context (both came from a client)."""
+    document = skeleton(event.document)
+    event_class: Any = type(event)  # the library's dataclass events: mypy does not see their fields
+    if isinstance(event, ActivityLogged):
+        logged: ActivityEvent = event_class(
+            originator_id=event.originator_id,
+            originator_version=event.originator_version,
+            timestamp=event.timestamp,
+            originator_topic=event.originator_topic,
+            document=document,
+            actor=event.actor,
+            schema_version=SCHEMA_VERSION,
+            traceparent=None,
+        )
+        return logged
+    changed: ActivityEvent = event_class(
+        originator_id=event.originator_id,
+        originator_version=event.originator_version,
+        timestamp=event.timestamp,
+        document=document,
+        changes={},
+        actor=event.actor,
+        schema_version=SCHEMA_VERSION,
+        traceparent=None,
+    )
+    return changed
+
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 

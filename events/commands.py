@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, assert_never
 
 import orjson
 import pydantic
@@ -32,6 +32,8 @@ from activities_client.wire import (
     ActivityReply,
     BatchBody,
     BatchReply,
+    EraseBody,
+    EraseReply,
     PatchActivityBody,
     UpsertActivityBody,
     UpsertReply,
@@ -77,7 +79,6 @@ class UpsertActivity:
     expected_version: int | None = None
 
 
-Command = CreateActivity | PatchActivity | DeleteActivity | RestoreActivity | UpsertActivity
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,41 @@ class BatchCommands:
     """`cmd.batch`: independent commands, carried out in order, their creates saved together."""
 
     items: tuple[BatchItem, ...]
+
+
+@dataclass(frozen=True)
+class EraseActivity:
+    """Erase one activity (docs/contract.md section 11). `if_names_contact`: only when its current
+    document still names that contact (an erasure by contact, carried out activity by activity);
+    `if_deleted_before`: only when it is still deleted, since before that time (retention)."""
+
+    activity_id: str
+    if_names_contact: str | None = None
+    if_deleted_before: str | None = None  # retention: only if still deleted since before this RFC 3339 time
+
+
+@dataclass(frozen=True)
+class EraseByContact:
+    """Erase every activity of the caller's tenant (and app) naming a contact; the application
+    finds them and carries out one `EraseActivity` each (services/erasure.py)."""
+
+    contact_id: str
+
+
+Command = (
+    CreateActivity | PatchActivity | DeleteActivity | RestoreActivity | UpsertActivity | EraseActivity | EraseByContact
+)
+
+
+def target_id(command: Command) -> str | None:
+    """The id of the one existing activity a command acts on (None: a create, or an erasure by contact)."""
+    match command:
+        case CreateActivity() | UpsertActivity() | EraseByContact():
+            return None
+        case PatchActivity() | DeleteActivity() | RestoreActivity() | EraseActivity():
+            return command.activity_id
+        case _:
+            assert_never(command)
 
 
 def details_of(error: pydantic.ValidationError) -> list[dict[str, str]]:
@@ -303,6 +339,20 @@ def _batch_item(index: int, item: Any) -> BatchItem:
         return BatchItem(str(op), None, None, "", error)
 
 
+def parse_erase(body: bytes | str | dict[str, Any]) -> EraseActivity | EraseByContact:
+    """`{"id"}` erases one activity, `{"contact_id"}` every activity naming that contact."""
+    data = parse_json_object(body)
+    _only_keys(data, {"id", "contact_id"})
+    if ("id" in data) == ("contact_id" in data):
+        raise field_error("id", "give either id (one activity) or contact_id (every activity naming it)")
+    if "id" in data:
+        return EraseActivity(_activity_id(data))
+    contact_id = data["contact_id"]
+    if not isinstance(contact_id, str) or not contact_id or len(contact_id) > 200:
+        raise field_error("contact_id", "must be a non-empty string of at most 200 characters")
+    return EraseByContact(contact_id)
+
+
 # ---------------------------------------------------------------------------------------------
 # The registry: one entry per command
 # ---------------------------------------------------------------------------------------------
@@ -353,6 +403,7 @@ class CommandSpec:
     reply: type[BaseModel]
     http: HttpRoute
     max_body_bytes: int = MAX_BODY_BYTES
+    more_http: tuple[HttpRoute, ...] = ()  # further routes to the same command (erase: by id and by contact)
 
 
 COMMANDS: Final[Mapping[str, CommandSpec]] = {
@@ -423,6 +474,16 @@ COMMANDS: Final[Mapping[str, CommandSpec]] = {
             BatchReply,
             HttpRoute("POST", "/batch"),
             max_body_bytes=MAX_BATCH_BYTES,
+        ),
+        CommandSpec(
+            "erase",
+            "Erase an activity for good ({id}), or every activity naming a contact ({contact_id}): what clients "
+            "wrote is removed everywhere; a skeleton and an ActivityErased event remain.",
+            parse_erase,
+            EraseBody,
+            EraseReply,
+            HttpRoute("POST", "/erase", errors=(404,)),
+            more_http=(HttpRoute("POST", "/{id}/erase", has_body=False, errors=(404,)),),
         ),
     )
 }

@@ -57,6 +57,7 @@ from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastor
 from psycopg.sql import SQL, Identifier
 
 from projections.database import conninfo
+from projections.errors import describe
 
 log = logging.getLogger("activities.consumer")
 
@@ -226,7 +227,7 @@ class TrackedConsumer(Generic[H]):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database is away, or the session dropped: try again
-                log.warning("consumer session failed", extra={"consumer": self.name, "error": repr(exc)})
+                log.warning("consumer session failed", extra={"consumer": self.name, "error": describe(exc)})
             await self._pause(self.settings.leader_retry_s)
 
     async def _pause(self, seconds: float) -> None:
@@ -270,7 +271,7 @@ class TrackedConsumer(Generic[H]):
         try:
             await self.handler.close()
         except Exception as exc:
-            log.warning("consumer handler failed to close", extra={"consumer": self.name, "error": repr(exc)})
+            log.warning("consumer handler failed to close", extra={"consumer": self.name, "error": describe(exc)})
 
     # Processing -------------------------------------------------------------------------------
 
@@ -289,7 +290,7 @@ class TrackedConsumer(Generic[H]):
             except Exception as exc:  # supervised: back off, then resume from the handler's record
                 resumed = False
                 self.failures += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.last_error = describe(exc)  # no message: it may quote client content
                 delay = backoff.next()
                 log.warning(
                     "consumer failed; resuming from its record",

@@ -177,6 +177,16 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             "INCLUDE (owner_id, type, status, priority, outcome, app_id, is_deleted)",
         ),
     ),
+    Migration(
+        8,
+        "is_erased column: erased activities' skeletons are left out of lists and stats",
+        # no backfill: no activity was erased before this column existed
+        ddl=("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS is_erased boolean NOT NULL DEFAULT false",),
+        concurrent=(  # retention's sweep: deleted, not yet erased, by deletion time (= updated_at)
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {table}_deleted ON {table} (updated_at) "
+            "WHERE is_deleted AND NOT is_erased",
+        ),
+    ),
 )
 """Every migration, in order. Append; never edit one that has shipped."""
 

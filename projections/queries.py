@@ -575,6 +575,7 @@ def list_filters(query: ListQuery) -> tuple[list[sql.Composable], list[Any]]:
             params += values
     if not query.include_deleted:
         where.append(sql.SQL("NOT is_deleted"))
+    where.append(sql.SQL("NOT is_erased"))  # an erased activity's skeleton is never listed nor counted
     return where, params
 
 
@@ -719,6 +720,7 @@ _ROW_COLUMNS: Final = (
     ("version", "(d->>'version')::integer"),
     ("position", "(p.value)::bigint"),
     ("document", "d"),
+    ("is_erased", "COALESCE((d->>'is_erased')::boolean, false)"),  # migration 8
 )
 ROW_COLUMN_NAMES: Final = tuple(name for name, _ in _ROW_COLUMNS)
 

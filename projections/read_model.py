@@ -32,6 +32,7 @@ from psycopg.rows import DictRow
 
 from projections.consumer import ConsumerSettings, Entry, schema_lock
 from projections.database import url_datastore
+from projections.errors import describe
 from projections.migrations import create_fresh, migrate, record_all
 from projections.queries import (
     READ_MODEL_TABLE,
@@ -77,7 +78,7 @@ def ensure_reader_role(datastore: PostgresDatastore, table: str) -> None:
                     sql.SQL("GRANT SELECT ON {} TO {}").format(table_identifier(name), sql.Identifier(READER_ROLE))
                 )
     except Exception as exc:  # e.g. no CREATEROLE: RLS still binds a non-superuser owner (FORCE)
-        log.warning("read-model reader role not set up", extra={"error": str(exc)})
+        log.warning("read-model reader role not set up", extra={"error": describe(exc)})
 
 
 def prepare_read_model(database_url: str) -> list[int]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -52,8 +53,22 @@ from psycopg.sql import SQL, Identifier
 
 from activities_client.document import EVENT_KINDS
 from activities_client.subjects import Subjects
-from events.activity import ActivityEvent, event_body, event_type_name
+from events.activity import (
+    ActivityEvent,
+    activity_uuid,
+    event_body,
+    event_type_name,
+    holds_client_content,
+    is_activity_event_id,
+)
 from projections.consumer import ConsumerSettings, Entry, TrackedConsumer, event_store
+from projections.erasure import (
+    forget_published_sql,
+    remember_published_params,
+    remember_published_sql,
+    scanned_through_sql,
+)
+from projections.errors import describe
 from projections.streams import ensure_stream, nats_servers
 
 log = logging.getLogger("activities.relay")
@@ -61,6 +76,8 @@ log = logging.getLogger("activities.relay")
 TRACKING_TABLE: Final = "activities_relay_tracking"
 RELAY_NAME: Final = "jetstream"
 MIN_DUPLICATE_WINDOW_S: Final = 120.0
+
+SCAN_CHUNK: Final = 256  # messages read at a time when remembering a stream's unscanned tail
 
 MSG_ID: Final = "Nats-Msg-Id"
 EXPECTED_LAST_MSG_ID: Final = "Nats-Expected-Last-Msg-Id"
@@ -179,9 +196,30 @@ class RelayStore:
             row = curs.fetchone()
         return int(row["head"]) if row and row["head"] is not None else 0
 
-    def save_position(self, position: int) -> None:
+    def save_position(
+        self, position: int, stream: str | None = None, published: Sequence[tuple[int, Any]] = (), through: int = 0
+    ) -> None:
+        """Record the position and, in the same transaction, remember the `published` messages
+        holding activity content ((stream sequence, activity uuid); projections/erasure.py), the
+        stream being scanned `through` that sequence."""
         with self.datastore.transaction(commit=True) as curs:
             curs.execute(self._upsert, (self.name, position))
+            if stream is not None and (published or through):
+                params = remember_published_params(stream, published, through)
+                curs.execute(remember_published_sql(self.datastore.schema), params)
+
+    def forget_stream(self, stream: str, before_seq: int | None) -> None:
+        """Forget the remembered messages of a stream below a sequence (None: all, and its scan)."""
+        with self.datastore.transaction(commit=True) as curs:
+            for statement in forget_published_sql(self.datastore.schema, all_of_it=before_seq is None):
+                curs.execute(statement, {"stream": stream, "before": before_seq or 0})
+
+    def scanned_through(self, stream: str) -> int:
+        """The stream sequence up to which every message is remembered (0: none yet)."""
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(scanned_through_sql(self.datastore.schema), (stream,))
+            row = curs.fetchone()
+        return int(row["through_seq"]) if row else 0
 
 
 def messages(subjects: Subjects, page: Sequence[Entry]) -> list[Outgoing]:
@@ -214,6 +252,8 @@ async def last_position_on_stream(js: JetStreamContext, stream: str) -> int:
 class PublishInterrupted(Exception):
     """Only a prefix of a page was acknowledged; the rest is published again later."""
 
+    safe_to_log = True  # counts and the NATS error: no client content
+
 
 @dataclass
 class RelayStats:
@@ -233,6 +273,7 @@ class PublishOutcome:
     acked: int
     duplicates: int
     error: BaseException | None = None
+    seqs: list[int] = dataclasses.field(default_factory=list)  # stream sequences of the acknowledged prefix
 
 
 async def publish_in_order(
@@ -262,6 +303,7 @@ async def publish_in_order(
         for future in pending:
             future.cancel()  # frees nats-py's pending slot; a late ack is ignored
     acked = duplicates = 0
+    seqs: list[int] = []
     for future in futures:
         if future.cancelled():
             error = error or TimeoutError(f"no ack within {ack_timeout_s}s")
@@ -272,7 +314,8 @@ async def publish_in_order(
             break
         acked += 1
         duplicates += bool(future.result().duplicate)
-    return PublishOutcome(acked, duplicates, error)
+        seqs.append(future.result().seq)  # a duplicate's ack names the original message
+    return PublishOutcome(acked, duplicates, error, seqs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,8 +392,47 @@ class Relay:
                 extra={"stream": self.stream.name, "stream_position": published, "store_recorded": recorded},
             )
             self.stream_ahead = published
+        await self.remember_unscanned(js)
         self.position = max(recorded, published)
         return self.position
+
+    async def remember_unscanned(self, js: JetStreamContext) -> int:
+        """Remember the stream's messages after the last one remembered: those acknowledged just
+        before a crash (the position was not recorded), or the whole stream on the first start of
+        a release with erasure. Reads each message's headers; how many messages it remembered."""
+        stream = self.stream.name
+        info = await js.stream_info(stream)
+        through: int = await self._in_thread(self.store.scanned_through, stream)
+        first_seq, last_seq = int(info.state.first_seq or 1), int(info.state.last_seq or 0)
+        if last_seq < through:  # the stream was deleted and made again: its sequences are new ones
+            log.warning("the stream restarted its sequences; remembering it from the start", extra={"stream": stream})
+            await self._in_thread(self.store.forget_stream, stream, None)
+            through = 0
+        else:  # messages the stream no longer holds (its limits removed them) need no erasing
+            await self._in_thread(self.store.forget_stream, stream, first_seq)
+        first, last = max(through + 1, first_seq), last_seq
+        found: list[tuple[int, Any]] = []
+        for start in range(first, last + 1, SCAN_CHUNK):
+            seqs = range(start, min(start + SCAN_CHUNK, last + 1))
+            found += [m for m in await asyncio.gather(*(self._content_message(js, seq) for seq in seqs)) if m]
+            upto = seqs[-1]
+            await self._in_thread(self.store.save_position, 0, stream, found, upto)  # GREATEST: 0 keeps it
+            if found:
+                log.info("relay remembered messages of the stream", extra={"stream": stream, "through_seq": upto})
+            found = []
+        return max(0, last - first + 1)
+
+    async def _content_message(self, js: JetStreamContext, seq: int) -> tuple[int, Any] | None:
+        """(seq, activity uuid) of a message holding activity content; None for others and gaps."""
+        try:
+            message = await js.get_msg(self.stream.name, seq=seq)
+        except NotFoundError:
+            return None
+        headers = message.headers or {}
+        activity_id = headers.get("Activity-Id")
+        if headers.get("Event-Type") == "ActivityErased" or not is_activity_event_id(activity_id):
+            return None
+        return seq, activity_uuid(str(activity_id))
 
     async def handle(self, page: Sequence[Entry]) -> int:
         """Publish a page and record the position of its acknowledged prefix; raises
@@ -363,14 +445,20 @@ class Relay:
         if outcome.acked:
             last = outgoing_page[outcome.acked - 1]
             self._chain_tail = last.msg_id
-            await self.record(last.position)
+            remembered = [
+                (seq, entry.event.originator_id)
+                for seq, entry in zip(outcome.seqs, page, strict=False)
+                if holds_client_content(entry.event)  # (an ActivityErased stays on the stream)
+            ]
+            await self.record(last.position, remembered, max(outcome.seqs))
         if outcome.error is not None:
             raise PublishInterrupted(f"{outcome.acked}/{len(page)} acknowledged: {outcome.error!r}")
         return self.position
 
-    async def record(self, position: int) -> None:
-        """Save the position (only ever called once everything up to it is acknowledged)."""
-        await self._in_thread(self.store.save_position, position)
+    async def record(self, position: int, published: Sequence[tuple[int, Any]] = (), through: int = 0) -> None:
+        """Save the position (only ever called once everything up to it is acknowledged), with the
+        messages it published that hold activity content (for erasure)."""
+        await self._in_thread(self.store.save_position, position, self.stream.name, published, through)
         self.position = position
 
     async def close(self) -> None:
@@ -405,7 +493,7 @@ class Relay:
         return self._js
 
     async def _nats_error(self, error: Exception) -> None:
-        log.debug("relay NATS error", extra={"error": repr(error)})
+        log.debug("relay NATS error", extra={"error": describe(error)})
 
     async def _nats_disconnected(self) -> None:
         self._chain_tail = None

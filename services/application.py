@@ -44,11 +44,14 @@ from eventsourcing.utils import Environment, retry
 from psycopg.sql import SQL, Identifier, Literal
 
 from activities_client.document import new_activity_id
-from activities_client.errors import ActivitiesError, IdempotencyConflict, InternalError, NotFound, Unavailable
-from events.activity import ActivityEvent, activity_id_of, activity_uuid
-from events.commands import Command, CreateActivity, UpsertActivity
+from activities_client.errors import ActivitiesError, Gone, IdempotencyConflict, InternalError, NotFound, Unavailable
+from events.activity import ActivityErased, ActivityEvent, activity_id_of, activity_uuid, erased_copy
+from events.commands import Command, CreateActivity, UpsertActivity, target_id
+from projections import erasure as erasure_tables
 from projections.consumer import lock_key, schema_lock
 from projections.database import URL_KEY, conninfo, datastore_url
+from projections.errors import describe
+from projections.queries import READ_MODEL_TABLE, build_upsert_sql
 from services.cache import SizedLRUCache, estimated_size
 from services.domain import Activity, Caller, decide
 from services.logs import correlation_id
@@ -84,6 +87,7 @@ class CommandResult:
     document: dict[str, Any]
     position: int
     created: bool | None = None  # an upsert's: whether it created the activity (`meta.created`)
+    wrote: bool = True  # False for a no-op (nothing appended)
 
     def envelope(self) -> dict[str, Any]:
         if self.created is not None:
@@ -99,6 +103,21 @@ def external_key_of(request: CommandRequest) -> ExternalKey:
     """The scope of an upsert's key: the caller's tenant and app ("" for a token without one)."""
     assert isinstance(request.command, UpsertActivity)
     return (request.caller.tenant_id, request.caller.app_id or "", request.command.external_key)
+
+
+ERASED_FINGERPRINT: Final = "erased"
+"""What an erasure leaves of the fingerprint of an Idempotency-Key of the erased activity (a digest of
+the body, which held client content): a retry with that key gets `gone`, and never writes again."""
+
+
+@dataclass(frozen=True)
+class ErasureWrite:
+    """What an erasing append also writes, in its transaction: the earlier events of the erased
+    activities rewritten to skeletons (same id and version, new state), and the erased activities
+    (id and the version of their `ActivityErased`)."""
+
+    rewrites: list[StoredEvent]
+    erased: list[tuple[UUID, int]]
 
 
 Outcome = CommandResult | ActivitiesError
@@ -242,6 +261,29 @@ class ActivitiesRecorder(PostgresApplicationRecorder):
             " AND originator_version = q.originator_version OFFSET 0) AS e"
         ).format(schema=schema, events=events)
         self.idempotency_ttl_s = 24 * 3600.0
+        # Erasure (docs/contract.md section 11): the keys of an activity are found by its id, and the
+        # erasure tables (projections/erasure.py) live beside the events.
+        self.sql_create_statements.append(
+            SQL("CREATE INDEX IF NOT EXISTS {index} ON {schema}.{table} (originator_id)").format(
+                index=Identifier(IDEMPOTENCY_TABLE + "_originator"), schema=schema, table=table
+            )
+        )
+        self.sql_create_statements.extend(erasure_tables.create_statements(self.datastore.schema))
+        self.rewrite_sql = SQL(
+            "UPDATE {schema}.{events} AS e SET state = r.state "
+            "FROM unnest(%b::uuid[], %b::bigint[], %b::bytea[]) AS r(originator_id, originator_version, state) "
+            "WHERE e.originator_id = r.originator_id AND e.originator_version = r.originator_version"
+        ).format(schema=schema, events=events)
+        self.forget_keys_sql = SQL(
+            "UPDATE {schema}.{table} AS k SET fingerprint = {erased} "
+            "FROM unnest(%b::uuid[], %b::bigint[]) AS q(originator_id, erased_version) "
+            "WHERE k.originator_id = q.originator_id AND k.originator_version < q.erased_version"
+        ).format(schema=schema, table=table, erased=Literal(ERASED_FINGERPRINT))
+        self.forget_external_keys_sql = SQL(  # an upsert's key was the client's: erased with the activity
+            "DELETE FROM {schema}.{keys} WHERE originator_id = ANY(%b::uuid[])"
+        ).format(schema=schema, keys=Identifier(EXTERNAL_KEYS_TABLE))
+        self.record_erasures_sql = erasure_tables.record_erasures_sql(self.datastore.schema)
+        self.erase_rows_sql = build_upsert_sql(READ_MODEL_TABLE)
 
     def create_table(self) -> None:
         """Idempotent. Serialised by an advisory lock: processes starting together would collide
@@ -352,23 +394,51 @@ class CommandStore:
         stored_events: Sequence[StoredEvent],
         keys: Sequence[tuple[str, str, str, UUID, int]],
         external_keys: Sequence[tuple[str, str, str, UUID]] = (),
+        erasure: ErasureWrite | None = None,
+        skeletons: Sequence[dict[str, Any]] = (),
     ) -> list[int]:
         """Append events, their idempotency keys and the keys of the upserts that created
-        activities (tenant, app or "", key, originator id) in one transaction; their notification ids."""
+        activities (tenant, app or "", key, originator id) in one transaction; their notification ids.
+
+        With an `erasure`, the same transaction rewrites the erased activities' earlier events to
+        their skeletons, forgets the fingerprints of their keys and their external keys, records the
+        erasures (for the streams' cleanup) and puts the `skeletons` (the erased documents) into the
+        read model."""
         if not stored_events:
             return []
-        params = self._recorder.append_params(stored_events, keys)
-        statement = self._recorder.append_sql
+        recorder = self._recorder
+        params = recorder.append_params(stored_events, keys)
+        statement = recorder.append_sql
         if external_keys:
-            statement = self._recorder.append_keyed_sql
+            statement = recorder.append_keyed_sql
             rows = [
                 {"tenant_id": t, "app_id": a, "external_key": k, "originator_id": str(i)}
                 for t, a, k, i in external_keys
             ]
             params = (*params, orjson.dumps(rows).decode())
         async with self._cursor() as cursor:
-            await cursor.execute(statement, params, binary=True)
-            return [row[0] for row in await cursor.fetchall()]
+            if erasure is None:
+                await cursor.execute(statement, params, binary=True)
+                return [row[0] for row in await cursor.fetchall()]
+            async with cursor.connection.transaction():
+                await cursor.execute(statement, params, binary=True)
+                ids = [row[0] for row in await cursor.fetchall()]
+                written = {(e.originator_id, e.originator_version): n for e, n in zip(stored_events, ids, strict=True)}
+                rewrites = erasure.rewrites
+                await cursor.execute(
+                    recorder.rewrite_sql,
+                    ([e.originator_id for e in rewrites], [e.originator_version for e in rewrites],
+                     [e.state for e in rewrites]),
+                    binary=True,
+                )
+                erased_ids = [i for i, _ in erasure.erased]
+                erased_versions = [v for _, v in erasure.erased]
+                await cursor.execute(recorder.forget_keys_sql, (erased_ids, erased_versions), binary=True)
+                await cursor.execute(recorder.forget_external_keys_sql, (erased_ids,), binary=True)
+                positions = [written[ref] for ref in erasure.erased]
+                await cursor.execute(recorder.record_erasures_sql, (erased_ids, positions))
+                await self._erase_rows(cursor, skeletons, positions)
+            return ids
 
     async def find_external_keys(self, scoped: Sequence[ExternalKey]) -> dict[ExternalKey, UUID]:
         """The activities of upserts' keys that exist: (tenant, app or "", key) -> originator id."""
@@ -381,6 +451,24 @@ class CommandStore:
                 binary=True,
             )
             return {(row[0], row[1], row[2]): row[3] for row in await cursor.fetchall()}
+
+    async def _erase_rows(
+        self, cursor: psycopg.AsyncCursor[Any], skeletons: Sequence[dict[str, Any]], positions: Sequence[int]
+    ) -> None:
+        """The read model's rows of erased activities become their skeletons at once (guarded by
+        version, so the projector's later upsert of the same event changes nothing), so that no read
+        serves the content while the projector catches up. Skipped, in a savepoint, where the read
+        model is not there (a process started before it was created, or another database)."""
+        try:
+            async with cursor.connection.transaction():
+                await cursor.execute(
+                    self._recorder.erase_rows_sql,
+                    (orjson.dumps(list(skeletons)).decode(), orjson.dumps(list(positions)).decode()),
+                )
+        except psycopg.Error as exc:
+            log.info(
+                "read model not updated by the erasure; the projector will", extra={"error_type": type(exc).__name__}
+            )
 
     async def select_after(self, refs: Sequence[tuple[UUID, int]]) -> list[StoredEvent]:
         """The events of many streams in one query: for each (originator id, version), the events
@@ -587,7 +675,7 @@ class CommandService:
         try:
             return await self._execute(requests)
         except (OperationalError, InterfaceError) as exc:
-            log.warning("event store unavailable", extra={"error": str(exc)})
+            log.warning("event store unavailable", extra={"error": describe(exc)})
             error = Unavailable("the event store is unavailable; retry with the same Idempotency-Key")
             return [error for _ in requests]
 
@@ -655,7 +743,9 @@ class CommandService:
             if pair not in known:
                 continue
             fingerprint, originator_id, version = known[pair]
-            if fingerprint != requests[i].fingerprint:
+            if fingerprint == ERASED_FINGERPRINT:
+                outcomes[i] = Gone(f"activity {activity_id_of(originator_id)} was erased")
+            elif fingerprint != requests[i].fingerprint:
                 outcomes[i] = IdempotencyConflict(
                     "this Idempotency-Key was used with a different command or body; use a new key"
                 )
@@ -682,14 +772,7 @@ class CommandService:
         keyed = {i: found[key] for i, key in upserts.items() if key in found}
         pending = _Pending(
             await self.load_current(
-                [
-                    *(
-                        activity_uuid(c.activity_id)
-                        for c in changed
-                        if not isinstance(c, CreateActivity | UpsertActivity)
-                    ),
-                    *keyed.values(),
-                ]
+                [*(activity_uuid(target) for c in changed if (target := target_id(c)) is not None), *keyed.values()]
             ),
             keyed=keyed,
         )
@@ -705,8 +788,17 @@ class CommandService:
                 outcomes[i] = internal_error("deciding a command failed")
         events, stored = self.app.pending_events(pending.aggregates.values())
         external_keys = [(*key, originator_id) for key, originator_id in pending.new_keys.items()]
+        erased = [event for event in events if isinstance(event, ActivityErased)]
+        erasure = None
+        if erased:
+            stored, erasure = await self._erasure(erased, stored)
         try:
-            if external_keys:
+            if erasure is not None:
+                skeletons = [event.document for event in erased]
+                notification_ids = await self.store.append(
+                    stored, pending.keys, external_keys, erasure=erasure, skeletons=skeletons
+                )
+            elif external_keys:
                 notification_ids = await self.store.append(stored, pending.keys, external_keys)
             else:  # (the two-argument form: what tests that stand in for the store's append wrap)
                 notification_ids = await self.store.append(stored, pending.keys)
@@ -719,12 +811,12 @@ class CommandService:
         documents = dict(zip(refs, (event.document for event in events), strict=True))
         unwritten = [(ref[0], ref[1]) for ref in pending.refs.values() if (ref[0], ref[1]) not in written]
         positions = {**await self.store.positions(unwritten), **written}
-        for i, (originator_id, version, _) in pending.refs.items():
+        for i, (originator_id, version, wrote) in pending.refs.items():
             document = documents.get((originator_id, version))
             if document is None:
                 document = await self._document_at(pending, originator_id, version)
             created = (i in pending.created) if i in upserts else None
-            outcomes[i] = CommandResult(document, positions[(originator_id, version)], created)
+            outcomes[i] = CommandResult(document, positions[(originator_id, version)], created=created, wrote=wrote)
 
     async def _conflicting_upserts(
         self, upserts: dict[int, ExternalKey], keyed: dict[int, UUID], read: dict[UUID, int]
@@ -740,6 +832,27 @@ class CommandService:
         }
         return {i for i, key in upserts.items() if key in taken or keyed.get(i) in moved}
 
+    async def _erasure(
+        self, erased: Sequence[ActivityErased], stored: list[StoredEvent]
+    ) -> tuple[list[StoredEvent], ErasureWrite]:
+        """The batch's events with those of erased activities before their erasure reduced to
+        skeletons, and the rewrite of their events already stored (read here, decoded with their
+        upcasters, and encoded again by the mapper: compressed and encrypted as configured)."""
+        versions = {event.originator_id: event.originator_version for event in erased}
+
+        def skeleton_of(event: StoredEvent) -> StoredEvent:
+            domain_event = cast(ActivityEvent, self.app.mapper.to_domain_event(event))
+            return self.app.mapper.to_stored_event(erased_copy(domain_event))
+
+        def earlier(event: StoredEvent) -> bool:
+            version = versions.get(cast(UUID, event.originator_id))
+            return version is not None and event.originator_version < version
+
+        batch = [skeleton_of(event) if earlier(event) else event for event in stored]
+        already = await self.store.select_after([(originator_id, 0) for originator_id in versions])
+        rewrites = [skeleton_of(event) for event in already if earlier(event)]
+        return batch, ErasureWrite(rewrites, list(versions.items()))
+
     async def _conflicting(
         self, requests: Sequence[CommandRequest], indexes: Sequence[int], read: dict[UUID, int]
     ) -> set[int]:
@@ -753,9 +866,7 @@ class CommandService:
         }
         taken = set(await self.store.find_keys([(tenant, str(key)) for tenant, key in keys.values()]))
         targets = {
-            i: activity_uuid(command.activity_id)
-            for i in indexes
-            if not isinstance(command := requests[i].command, CreateActivity | UpsertActivity)
+            i: activity_uuid(target) for i in indexes if (target := target_id(requests[i].command)) is not None
         }
         return conflicting_commands(targets, {i: (t, str(k)) for i, (t, k) in keys.items()}, moved, taken)
 
@@ -792,7 +903,10 @@ class CommandService:
             activity = Activity.log(activity_uuid(activity_id), decision, now, request.traceparent)
             wrote = True
         else:
-            originator_id = activity_uuid(command.activity_id)
+            target = target_id(command)
+            if target is None:  # an erasure by contact: carried out one activity at a time (services/erasure.py)
+                raise internal_error("a command without one activity reached the batcher")
+            originator_id = activity_uuid(target)
             loaded = pending.aggregates.get(originator_id) or pending.current.get(originator_id)
             decision = decide(loaded.document if loaded else None, command, request.caller, now)
             assert loaded is not None  # decide() raised NotFound otherwise

@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 import jwt
 
 from activities_client.errors import Unauthorized
+from projections.errors import describe
 from services.domain import Caller
 
 log = logging.getLogger("activities.auth")
@@ -95,7 +96,7 @@ class JwksKeys:
         try:
             keys = self._load(force)
         except (OSError, ValueError, jwt.PyJWTError) as exc:  # unreadable or malformed: no keys this time
-            log.warning("JWKS not loaded", extra={"error": str(exc)})
+            log.warning("JWKS not loaded", extra={"error": describe(exc)})
             return None
         return next((key for key in keys.keys if key.key_id == kid), None)
 

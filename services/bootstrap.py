@@ -3,7 +3,7 @@
 `Runtime(settings, roles)` resolves the servers (embedded ones when no URL is configured), the
 token verifier, the event store, and the parts each role runs: `commands` (NATS command
 subscribers with group commit), `projector` (read model), `relay` (events to JetStream) and
-`http` (queries and the write gateway).
+`http` (queries and the write gateway) and `scheduler` (retention's erasures; more to come).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from activities_client.errors import Unavailable
 from activities_client.subjects import Subjects
 from projections.consumer import TrackedConsumer
 from projections.database import conninfo, shared_secret
+from projections.erasure import StreamEraser
 from projections.queries import CURSOR_KEY_NAME, CursorCodec
 from projections.read_model import PROJECTOR_SETTINGS, Projector, prepare_read_model
 from projections.relay import RELAY_SETTINGS, Relay, StreamSpec
@@ -37,15 +38,17 @@ from services.asyncapi import add_asyncapi_route
 from services.auth import JwksKeys, TokenVerifier, jwks_file_loader, jwks_url_loader
 from services.config import Settings
 from services.embedded import EmbeddedNats, EmbeddedPostgres
+from services.erasure import ContactEraser
 from services.gateway import CommandGateway
 from services.http_app import HttpRole, add_operations_routes, create_http_app
 from services.metrics import Metrics, Operations
 from services.nats_app import CommandsRole, RequestServer
 from services.queries import EventStoreReads, QueryGateway, ReadModel
+from services.retention import RetentionSweep
 
 log = logging.getLogger("activities.bootstrap")
 
-ROLES = ("commands", "projector", "relay", "http")
+ROLES = ("commands", "projector", "relay", "http", "scheduler")
 DEV_SECRET_FILE = "dev-jwt-secret"
 
 
@@ -188,7 +191,16 @@ class Runtime:
             self.metrics.batch_size.observe,
             settings.command_queue_max,
         )
-        gateway = CommandGateway(verifier, self.batcher, self.metrics)
+        recorder = self.app.activities_recorder
+        contact_eraser = ContactEraser(
+            self.batcher,
+            self.servers.database_url,
+            recorder.events_table_name,
+            recorder.datastore.schema,
+            self.app.name,
+            wait_s=max(settings.request_timeout_s, settings.consistency_wait_ms / 1000),
+        )
+        gateway = CommandGateway(verifier, self.batcher, self.metrics, contact_eraser)
         self.operations = Operations(self.metrics, self.servers.database_url, self.app.name)
         self.operations.pools["event_store"] = self.app.activities_recorder.datastore.pool
         self.operations.nats_connected = self._nats_connected
@@ -224,6 +236,12 @@ class Runtime:
         if "relay" in self.roles:  # independent of NATS commands: reads the store, publishes to JetStream
             relay = Relay(app, stream_spec(settings), self.servers.nats_url, self.executor)
             components.append(TrackedConsumer(app, database_url, relay, RELAY_SETTINGS, self.executor))
+            # erasure: deletes erased activities' messages from the streams (projections/erasure.py)
+            schema = app.activities_recorder.datastore.schema
+            components.append(StreamEraser(database_url, self.servers.nats_url, schema))
+        if "scheduler" in self.roles and settings.purge_deleted_after_days:
+            assert self.batcher is not None
+            components.append(RetentionSweep(self.batcher, database_url, settings.purge_deleted_after_days))
         projector: TrackedConsumer[Projector] | None = None
         if "projector" in self.roles:
             projector = TrackedConsumer(app, database_url, Projector(app, database_url), PROJECTOR_SETTINGS)

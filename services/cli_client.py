@@ -19,14 +19,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
-from activities_client import ActivitiesError, Activity, AsyncClient, Event, StartAt
+from activities_client import ActivitiesError, Activity, AsyncClient, Event, StartAt, ValidationError
 from activities_client.document import parse_datetime
 from activities_client.filters import FILTERS_BY_NAME, STATS_GROUPS
 from services.auth import mint_token
 from services.bootstrap import DEV_SECRET_FILE
 from services.config import Settings
 
-CLIENT_COMMANDS: Final = ("create", "get", "list", "stats", "history", "tail", "upsert", "get-by-key", "batch")
+CLIENT_COMMANDS: Final = ("create", "get", "list", "stats", "history", "tail", "upsert", "get-by-key", "batch", "erase")
 TOKEN_ENV: Final = "ACTIVITIES_TOKEN"
 LIST_COLUMNS: Final = ("id", "type", "subject", "status", "activity_date", "linked_to", "version", "deleted")
 CELL_WIDTH: Final = 40
@@ -134,6 +134,15 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     stats.add_argument("--group-by", dest="group_by", required=True, choices=STATS_GROUPS)
     _filter_options(stats)
     _connection_options(stats)
+
+    erase = commands.add_parser(
+        "erase",
+        help="erase an activity for good, or every activity naming a contact",
+        description="Erase for good (docs/contract.md section 11): activities erase ID | --contact-id CONTACT",
+    )
+    erase.add_argument("id", nargs="?", default=None, help="the activity to erase")
+    erase.add_argument("--contact-id", dest="contact_id", default=None, help="erase every activity naming it")
+    _connection_options(erase)
 
     history = commands.add_parser("history", help="the events of one activity (needs the HTTP endpoint)")
     history.add_argument("id")
@@ -354,6 +363,11 @@ async def _run(args: argparse.Namespace, settings: Settings, out: Callable[[str]
             else:
                 out(table([(count.key, count.count) for count in counts], (args.group_by, "count")))
                 out(_count(sum(count.count for count in counts)))
+        elif args.command == "erase":
+            if (args.id is None) == (args.contact_id is None):
+                raise ValidationError("give an activity id or --contact-id, one of the two")
+            erased = await activities.erase(args.id, contact_id=args.contact_id)
+            out(_json({"erased": erased}) if args.json else f"erased {_count(erased)}")
         elif args.command == "history":
             events = await activities.history(args.id)
             if args.json:

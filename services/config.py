@@ -81,3 +81,8 @@ class Settings(BaseSettings):
 
     log_level: str = Field(default="INFO", description="log level of the JSON logs")
     cipher_key: str | None = Field(default=None, description="AES key (base64) to encrypt stored event payloads")
+    purge_deleted_after_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="retention: the scheduler erases activities deleted longer ago than this many days; unset: off",
+    )

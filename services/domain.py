@@ -15,14 +15,23 @@ from uuid import UUID
 
 from eventsourcing.domain import Aggregate
 
-from activities_client.document import DATETIME_FIELDS, SCHEMA_VERSION, client_fields, format_datetime, parse_datetime
+from activities_client.document import (
+    DATETIME_FIELDS,
+    SCHEMA_VERSION,
+    client_fields,
+    format_datetime,
+    parse_datetime,
+    skeleton,
+)
 from activities_client.errors import Gone, NotFound, VersionConflict
-from events.activity import ActivityDeleted, ActivityLogged, ActivityPatched, ActivityRestored
+from events.activity import ActivityDeleted, ActivityErased, ActivityLogged, ActivityPatched, ActivityRestored
 from events.caller import Caller as Caller  # re-exported: `services.domain.Caller` keeps working
 from events.commands import (
     Command,
     CreateActivity,
     DeleteActivity,
+    EraseActivity,
+    EraseByContact,
     PatchActivity,
     RestoreActivity,
     UpsertActivity,
@@ -34,7 +43,7 @@ from events.commands import (
 class Decision:
     """An event to append: its class and its attributes."""
 
-    event_class: type[ActivityLogged | ActivityPatched | ActivityDeleted | ActivityRestored]
+    event_class: type[ActivityLogged | ActivityPatched | ActivityDeleted | ActivityRestored | ActivityErased]
     document: dict[str, Any]
     changes: dict[str, Any]
     actor: str
@@ -169,10 +178,23 @@ def decide(
         case PatchActivity() | DeleteActivity() | RestoreActivity():
             if document is None or not is_visible(document, caller):
                 raise NotFound(f"activity {command.activity_id} not found")
+            if document.get("is_erased"):
+                raise Gone(f"activity {command.activity_id} was erased")
             _check_version(document, command.expected_version)
             return _decide_change(document, command, caller, now)
         case UpsertActivity():
             return _decide_upsert(document, command, caller, now, new_id)
+        case EraseActivity(if_names_contact=contact, if_deleted_before=cutoff):
+            if document is None or not is_visible(document, caller):
+                raise NotFound(f"activity {command.activity_id} not found")
+            if document.get("is_erased") or (contact is not None and not names_contact(document, contact)):
+                return None  # erasing an erased activity, or one no longer naming the contact: a no-op
+            if cutoff is not None and not deleted_before(document, parse_datetime(cutoff)):
+                return None  # retention: restored (or deleted again) since it was found
+            erased = skeleton(document, updated_at=format_datetime(now), version=document["version"] + 1)
+            return Decision(ActivityErased, erased, {}, caller.sub)
+        case EraseByContact():
+            raise TypeError("an erasure by contact is carried out one EraseActivity at a time (services/erasure.py)")
         case _:
             assert_never(command)
 
@@ -200,6 +222,22 @@ def _decide_upsert(
     patch = PatchActivity(document["id"], command.changes, command.expected_version)
     _check_version(document, command.expected_version)
     return _decide_change(document, patch, caller, now)
+
+
+def deleted_before(document: dict[str, Any], cutoff: datetime) -> bool:
+    """Whether a document is deleted, and has been since before `cutoff`."""
+    deleted_at = document.get("deleted_at")
+    return bool(document.get("is_deleted")) and deleted_at is not None and parse_datetime(deleted_at) < cutoff
+
+
+def names_contact(document: dict[str, Any], contact_id: str) -> bool:
+    """Whether a document names a contact: in `contact_id`, `contact_ids` or as a contact participant."""
+    if document.get("contact_id") == contact_id or contact_id in (document.get("contact_ids") or ()):
+        return True
+    return any(
+        isinstance(p, dict) and p.get("type") == "contact" and p.get("id") == contact_id
+        for p in document.get("participants") or ()
+    )
 
 
 def _decide_change(

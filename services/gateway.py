@@ -15,9 +15,18 @@ from typing import Any
 from activities_client.errors import ActivitiesError, Unavailable, field_error
 from events.activity import valid_traceparent
 from events.caller import Caller
-from events.commands import COMMANDS, BatchCommands, Command, command_fingerprint, parse_json_object
+from events.commands import (
+    COMMANDS,
+    BatchCommands,
+    Command,
+    EraseActivity,
+    EraseByContact,
+    command_fingerprint,
+    parse_json_object,
+)
 from services.application import CommandBatcher, CommandRequest, CommandResult, Outcome, internal_error
 from services.auth import TokenVerifier
+from services.erasure import ContactEraser, erased_reply
 from services.metrics import Metrics
 from services.tracing import command_span
 
@@ -36,10 +45,17 @@ def check_idempotency_key(key: str | None) -> str | None:
 class CommandGateway:
     """Authenticates, parses and submits commands; maps every outcome to the reply envelope."""
 
-    def __init__(self, verifier: TokenVerifier, batcher: CommandBatcher, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        batcher: CommandBatcher,
+        metrics: Metrics | None = None,
+        contact_eraser: ContactEraser | None = None,
+    ) -> None:
         self._verifier = verifier
         self._batcher = batcher
         self._metrics = metrics or Metrics()
+        self._contact_eraser = contact_eraser
 
     async def handle(
         self,
@@ -53,6 +69,7 @@ class CommandGateway:
         spec = COMMANDS[name]
         started = time.perf_counter()
         received = asyncio.get_running_loop().time()  # the command's deadline counts from here
+        outcome: Outcome
         with command_span(name, valid_traceparent(traceparent)) as trace_context:
             try:
                 caller = self._verifier.verify(authorization)
@@ -67,8 +84,15 @@ class CommandGateway:
                     self._metrics.command_done(name, "ok", started)
                     return spec.http.status, batch_envelope(outcomes)
                 fingerprint = command_fingerprint(name, data) if key else ""
-                request = CommandRequest(command, caller, key, fingerprint, trace_context)
-                outcome = await self._batcher.submit(request, received)
+                if isinstance(command, EraseByContact):  # many activities: not one command of the batcher
+                    if self._contact_eraser is None:
+                        raise Unavailable("erasure by contact is not served by this process")
+                    outcome = await self._contact_eraser.erase(command, caller, trace_context)
+                else:
+                    request = CommandRequest(command, caller, key, fingerprint, trace_context)
+                    outcome = await self._batcher.submit(request, received)
+                    if isinstance(command, EraseActivity):
+                        outcome = erased_reply(outcome)
             except ActivitiesError as error:
                 outcome = error
             except Exception:

@@ -290,12 +290,19 @@ def create_http_app(queries: QueryGateway, commands: CommandGateway) -> FastAPI:
     return app
 
 
-def command_route_documentation(spec: CommandSpec) -> dict[str, Any]:
+def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A path parameter's schema: a field optional in the body (`anyOf` with null) is required in a path."""
+    variants = [v for v in schema.get("anyOf", []) if v.get("type") != "null"]
+    return variants[0] if len(variants) == 1 else schema
+
+
+def command_route_documentation(spec: CommandSpec, route: HttpRoute | None = None) -> dict[str, Any]:
     """OpenAPI of a command route: its path parameters, its headers and its request body."""
-    route = spec.http
+    route = route or spec.http
     fields = spec.body.model_json_schema()["properties"]
     parameters: list[dict[str, Any]] = [
-        {"name": name, "in": "path", "required": True, "schema": fields[name]} for name in route.path_parameters
+        {"name": name, "in": "path", "required": True, "schema": _not_null(fields[name])}
+        for name in route.path_parameters
     ]
     parameters.append(IDEMPOTENCY_KEY_PARAMETER)
     if route.if_match:
@@ -350,11 +357,14 @@ def document_security_and_bodies(app: FastAPI) -> None:
 def add_command_routes(app: FastAPI, commands: CommandGateway) -> None:
     """One HTTP route per command of the registry, each calling the same gateway as its NATS subject."""
     for spec in COMMANDS.values():
-        _add_command_route(app, spec, commands)
+        for index, route in enumerate((spec.http, *spec.more_http)):
+            _add_command_route(app, spec, commands, route, index)
 
 
-def _add_command_route(app: FastAPI, spec: CommandSpec, commands: CommandGateway) -> None:
-    route = spec.http
+def _add_command_route(
+    app: FastAPI, spec: CommandSpec, commands: CommandGateway, route: HttpRoute | None = None, index: int = 0
+) -> None:
+    route = route or spec.http
 
     async def endpoint(request: Request) -> Response:
         try:
@@ -370,7 +380,7 @@ def _add_command_route(app: FastAPI, spec: CommandSpec, commands: CommandGateway
             status_code = 412  # If-Match failed: HTTP's precondition status
         return json_response(status_code, envelope, etag_headers(status_code, envelope))
 
-    endpoint.__name__ = f"{spec.name}_activity"
+    endpoint.__name__ = f"{spec.name}_activity" + (f"_{index}" if index else "")
     app.add_api_route(
         BASE + route.route_path,
         endpoint,
@@ -378,14 +388,13 @@ def _add_command_route(app: FastAPI, spec: CommandSpec, commands: CommandGateway
         summary=spec.summary,
         tags=["commands"],
         status_code=route.status,
-        openapi_extra=command_route_documentation(spec),
-        responses=command_replies(spec),
+        openapi_extra=command_route_documentation(spec, route),
+        responses=command_replies(spec, route),
     )
 
 
-def command_replies(spec: CommandSpec) -> dict[int | str, dict[str, Any]]:
+def command_replies(spec: CommandSpec, route: HttpRoute) -> dict[int | str, dict[str, Any]]:
     """The OpenAPI `responses` of a command route (an upsert also has its `created` status)."""
-    route = spec.http
     documented = replies(route.status, spec.reply, *route.errors)
     if route.created_status is not None:
         description = "created: " + (spec.reply.__doc__ or "")

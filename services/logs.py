@@ -7,9 +7,12 @@ import json
 import logging
 import sys
 import time
+import traceback
 import uuid
 from contextvars import ContextVar
+from typing import Any
 
+from projections.errors import describe
 from services.tracing import current_trace_id
 
 _correlation_id: ContextVar[str | None] = ContextVar("correlation_id", default=None)
@@ -60,6 +63,25 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
+
+    def formatException(self, ei: Any) -> str:
+        """The traceback's frames and each exception's type (and SQLSTATE), never its message,
+        which may quote client content (projections/errors.py)."""
+        _, exc, _ = ei
+        if exc is None:
+            return ""
+        lines: list[str] = []
+        for part in traceback.TracebackException.from_exception(exc).format(chain=True):
+            lines.append(part)
+        chain: list[BaseException] = []
+        seen: BaseException | None = exc
+        while seen is not None and seen not in chain:
+            chain.append(seen)
+            seen = seen.__cause__ or seen.__context__
+        stack = "".join(
+            line for line in lines if line.startswith("  ") or line.startswith("Traceback") or line.startswith("\n")
+        )
+        return stack + " <- ".join(describe(item) for item in chain)
 
 
 def configure_logging(level: str = "INFO") -> None:

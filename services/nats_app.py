@@ -21,6 +21,7 @@ from nats.aio.subscription import Subscription
 from activities_client.errors import ActivitiesError, InternalError, Unavailable
 from activities_client.subjects import COMMAND_QUEUE, Subjects
 from events.commands import COMMANDS
+from projections.errors import describe
 from services.application import internal_error
 from services.logs import start_request
 
@@ -158,7 +159,7 @@ class CommandsRole:
                 purged = await loop.run_in_executor(self._executor, self._purge)
                 log.info("expired idempotency keys purged", extra={"purged": purged})
             except Exception as exc:  # the database is away: next time
-                log.warning("idempotency purge failed", extra={"error": str(exc)})
+                log.warning("idempotency purge failed", extra={"error": describe(exc)})
             await asyncio.sleep(self.PURGE_EVERY_S)
 
     async def stop(self) -> None:

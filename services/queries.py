@@ -372,6 +372,8 @@ class QueryGateway:
         if document is None:
             suffix = f" at version {query.version}" if query.version is not None else ""
             raise NotFound(f"activity {query.id}{suffix} not found")
+        if document.get("is_erased"):
+            raise Gone(f"activity {query.id} was erased")
         if document["is_deleted"] and not query.include_deleted:
             raise Gone(f"activity {query.id} is deleted; restore it, or read it with include_deleted=true")
         return 200, {"data": document, "meta": {"position": position}}

@@ -253,6 +253,29 @@ class ActivityDocument(ActivityFields):
     is_erased: bool = False
 
 
+SKELETON_FIELDS: Final = (
+    "id",
+    "tenant_id",
+    "app_id",
+    "created_at",
+    "updated_at",
+    "deleted_at",
+    "is_deleted",
+    "schema_version",
+    "version",
+    "is_erased",
+)
+"""What remains of an erased activity (docs/contract.md section 11): its ids, version, the server's time
+stamps and flags; nothing a client wrote (`external_key` came from a client too, and goes)."""
+
+
+def skeleton(document: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """The skeleton of a document (SKELETON_FIELDS, `is_erased` true), with `changes` applied."""
+    kept = {name: document.get(name) for name in SKELETON_FIELDS}
+    flags = {"schema_version": SCHEMA_VERSION, "is_erased": True, "is_deleted": bool(kept["is_deleted"])}
+    return {**kept, **flags, **changes}
+
+
 def upcast_document(document: dict[str, Any]) -> dict[str, Any]:
     """A stored document in the current schema: the fields added since its schema take their
     defaults (pure; a document already current is returned as it is)."""
@@ -300,6 +323,12 @@ EVENT_TYPES: Final = (
     EventType("ActivityPatched", "patched", "a merge patch was applied. `changes` is the patch as applied."),
     EventType("ActivityDeleted", "deleted", "soft-deleted. `changes` is {}."),
     EventType("ActivityRestored", "restored", "restored after a delete. `changes` is {}."),
+    EventType(
+        "ActivityErased",
+        "erased",
+        "erased (section 11): every earlier event of the activity now holds its skeleton only; forget your "
+        "copies. `changes` is {}, `activity` the skeleton.",
+    ),
 )
 """Every event type (docs/contract.md section 4), defined once: the relay's subjects, the AsyncAPI
 document and the client's `Event.kind` follow from it; the service's event classes match it."""

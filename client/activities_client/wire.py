@@ -50,6 +50,16 @@ class ActivityRefBody(BaseModel):
     expected_version: int | None = Field(default=None, ge=1)
 
 
+class EraseBody(BaseModel):
+    """`crm.activities.cmd.erase`: one activity by `id`, or every activity naming `contact_id`
+    (docs/contract.md section 11); exactly one of the two."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = Field(default=None, pattern=ACTIVITY_ID_PATTERN)
+    contact_id: str | None = Field(default=None, min_length=1, max_length=200)
+
+
 class GetActivityBody(BaseModel):
     """`crm.activities.query.get`."""
 
@@ -120,6 +130,19 @@ class ActivityReply(BaseModel):
     """Success: the activity after the command (or as read)."""
 
     data: ActivityDocument
+    meta: Meta
+
+
+class Erased(BaseModel):
+    """How many activities an erase erased (0: none, or already erased)."""
+
+    erased: int
+
+
+class EraseReply(BaseModel):
+    """Success of an erase; `meta.position` is that of its last event (or the latest one for 0)."""
+
+    data: Erased
     meta: Meta
 
 

@@ -212,7 +212,8 @@ async def test_backs_off_and_resumes_after_its_handler_fails(
     await consumer.start()
     await until(lambda: consumer.position == positions[-1], what="recovery")
 
-    assert consumer.failures == 3 and consumer.last_error is not None and "on purpose" in consumer.last_error
+    # the error by its type only: a message may quote client content (projections/errors.py)
+    assert consumer.failures == 3 and consumer.last_error == "RuntimeError"
     assert consumer.handler.resumes[:4] == [0, 0, 0, 0]  # resumed from its record after each failure
     gaps = [b - a for a, b in zip(consumer.handler.attempts, consumer.handler.attempts[1:], strict=False)][:3]
     for gap, backoff in zip(gaps, (0.2, 0.4, 0.8), strict=True):  # capped exponential back-off
