@@ -59,7 +59,29 @@ class RestoreActivity:
     expected_version: int | None = None
 
 
-Command = CreateActivity | PatchActivity | DeleteActivity | RestoreActivity
+@dataclass(frozen=True)
+class FireReminder:
+    """The scheduler's command (contract section 9): append `ActivityReminderDue` if the
+    activity's reminder is due now; nothing when it no longer is. Not on the wire: the scheduler
+    sends it through the same write path as every command (decided on the current version)."""
+
+    activity_id: str
+    expected_version: int | None = None
+
+
+@dataclass(frozen=True)
+class MarkOverdue:
+    """The scheduler's command: append `ActivityBecameOverdue` if the activity's `due_date` has
+    passed and it was not yet found overdue for that value; nothing otherwise. Not on the wire."""
+
+    activity_id: str
+    expected_version: int | None = None
+
+
+TimeCommand = FireReminder | MarkOverdue
+"""The scheduler's commands (issued by the service itself, actor "system")."""
+
+Command = CreateActivity | PatchActivity | DeleteActivity | RestoreActivity | TimeCommand
 
 
 def details_of(error: pydantic.ValidationError) -> list[dict[str, str]]:

@@ -2,8 +2,9 @@
 
 `Runtime(settings, roles)` resolves the servers (embedded ones when no URL is configured), the
 token verifier, the event store, and the parts each role runs: `commands` (NATS command
-subscribers with group commit), `projector` (read model), `relay` (events to JetStream) and
-`http` (queries and the write gateway).
+subscribers with group commit), `projector` (read model), `relay` (events to JetStream),
+`http` (queries and the write gateway) and `scheduler` (reminders and overdue, contract section 9:
+a list of components, `Runtime.scheduler_components`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from projections.database import conninfo, shared_secret
 from projections.queries import CURSOR_KEY_NAME, CursorCodec
 from projections.read_model import PROJECTOR_SETTINGS, Projector, prepare_read_model
 from projections.relay import RELAY_SETTINGS, Relay, StreamSpec
+from projections.scheduler import SCHEDULER_SETTINGS, DueIndex
 from services.application import ActivitiesApplication, CommandBatcher, CommandService, application_env
 from services.asyncapi import add_asyncapi_route
 from services.auth import JwksKeys, TokenVerifier, jwks_file_loader, jwks_url_loader
@@ -41,10 +43,11 @@ from services.http_app import HttpRole, add_operations_routes, create_http_app
 from services.metrics import Metrics, Operations
 from services.nats_app import CommandsRole, RequestServer
 from services.queries import EventStoreReads, QueryGateway, ReadModel
+from services.scheduler import fire_through
 
 log = logging.getLogger("activities.bootstrap")
 
-ROLES = ("commands", "projector", "relay", "http")
+ROLES = ("commands", "projector", "relay", "http", "scheduler")
 DEV_SECRET_FILE = "dev-jwt-secret"
 
 
@@ -162,6 +165,7 @@ class Runtime:
         self.operations: Operations | None = None
         self.endpoints: dict[str, Any] = {}
         self.http: HttpRole | None = None
+        self.due_index: DueIndex | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -243,7 +247,18 @@ class Runtime:
                 settings.command_concurrency,
             )
             components.append(self.http)
+        if "scheduler" in self.roles:
+            components += self.scheduler_components()
         return components
+
+    def scheduler_components(self) -> list[Component]:
+        """The scheduler role's parts: the due-time index with its firing loop (reminders, overdue;
+        one active instance by its advisory lock, firing through the command batcher). Further
+        time-driven parts (e.g. a retention sweep) are appended here."""
+        assert self.app is not None and self.servers is not None and self.batcher is not None
+        database_url = self.servers.database_url
+        self.due_index = DueIndex(database_url, fire_through(self.batcher))
+        return [TrackedConsumer(self.app, database_url, self.due_index, SCHEDULER_SETTINGS, self.executor)]
 
     def _query_gateway(self, verifier: TokenVerifier) -> QueryGateway:
         """The query gateway: the read model's pool, the event store's reads, the cursor key."""

@@ -300,6 +300,16 @@ EVENT_TYPES: Final = (
     EventType("ActivityPatched", "patched", "a merge patch was applied. `changes` is the patch as applied."),
     EventType("ActivityDeleted", "deleted", "soft-deleted. `changes` is {}."),
     EventType("ActivityRestored", "restored", "restored after a delete. `changes` is {}."),
+    EventType(
+        "ActivityReminderDue",
+        "reminder_due",
+        "`remind_at` came for an open activity: `reminder_sent` became true (actor `system`). `changes` is {}.",
+    ),
+    EventType(
+        "ActivityBecameOverdue",
+        "overdue",
+        "`due_date` passed for an open activity (once per `due_date` value; actor `system`). `changes` is {}.",
+    ),
 )
 """Every event type (docs/contract.md section 4), defined once: the relay's subjects, the AsyncAPI
 document and the client's `Event.kind` follow from it; the service's event classes match it."""
