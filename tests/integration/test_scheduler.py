@@ -21,6 +21,7 @@ from events.activity import activity_uuid
 from projections.scheduler import DUE_TABLE
 from services.bootstrap import ROLES, Runtime
 from services.config import Settings
+from tests.integration.test_upgrade import MANIFEST, SECRET, load_database
 
 SERVING = tuple(role for role in ROLES if role != "scheduler")
 
@@ -329,3 +330,64 @@ def request_command(service: Runtime, nc: Any, token: Callable[..., str]) -> Cal
         return orjson.loads(message.data)
 
     return send
+
+
+# --- data written by release 1.0 ---------------------------------------------------------------
+
+
+async def test_the_due_index_builds_from_release_1_0_events_and_fires_their_overdue_once(
+    make_settings: Callable[..., Settings], make_database: Callable[[], str], servers: Any
+) -> None:
+    """Release 1.0 stored schema 1 events (no remind_at) with due dates now in the past: the new
+    scheduler reads them from the start of the log, indexes their due dates, and appends
+    `ActivityBecameOverdue` once to each open one (none to completed or deleted ones)."""
+    settings = make_settings(database_url=load_database(servers.admin_database_url, make_database), jwt_secret=SECRET)
+    runtime = await start(settings, ("commands", "projector", "http", "scheduler"), "upgraded")
+    try:
+        assert runtime.app is not None and runtime.due_index is not None
+        app, due_index = runtime.app, runtime.due_index
+        head = MANIFEST["events_in_store"]
+        now = datetime.now(UTC)
+
+        def old_documents() -> dict[str, dict[str, Any]]:
+            """Each old activity as release 1.0 left it, read back from its stored events."""
+            documents = {}
+            for activity_id, expected in MANIFEST["activities"].items():
+                old = app.load_version(activity_uuid(activity_id), expected["version"])
+                assert old is not None and old.document["schema_version"] == 2  # upcast when read
+                documents[activity_id] = old.document
+            return documents
+
+        documents = await asyncio.to_thread(old_documents)
+        expected_overdue = {
+            activity_id
+            for activity_id, document in documents.items()
+            if document["due_date"] is not None
+            and not document["is_deleted"]
+            and document["completed_at"] is None
+            and datetime.fromisoformat(document["due_date"].replace("Z", "+00:00")) <= now
+        }
+        assert expected_overdue, "the fixture has open activities past their due date"
+
+        async def all_fired() -> bool:
+            return due_index.position >= head + len(expected_overdue)
+
+        await eventually(all_fired, timeout=30, what="the index to build and the overdue to fire")
+        await asyncio.sleep(1.0)  # time for a second firing, if there were one
+
+        def appended() -> dict[str, list[str]]:
+            found = {}
+            for activity_id, expected in MANIFEST["activities"].items():
+                events = list(app.events.get(activity_uuid(activity_id), gt=expected["version"]))
+                found[activity_id] = [type(event).__name__ for event in events]
+            return found
+
+        after = await asyncio.to_thread(appended)
+        assert {i for i, names in after.items() if names} == expected_overdue
+        assert all(after[i] == ["ActivityBecameOverdue"] for i in expected_overdue)
+        with psycopg.connect(settings.database_url or "") as conn:
+            fired = conn.execute(f"SELECT count(*) FROM {DUE_TABLE} WHERE kind = 'overdue' AND fired").fetchone()
+            reminders = conn.execute(f"SELECT count(*) FROM {DUE_TABLE} WHERE kind = 'reminder'").fetchone()
+        assert fired == (len(expected_overdue),) and reminders == (0,)  # 1.0 had no remind_at
+    finally:
+        await runtime.stop()
