@@ -342,3 +342,19 @@ def test_the_index_says_due_exactly_when_a_firing_appends(steps: list[tuple[str,
         for kind, command in (("reminder", FireReminder(story.id)), ("overdue", MarkOverdue(story.id))):
             decision = decide(story.document, command, SYSTEM, later, overdue_for=story.activity.overdue_for)
             assert (decision is not None) == (kind in due_kinds), (kind, steps)
+
+
+# --- the time filters on the command line -----------------------------------------------------
+
+
+def test_the_cli_takes_the_time_filters() -> None:
+    from services.cli import build_parser
+
+    dates = ["--due-date-from", "2026-01-01T00:00:00Z", "--due-date-to", "2026-02-01"]
+    args = build_parser().parse_args(["list", "--overdue", "--no-completed", *dates])
+    assert (args.overdue, args.completed) == (True, False)
+    assert (args.due_date_from, args.due_date_to) == ("2026-01-01T00:00:00Z", "2026-02-01")
+    unset = build_parser().parse_args(["list"])
+    assert unset.overdue is None and unset.completed is None  # not sent: neither true nor false
+    stats = build_parser().parse_args(["stats", "--group-by", "status", "--no-overdue"])
+    assert stats.overdue is False
