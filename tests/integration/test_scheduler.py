@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import nats
+import nats.js.errors
 import orjson
 import psycopg
 import pytest
@@ -219,7 +221,7 @@ async def test_patches_racing_firings_end_with_consistent_documents(
 
 
 async def test_overdue_once_per_due_date_value(
-    service: Runtime, client: AsyncClient, schedulers: list[Runtime]
+    service: Runtime, client: AsyncClient, schedulers: list[Runtime], nc: Any
 ) -> None:
     activities = client.customer.activities
     await add_scheduler(service, schedulers)
@@ -237,6 +239,18 @@ async def test_overdue_once_per_due_date_value(
     assert len(overdue) == 1 and overdue[0].actor == "system" and overdue[0].kind == "overdue"
     before, after = events[0].activity.model_dump(), overdue[0].activity.model_dump()
     assert {name for name in after if after[name] != before[name]} == {"version", "updated_at", "updated_by"}
+    # published as `overdue` on JetStream (the relay follows EVENT_TYPES)
+    settings = service.settings
+    subject = f"{settings.subject_prefix}.events.{activity.tenant_id}.overdue"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            published = await nc.jetstream().get_last_msg(settings.stream_name, subject)
+            break
+        except nats.js.errors.NotFoundError:
+            assert time.monotonic() < deadline, "the overdue event was not published"
+            await asyncio.sleep(0.1)
+    assert orjson.loads(published.data or b"{}")["event_type"] == "ActivityBecameOverdue"
     await activities.patch(activity.id, {"due_date": soon(0.8)})  # to the future, and it passes again
     await eventually(lambda: overdue_count(2), what="overdue again")
     await asyncio.sleep(1.0)
@@ -296,6 +310,7 @@ async def test_due_date_overdue_and_completed_filters(
         return {a.id async for a in activities.iterate(tag=[tag], **params)}
 
     assert await ids(overdue=True) == {past_open.id, reopened.id}
+    assert await ids(overdue=True, limit=1) == {past_open.id, reopened.id}  # cursors bound to a boolean filter
     assert await ids(overdue=False) == {past_done.id, future.id, undated.id}
     assert await ids(completed=True) == {past_done.id}
     assert await ids(completed=False) == {past_open.id, future.id, undated.id, reopened.id}
