@@ -257,7 +257,7 @@ class Runtime:
         time-driven parts (e.g. a retention sweep) are appended here."""
         assert self.app is not None and self.servers is not None and self.batcher is not None
         database_url = self.servers.database_url
-        self.due_index = DueIndex(database_url, fire_through(self.batcher))
+        self.due_index = DueIndex(database_url, fire_through(self.batcher, self.metrics))
         return [TrackedConsumer(self.app, database_url, self.due_index, SCHEDULER_SETTINGS, self.executor)]
 
     def _query_gateway(self, verifier: TokenVerifier) -> QueryGateway:

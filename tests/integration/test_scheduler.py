@@ -116,6 +116,13 @@ async def test_reminders_fire_once_on_time_with_two_scheduler_instances(
     assert min(lateness) >= 0, lateness
     assert max(lateness) < 1.0, lateness  # contract: within one second of remind_at
     assert sum(1 for runtime in schedulers if runtime.due_index and runtime.due_index.loop.fired) == 1
+    samples = [
+        runtime.metrics.registry.get_sample_value(
+            "activities_scheduler_firings_total", {"kind": "reminder", "outcome": "ok"}
+        )
+        for runtime in schedulers
+    ]
+    assert sum(sample or 0 for sample in samples) >= len(created)  # on /metrics of the active one
 
 
 async def test_a_reminder_due_while_no_scheduler_ran_fires_late_once(
