@@ -413,3 +413,31 @@ async def test_the_due_index_builds_from_release_1_0_events_and_fires_their_over
         assert fired == (len(expected_overdue),) and reminders == (0,)  # 1.0 had no remind_at
     finally:
         await runtime.stop()
+
+
+async def test_a_dropped_due_index_is_rebuilt_from_the_log_and_fires_nothing_twice(
+    service: Runtime, client: AsyncClient, schedulers: list[Runtime]
+) -> None:
+    activities = client.customer.activities
+    first = await add_scheduler(service, schedulers)
+    fired = await activities.create(account_id="acc_1", remind_at=soon(0.3), due_date=soon(0.3))
+    pending = await activities.create(account_id="acc_1", remind_at=soon(3.0))
+    events_of = history(client)
+
+    async def fired_both() -> bool:
+        return len(await events_of(fired.id)) == 3
+
+    await eventually(fired_both, what="the reminder and the overdue")
+    await first.stop()
+    schedulers.remove(first)
+    assert service.servers is not None
+    with psycopg.connect(service.servers.database_url, autocommit=True) as conn:
+        conn.execute(f"DROP TABLE {DUE_TABLE}, {DUE_TABLE}_tracking")
+    await add_scheduler(service, schedulers)  # reads the whole log again
+    await eventually(lambda: _reminder_sent(client, pending.id), what="the pending reminder")
+    await asyncio.sleep(1.0)
+    assert [e.event_type for e in await events_of(fired.id)][1:] in (
+        ["ActivityReminderDue", "ActivityBecameOverdue"],
+        ["ActivityBecameOverdue", "ActivityReminderDue"],
+    )
+    assert [e.event_type for e in await events_of(pending.id)] == ["ActivityLogged", "ActivityReminderDue"]
