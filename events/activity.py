@@ -8,7 +8,8 @@ event classes the store holds, the mapping of `act_` ids to the store's UUIDs, a
 from __future__ import annotations
 
 import re
-from typing import Any, assert_never
+from datetime import datetime
+from typing import Any, Final, assert_never
 from uuid import UUID
 
 from eventsourcing.domain import AggregateCreated, AggregateEvent
@@ -20,6 +21,7 @@ from activities_client.document import (
     client_fields,
     format_datetime,
     is_activity_id,
+    parse_datetime,
     skeleton,
     upcast_document,
 )
@@ -108,6 +110,11 @@ class ActivityChanged(AggregateEvent):
     traceparent: str | None = None
 
     def apply(self, aggregate: Any) -> None:
+        # the due_date value the activity was last found overdue for holds only while due_date
+        # keeps that value: moving it (and back again) makes it overdue again (contract section 9)
+        overdue_for = getattr(aggregate, "overdue_for", None)
+        if overdue_for is not None and not same_instant(overdue_for, self.document.get("due_date")):
+            aggregate.overdue_for = None
         aggregate.document = self.document
 
 
@@ -130,14 +137,44 @@ class ActivityErased(ActivityChanged):
     position and time stamp, the document reduced to the skeleton at that version, `changes` {}."""
 
 
-ActivityEvent = ActivityLogged | ActivityPatched | ActivityDeleted | ActivityRestored | ActivityErased
+class ActivityReminderDue(ActivityChanged):
+    """The activity's `remind_at` came while it was open and its reminder armed: `reminder_sent`
+    became true (actor "system"). `changes` is {}. New in v1.1 (class version 2, as its base)."""
+
+
+class ActivityBecameOverdue(ActivityChanged):
+    """The activity's `due_date` passed while it was open; the document is unchanged but for
+    `version`, `updated_at` and `updated_by` ("system"). `changes` is {}. Appended once per
+    `due_date` value: the aggregate remembers the value in `overdue_for`. New in v1.1."""
+
+    def apply(self, aggregate: Any) -> None:
+        aggregate.document = self.document
+        aggregate.overdue_for = self.document.get("due_date")
+
+
+ActivityEvent = (
+    ActivityLogged
+    | ActivityPatched
+    | ActivityDeleted
+    | ActivityRestored
+    | ActivityReminderDue
+    | ActivityBecameOverdue
+    | ActivityErased
+)
 
 
 def holds_client_content(event: ActivityEvent) -> bool:
     """Whether an event's body may hold what a client wrote (its published message must then be
     remembered for erasure, projections/erasure.py). Exhaustive: a new event type must say."""
     match event:
-        case ActivityLogged() | ActivityPatched() | ActivityDeleted() | ActivityRestored():
+        case (
+            ActivityLogged()
+            | ActivityPatched()
+            | ActivityDeleted()
+            | ActivityRestored()
+            | ActivityReminderDue()
+            | ActivityBecameOverdue()
+        ):
             return not event.document.get("is_erased")  # a skeleton left by an erasure holds none
         case ActivityErased():
             return False  # the skeleton that tells subscribers to forget: it stays on the stream
@@ -174,6 +211,45 @@ def erased_copy(event: ActivityEvent) -> ActivityEvent:
         traceparent=None,
     )
     return changed
+
+
+# ---------------------------------------------------------------------------------------------
+# Time (contract section 9): what a document says is due, shared by the domain's decisions and
+# the scheduler's due-time index so that both read the same rule
+# ---------------------------------------------------------------------------------------------
+
+COMPLETED_STATUSES: Final = frozenset({"completed", "done"})
+"""A `status` that completes an activity (compared case-insensitively)."""
+
+
+def _instant(value: Any) -> datetime | None:
+    return None if value is None else parse_datetime(value)
+
+
+def same_instant(a: Any, b: Any) -> bool:
+    """Whether two stored date-times (or None) are the same instant."""
+    return _instant(a) == _instant(b)
+
+
+def is_open(document: dict[str, Any]) -> bool:
+    """Open: live (not deleted, not erased) and not completed (`completed_at` unset)."""
+    return not document.get("is_deleted") and not document.get("is_erased") and document.get("completed_at") is None
+
+
+def armed_reminder(document: dict[str, Any]) -> datetime | None:
+    """When the reminder fires: `remind_at` of an open activity whose `reminder_sent` is false."""
+    if is_open(document) and not document.get("reminder_sent") and document.get("remind_at") is not None:
+        return parse_datetime(document["remind_at"])
+    return None
+
+
+def pending_overdue(document: dict[str, Any], overdue_for: Any) -> datetime | None:
+    """When the activity becomes overdue: `due_date` of an open activity, unless it was already
+    found overdue for that `due_date` value (`overdue_for`)."""
+    due = _instant(document.get("due_date"))
+    if due is None or not is_open(document) or _instant(overdue_for) == due:
+        return None
+    return due
 
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")

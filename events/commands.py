@@ -79,6 +79,27 @@ class UpsertActivity:
     expected_version: int | None = None
 
 
+@dataclass(frozen=True)
+class FireReminder:
+    """The scheduler's command (contract section 9): append `ActivityReminderDue` if the
+    activity's reminder is due now; nothing when it no longer is. Not on the wire: the scheduler
+    sends it through the same write path as every command (decided on the current version)."""
+
+    activity_id: str
+    expected_version: int | None = None
+
+
+@dataclass(frozen=True)
+class MarkOverdue:
+    """The scheduler's command: append `ActivityBecameOverdue` if the activity's `due_date` has
+    passed and it was not yet found overdue for that value; nothing otherwise. Not on the wire."""
+
+    activity_id: str
+    expected_version: int | None = None
+
+
+TimeCommand = FireReminder | MarkOverdue
+"""The scheduler's commands (issued by the service itself, actor "system")."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +141,14 @@ class EraseByContact:
 
 
 Command = (
-    CreateActivity | PatchActivity | DeleteActivity | RestoreActivity | UpsertActivity | EraseActivity | EraseByContact
+    CreateActivity
+    | PatchActivity
+    | DeleteActivity
+    | RestoreActivity
+    | UpsertActivity
+    | EraseActivity
+    | EraseByContact
+    | TimeCommand
 )
 
 
@@ -129,7 +157,7 @@ def target_id(command: Command) -> str | None:
     match command:
         case CreateActivity() | UpsertActivity() | EraseByContact():
             return None
-        case PatchActivity() | DeleteActivity() | RestoreActivity() | EraseActivity():
+        case PatchActivity() | DeleteActivity() | RestoreActivity() | EraseActivity() | FireReminder() | MarkOverdue():
             return command.activity_id
         case _:
             assert_never(command)

@@ -178,6 +178,27 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         ),
     ),
     Migration(
+        6,
+        "completed_at column (the overdue and completed filters), derived by a trigger of its own, and its indexes",
+        ddl=(
+            "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS completed_at timestamptz",
+            "CREATE OR REPLACE FUNCTION activities_read_model_derive_time() RETURNS trigger LANGUAGE plpgsql AS "
+            "$derive$ BEGIN NEW.completed_at := (NEW.document->>'completed_at')::timestamptz; RETURN NEW; END $derive$",
+            "DROP TRIGGER IF EXISTS {table}_derive_time ON {table}",
+            "CREATE TRIGGER {table}_derive_time BEFORE INSERT OR UPDATE OF document ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION activities_read_model_derive_time()",
+        ),
+        backfill_set="completed_at = (t.document->>'completed_at')::timestamptz",
+        backfill_where="t.document->>'completed_at' IS NOT NULL AND t.completed_at IS NULL",
+        concurrent=(
+            # overdue=true: open ones by due date (a range below now())
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {table}_open_due ON {table} "
+            "(tenant_id, due_date DESC NULLS LAST, id DESC) WHERE completed_at IS NULL AND due_date IS NOT NULL",
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {table}_completed_at ON {table} "
+            "(tenant_id, completed_at DESC, id DESC) WHERE completed_at IS NOT NULL",
+        ),
+    ),
+    Migration(
         8,
         "is_erased column: erased activities' skeletons are left out of lists and stats",
         # no backfill: no activity was erased before this column existed

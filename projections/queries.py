@@ -254,6 +254,9 @@ def parse_filter(spec: ListFilter, params: Params) -> Any:
         return _datetime(params, spec.name)
     if spec.kind == "words":
         return search_words(spec.name, _text(params, spec.name))
+    if spec.kind == "boolean":
+        value = _single(params, spec.name)
+        return None if value is None else parse_bool(spec.name, value)
     values = _strings(params, spec.name)
     for value in values:
         if spec.choices and value not in spec.choices:
@@ -530,6 +533,10 @@ def _after(sort: Sort, keyset: Keyset) -> list[tuple[sql.Composable, list[Any]]]
 
 FilterSql = Callable[[Any], tuple[sql.Composable, list[Any]]]
 
+OVERDUE_SQL: Final = "(due_date < now() AND completed_at IS NULL)"
+"""Overdue (contract section 5): due_date in the past (the query's transaction time) and not completed."""
+NOT_OVERDUE_SQL: Final = "(due_date IS NULL OR due_date >= now() OR completed_at IS NOT NULL)"
+
 
 def _equals(column: str) -> FilterSql:
     return lambda value: (sql.SQL("{} = %s").format(sql.Identifier(column)), [value])
@@ -558,6 +565,11 @@ FILTER_SQL: Final[dict[str, FilterSql]] = {
     "source": _equals("source"),
     "performed_by_user_id": _equals("performed_by_user_id"),
     "participant": lambda value: (sql.SQL("participant_ids @> ARRAY[%s]::text[]"), [value]),
+    "due_date_from": _compare("due_date", ">="),
+    "due_date_to": _compare("due_date", "<="),
+    # completed_at: read-model migration 6; the partial indexes there serve overdue=true and completed=true
+    "overdue": lambda value: (sql.SQL(OVERDUE_SQL if value else NOT_OVERDUE_SQL), []),
+    "completed": lambda value: (sql.SQL("completed_at IS NOT NULL" if value else "completed_at IS NULL"), []),
 }
 """The WHERE term of each filter of activities_client/filters.py (each served by an index of schema.sql);
 tests/unit/test_queries.py checks that every filter has one."""

@@ -908,7 +908,10 @@ class CommandService:
                 raise internal_error("a command without one activity reached the batcher")
             originator_id = activity_uuid(target)
             loaded = pending.aggregates.get(originator_id) or pending.current.get(originator_id)
-            decision = decide(loaded.document if loaded else None, command, request.caller, now)
+            overdue_for = loaded.overdue_for if loaded else None  # the aggregate's memory (section 9)
+            decision = decide(
+                loaded.document if loaded else None, command, request.caller, now, overdue_for=overdue_for
+            )
             assert loaded is not None  # decide() raised NotFound otherwise
             activity = loaded
             if decision is not None:

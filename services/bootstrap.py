@@ -2,8 +2,9 @@
 
 `Runtime(settings, roles)` resolves the servers (embedded ones when no URL is configured), the
 token verifier, the event store, and the parts each role runs: `commands` (NATS command
-subscribers with group commit), `projector` (read model), `relay` (events to JetStream) and
-`http` (queries and the write gateway) and `scheduler` (retention's erasures; more to come).
+subscribers with group commit), `projector` (read model), `relay` (events to JetStream),
+`http` (queries and the write gateway) and `scheduler` (reminders and overdue, contract section 9,
+and retention's erasures: a list of components, `Runtime.scheduler_components`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from projections.erasure import StreamEraser
 from projections.queries import CURSOR_KEY_NAME, CursorCodec
 from projections.read_model import PROJECTOR_SETTINGS, Projector, prepare_read_model
 from projections.relay import RELAY_SETTINGS, Relay, StreamSpec
+from projections.scheduler import SCHEDULER_SETTINGS, DueIndex
 from projections.streams import nats_servers
 from services.application import ActivitiesApplication, CommandBatcher, CommandService, application_env
 from services.asyncapi import add_asyncapi_route
@@ -45,6 +47,7 @@ from services.metrics import Metrics, Operations
 from services.nats_app import CommandsRole, RequestServer
 from services.queries import EventStoreReads, QueryGateway, ReadModel
 from services.retention import RetentionSweep
+from services.scheduler import fire_through
 
 log = logging.getLogger("activities.bootstrap")
 
@@ -166,6 +169,7 @@ class Runtime:
         self.operations: Operations | None = None
         self.endpoints: dict[str, Any] = {}
         self.http: HttpRole | None = None
+        self.due_index: DueIndex | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -239,9 +243,6 @@ class Runtime:
             # erasure: deletes erased activities' messages from the streams (projections/erasure.py)
             schema = app.activities_recorder.datastore.schema
             components.append(StreamEraser(database_url, self.servers.nats_url, schema))
-        if "scheduler" in self.roles and settings.purge_deleted_after_days:
-            assert self.batcher is not None
-            components.append(RetentionSweep(self.batcher, database_url, settings.purge_deleted_after_days))
         projector: TrackedConsumer[Projector] | None = None
         if "projector" in self.roles:
             projector = TrackedConsumer(app, database_url, Projector(app, database_url), PROJECTOR_SETTINGS)
@@ -262,6 +263,23 @@ class Runtime:
                 settings.command_concurrency,
             )
             components.append(self.http)
+        if "scheduler" in self.roles:
+            components += self.scheduler_components()
+        return components
+
+    def scheduler_components(self) -> list[Component]:
+        """The scheduler role's parts: the due-time index with its firing loop (reminders, overdue;
+        one active instance by its advisory lock, firing through the command batcher) and, when
+        ACTIVITIES_PURGE_DELETED_AFTER_DAYS is set, retention's sweep. Further time-driven parts
+        are appended here."""
+        assert self.app is not None and self.servers is not None and self.batcher is not None
+        database_url = self.servers.database_url
+        self.due_index = DueIndex(database_url, fire_through(self.batcher, self.metrics))
+        components: list[Component] = [
+            TrackedConsumer(self.app, database_url, self.due_index, SCHEDULER_SETTINGS, self.executor)
+        ]
+        if self.settings.purge_deleted_after_days:
+            components.append(RetentionSweep(self.batcher, database_url, self.settings.purge_deleted_after_days))
         return components
 
     def _query_gateway(self, verifier: TokenVerifier) -> QueryGateway:

@@ -88,6 +88,11 @@ def _filter_options(parser: argparse.ArgumentParser) -> None:
     """Every list filter (also the stats filters) as an option, repeatable ones repeatable."""
     for spec in FILTERS_BY_NAME.values():
         option = FILTER_OPTIONS.get(spec.name, f"--{spec.name.replace('_', '-')}")
+        if spec.kind == "boolean":  # --overdue / --no-overdue
+            parser.add_argument(
+                option, dest=spec.name, action=argparse.BooleanOptionalAction, default=None, help=spec.description
+            )
+            continue
         action = "append" if spec.repeatable else "store"
         parser.add_argument(option, dest=spec.name, action=action, default=None, help=spec.description)
     parser.add_argument("--include-deleted", action="store_true", default=None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, assert_never
+from typing import Any, Final, assert_never
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
@@ -24,7 +24,19 @@ from activities_client.document import (
     skeleton,
 )
 from activities_client.errors import Gone, NotFound, VersionConflict
-from events.activity import ActivityDeleted, ActivityErased, ActivityLogged, ActivityPatched, ActivityRestored
+from events.activity import (
+    COMPLETED_STATUSES,
+    ActivityBecameOverdue,
+    ActivityDeleted,
+    ActivityErased,
+    ActivityLogged,
+    ActivityPatched,
+    ActivityReminderDue,
+    ActivityRestored,
+    armed_reminder,
+    pending_overdue,
+    same_instant,
+)
 from events.caller import Caller as Caller  # re-exported: `services.domain.Caller` keeps working
 from events.commands import (
     Command,
@@ -32,18 +44,34 @@ from events.commands import (
     DeleteActivity,
     EraseActivity,
     EraseByContact,
+    FireReminder,
+    MarkOverdue,
     PatchActivity,
     RestoreActivity,
+    TimeCommand,
     UpsertActivity,
     validate_fields,
 )
+
+SYSTEM_ACTOR: Final = "system"
+"""The actor (and `updated_by`) of what the service appends by itself: reminders, overdue."""
+
+EventClass = type[
+    ActivityLogged
+    | ActivityPatched
+    | ActivityDeleted
+    | ActivityRestored
+    | ActivityReminderDue
+    | ActivityBecameOverdue
+    | ActivityErased
+]
 
 
 @dataclass(frozen=True)
 class Decision:
     """An event to append: its class and its attributes."""
 
-    event_class: type[ActivityLogged | ActivityPatched | ActivityDeleted | ActivityRestored | ActivityErased]
+    event_class: EventClass
     document: dict[str, Any]
     changes: dict[str, Any]
     actor: str
@@ -53,6 +81,9 @@ class Activity(Aggregate):
     """The event-sourced Activity; its state is the document after its latest event."""
 
     document: dict[str, Any]
+    overdue_for: str | None = None
+    """The `due_date` value the activity was last found overdue for (ActivityBecameOverdue sets
+    it; any event that moves `due_date` clears it): overdue is appended once per value."""
 
     def __init__(self, document: dict[str, Any]) -> None:
         self.document = document
@@ -169,11 +200,14 @@ def decide(
     caller: Caller,
     now: datetime,
     new_id: str | None = None,
+    overdue_for: str | None = None,
 ) -> Decision | None:
-    """The event a command produces on the current document, None for a no-op, or an error."""
+    """The event a command produces on the current document, None for a no-op, or an error.
+    `overdue_for` is the aggregate's memory of the due_date it was last found overdue for."""
     match command:
         case CreateActivity(fields=fields):
             assert new_id is not None, "a create needs the new activity id"
+            fields = {**fields, **completion(fields, None, now)}
             return Decision(ActivityLogged, new_document(new_id, fields, caller, now), fields, caller.sub)
         case PatchActivity() | DeleteActivity() | RestoreActivity():
             if document is None or not is_visible(document, caller):
@@ -195,6 +229,63 @@ def decide(
             return Decision(ActivityErased, erased, {}, caller.sub)
         case EraseByContact():
             raise TypeError("an erasure by contact is carried out one EraseActivity at a time (services/erasure.py)")
+        case FireReminder() | MarkOverdue():
+            if document is None or not is_visible(document, caller):
+                raise NotFound(f"activity {command.activity_id} not found")
+            _check_version(document, command.expected_version)
+            return decide_time(document, command, now, overdue_for)
+        case _:
+            assert_never(command)
+
+
+# ---------------------------------------------------------------------------------------------
+# Time (contract section 9)
+# ---------------------------------------------------------------------------------------------
+
+
+def completion(given: dict[str, Any], before: dict[str, Any] | None, now: datetime) -> dict[str, Any]:
+    """What completion adds to a create or a patch: `completed_at` = the event's time when it sets
+    `status` to `completed` or `done` (any case) without giving `completed_at`. `given` is the
+    create's fields (`before` None) or the merge patch (`before` the document): a patch that also
+    clears `completed_at` (`null`) is taken at its word, and a patch of an activity completed
+    already keeps its completion time (repeating the status never moves it)."""
+    status = given.get("status")
+    if not isinstance(status, str) or status.casefold() not in COMPLETED_STATUSES:
+        return {}
+    if given.get("completed_at") is not None:
+        return {}
+    if before is not None and ("completed_at" in given or before.get("completed_at") is not None):
+        return {}
+    return {"completed_at": format_datetime(now)}
+
+
+def rearm(changes: dict[str, Any], patched: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    """A patch that changes `remind_at` re-arms the reminder: `reminder_sent` back to false, unless
+    the same patch sets `reminder_sent` itself."""
+    if "remind_at" not in changes or "reminder_sent" in changes:
+        return {}
+    if same_instant(patched.get("remind_at"), before.get("remind_at")) or not patched.get("reminder_sent"):
+        return {}
+    return {"reminder_sent": False}
+
+
+def decide_time(
+    document: dict[str, Any], command: TimeCommand, now: datetime, overdue_for: str | None
+) -> Decision | None:
+    """A firing of the scheduler, decided on the current document: the event when it is due at
+    `now`, else None (no longer due: completed, deleted, re-armed for later, already fired...)."""
+    system = Caller(document["tenant_id"], SYSTEM_ACTOR, document["app_id"])
+    match command:
+        case FireReminder():
+            due = armed_reminder(document)
+            if due is None or due > now:
+                return None
+            return Decision(ActivityReminderDue, _stamped(document, system, now, reminder_sent=True), {}, SYSTEM_ACTOR)
+        case MarkOverdue():
+            due = pending_overdue(document, overdue_for)
+            if due is None or due > now:
+                return None
+            return Decision(ActivityBecameOverdue, _stamped(document, system, now), {}, SYSTEM_ACTOR)
         case _:
             assert_never(command)
 
@@ -213,6 +304,7 @@ def _decide_upsert(
             )
         assert new_id is not None, "an upsert that creates needs the new activity id"
         fields = validate_fields(merge_patch({}, command.changes)).to_json()
+        fields = {**fields, **completion(fields, None, now)}
         created = {**new_document(new_id, fields, caller, now), "external_key": command.external_key}
         return Decision(ActivityLogged, created, fields, caller.sub)
     if not is_visible(document, caller):
@@ -252,11 +344,12 @@ def _decide_change(
                 raise Gone(f"activity {command.activity_id} is deleted; restore it first")
             merged = merge_patch(client_fields(document), changes)
             patched = validate_fields(merged).to_json()
+            derived = {**completion(changes, document, now), **rearm(changes, patched, document)}
+            patched.update(derived)
             if patched == client_fields(document):
                 return None
-            return Decision(
-                ActivityPatched, _stamped(document, caller, now, **patched), _normalise_changes(changes), caller.sub
-            )
+            applied = {**_normalise_changes(changes), **derived}
+            return Decision(ActivityPatched, _stamped(document, caller, now, **patched), applied, caller.sub)
         case DeleteActivity():
             if document["is_deleted"]:
                 return None

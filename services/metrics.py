@@ -52,6 +52,16 @@ class Metrics:
         self.lag = Gauge("activities_lag_events", "Events the reader is behind the head.", ["reader"],
                          registry=self.registry)
         self.pool = Gauge("activities_db_pool", "Connection pool usage.", ["pool", "stat"], registry=self.registry)
+        self.firings = Counter(
+            "activities_scheduler_firings_total",
+            "Scheduler firings (reminder, overdue) by outcome (ok: decided on the current state, which may "
+            "append nothing; or an error code, retried).",
+            ["kind", "outcome"], registry=self.registry,
+        )
+        self.firing_lateness = Histogram(
+            "activities_scheduler_lateness_seconds", "From a row's due time to its firing's reply.", ["kind"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
         self._command_counters: dict[tuple[str, str], Any] = {}
         self._command_timers: dict[str, Any] = {}
 

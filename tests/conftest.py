@@ -28,11 +28,14 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from services.application import ActivitiesApplication, CommandService, application_env
 from services.auth import mint_token
-from services.bootstrap import Runtime
+from services.bootstrap import ROLES, Runtime
 from services.config import Settings
 from services.embedded import EmbeddedNats, EmbeddedPostgres
 
 JWT_SECRET = "test-secret-for-the-activities-suite"
+WITHOUT_SCHEDULER = tuple(role for role in ROLES if role != "scheduler")
+"""Every role but the scheduler: its reminders and overdue events (contract section 9) would change
+documents under the tests that compare them; tests/integration/test_scheduler.py starts it."""
 TARGET = os.environ.get("ACTIVITIES_TEST_SERVERS", "embedded")
 
 
@@ -138,8 +141,8 @@ def token() -> Callable[..., str]:
 
 @pytest_asyncio.fixture
 async def runtime(make_settings: Callable[..., Settings]) -> AsyncIterator[Runtime]:
-    """The whole service (every role) running in this process on the test servers."""
-    service = Runtime(make_settings())
+    """The whole service (every role but the scheduler) running in this process on the test servers."""
+    service = Runtime(make_settings(), WITHOUT_SCHEDULER)
     await service.start()
     yield service
     await service.stop()

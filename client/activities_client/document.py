@@ -329,6 +329,16 @@ EVENT_TYPES: Final = (
         "erased (section 11): every earlier event of the activity now holds its skeleton only; forget your "
         "copies. `changes` is {}, `activity` the skeleton.",
     ),
+    EventType(
+        "ActivityReminderDue",
+        "reminder_due",
+        "`remind_at` came for an open activity: `reminder_sent` became true (actor `system`). `changes` is {}.",
+    ),
+    EventType(
+        "ActivityBecameOverdue",
+        "overdue",
+        "`due_date` passed for an open activity (once per `due_date` value; actor `system`). `changes` is {}.",
+    ),
 )
 """Every event type (docs/contract.md section 4), defined once: the relay's subjects, the AsyncAPI
 document and the client's `Event.kind` follow from it; the service's event classes match it."""

@@ -13,10 +13,10 @@ from typing import Final, Literal, get_args
 
 from activities_client.document import ActivityKind
 
-FilterKind = Literal["text", "datetime", "any_of", "all_of", "words"]
+FilterKind = Literal["text", "datetime", "any_of", "all_of", "words", "boolean"]
 """How a filter's value is given: one string; one RFC 3339 date-time; a repeatable string that
 matches when any value matches (`choices` limits the values); a repeatable string that matches
-when every value matches; a text searched word by word (`q`)."""
+when every value matches; a text searched word by word (`q`); true or false."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,14 @@ LIST_FILTERS: Final = (
     ListFilter("source", "text", "only activities from this source"),
     ListFilter("performed_by_user_id", "text", "only activities performed by this user"),
     ListFilter("participant", "text", "matches the `id` of any participant"),
+    ListFilter("due_date_from", "datetime", "inclusive lower bound of due_date (RFC 3339)"),
+    ListFilter("due_date_to", "datetime", "inclusive upper bound of due_date (RFC 3339)"),
+    ListFilter(
+        "overdue",
+        "boolean",
+        "true: due_date in the past and not completed (completed_at unset); false: every other activity",
+    ),
+    ListFilter("completed", "boolean", "true: completed (completed_at set); false: not completed"),
 )
 FILTERS_BY_NAME: Final = {spec.name: spec for spec in LIST_FILTERS}
 

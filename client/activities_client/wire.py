@@ -76,6 +76,8 @@ def _list_field(spec: ListFilter) -> tuple[Any, Any]:
     if spec.repeatable:
         item: Any = Literal[spec.choices] if spec.choices else str
         return list[item] | None, Field(default=None, description=spec.description)
+    if spec.kind == "boolean":
+        return bool | None, Field(default=None, description=spec.description)
     return str | None, Field(default=None, description=spec.description)
 
 

@@ -40,6 +40,7 @@ from activities_client import (
     ValidationError,
     VersionConflict,
 )
+from activities_client.document import format_datetime
 from events.activity import activity_uuid
 from services.bootstrap import Runtime
 
@@ -304,7 +305,8 @@ async def test_subscriber_receives_the_four_events_in_order(
     assert [event.kind for event in mine] == ["logged", "patched", "deleted", "restored"]
     assert [event.version for event in mine] == [1, 2, 3, 4]
     assert all(event.tenant_id == "acme" and event.actor == "usr-1" for event in mine)
-    assert mine[1].changes == {"status": "done", "tags": ["a"]}
+    # a completing status sets completed_at to the event's time, and the changes say so (section 9)
+    assert mine[1].changes == {"status": "done", "tags": ["a"], "completed_at": format_datetime(mine[1].occurred_at)}
     assert mine[2].activity.is_deleted and not mine[3].activity.is_deleted
     assert mine[3].activity == restored
     positions = [event.position for event in mine]
@@ -496,7 +498,11 @@ async def test_history(runtime: Runtime, token: Callable[..., str]) -> None:
             "ActivityRestored",
         ]
         assert all(isinstance(event, Event) for event in history)
-        assert history[-1].activity == restored and history[1].changes == {"status": "done", "tags": ["a"]}
+        assert history[-1].activity == restored and history[1].changes == {
+            "status": "done",
+            "tags": ["a"],
+            "completed_at": format_datetime(history[1].occurred_at),
+        }
         with pytest.raises(NotFound):
             await c.customer.activities.history("act_01ARZ3NDEKTSV4RRFFQ69G5FAV")
 

@@ -18,7 +18,7 @@ from projections.read_model import prepare_read_model, read_model_datastore, sta
 from services.bootstrap import Runtime
 
 NEW_COLUMN = Migration(
-    len(MIGRATIONS) + 1,
+    max(m.version for m in MIGRATIONS) + 1,
     "test: subject_text column filled from the documents, and its index",
     ddl=("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS subject_text text",),
     backfill_set="subject_text = t.document->>'subject'",
@@ -144,6 +144,6 @@ def test_status_of_a_database_without_a_read_model_creates_nothing(
 def test_a_migration_that_needs_a_rebuild_says_so(make_database: Callable[[], str]) -> None:
     url = make_database()
     migrate(url)
-    rebuild = Migration(len(MIGRATIONS) + 1, "test: a new primary key", needs_rebuild=True)
+    rebuild = Migration(max(m.version for m in MIGRATIONS) + 1, "test: a new primary key", needs_rebuild=True)
     with pytest.raises(MigrationNeedsRebuild, match="activities projections rebuild"):
         migrate(url, migrations=(*MIGRATIONS, rebuild))

@@ -224,7 +224,7 @@ async def test_lifecycle_is_published_in_order_with_documents_and_changes(
     logged, patch, delete, restore = (m.body for m in messages)
     assert set(logged["changes"]) == set(CLIENT_FIELDS)
     assert logged["changes"]["account_id"] == "acc_1" and logged["changes"]["subject"] == "Intro"
-    assert patch["changes"] == {"status": "done", "tags": ["a"]}
+    assert patch["changes"] == {"status": "done", "tags": ["a"], "completed_at": patch["occurred_at"]}  # section 9
     assert delete["changes"] == {} and delete["activity"]["is_deleted"] is True
     assert restore["changes"] == {} and restore["activity"]["is_deleted"] is False
 

@@ -27,6 +27,7 @@ from projections.migrations import MIGRATIONS
 from services.auth import mint_token
 from services.bootstrap import Runtime
 from services.config import Settings
+from tests.conftest import WITHOUT_SCHEDULER
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "release_1_0"
 MANIFEST: dict[str, Any] = json.loads((FIXTURE / "manifest.json").read_text())
@@ -72,7 +73,7 @@ async def upgraded(
         subject = prefix + message["subject"][len(OLD_PREFIX) :]
         ack = await js.publish(subject, message["data"].encode(), headers=message["headers"])
         assert ack.seq == message["seq"]
-    service = Runtime(settings)
+    service = Runtime(settings, WITHOUT_SCHEDULER)  # the scheduler on this data: tests/integration/test_scheduler.py
     await service.start()
     try:
         yield service
@@ -155,7 +156,9 @@ async def test_the_new_release_serves_upgrades_and_relays_release_1_0_data(upgra
         assert [event["version"] for event in history] == list(range(1, expected["version"] + 2))
         for event in history:
             assert event["schema_version"] == 2 and event["activity"]["schema_version"] == 2
-        assert history[-1]["changes"] == {"remind_at": "2030-01-01T09:00:00Z"}
+        # setting remind_at re-arms the reminder (contract section 9): reminder_sent back to false if it was set
+        rearmed = {"reminder_sent": False} if history[-2]["activity"]["reminder_sent"] else {}
+        assert history[-1]["changes"] == {"remind_at": "2030-01-01T09:00:00Z", **rearmed}
 
         # the relay: 1.0 had published 65 of its 70 events; the rest follow, upcast, then the patch
         js = nc.jetstream()

@@ -210,14 +210,14 @@ def test_body_must_be_a_json_object(body: bytes) -> None:
 
 def test_patch_applies_a_merge_patch_and_stamps_the_writer() -> None:
     activity = created({"account_id": "acc_1", "custom_fields": {"a": 1, "nested": {"x": 1, "y": 2}}})
-    decision = patch(activity, {"status": "done", "custom_fields": {"b": 2, "nested": {"y": None}}})
+    decision = patch(activity, {"status": "pending", "custom_fields": {"b": 2, "nested": {"y": None}}})
     assert decision is not None and decision.event_class is ActivityPatched
     document = decision.document
-    assert document["status"] == "done"
+    assert document["status"] == "pending"
     assert document["custom_fields"] == {"a": 1, "b": 2, "nested": {"x": 1}}
     assert document["version"] == 2 and document["updated_by"] == "usr-bob" and document["created_by"] == "usr-alice"
     assert document["updated_at"] == "2026-11-27T12:05:00Z" and document["created_at"] == "2026-11-27T12:00:00Z"
-    assert decision.changes == {"status": "done", "custom_fields": {"b": 2, "nested": {"y": None}}}
+    assert decision.changes == {"status": "pending", "custom_fields": {"b": 2, "nested": {"y": None}}}
 
 
 def test_patch_null_clears_a_field_and_resets_defaults() -> None:
