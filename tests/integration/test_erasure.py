@@ -29,7 +29,8 @@ from activities_client.document import SKELETON_FIELDS
 from events.activity import activity_id_of, activity_uuid
 from projections.erasure import StreamEraser
 from projections.read_model import read_model_datastore, rebuild
-from services.bootstrap import Runtime
+from services.bootstrap import ROLES, Runtime
+from tests.conftest import WITHOUT_SCHEDULER
 from services.config import Settings
 from services.logs import JsonFormatter
 from tests.integration.test_upgrade import upgraded  # noqa: F401 - the fixture
@@ -274,7 +275,10 @@ async def make_service(
     runtimes: list[Service] = []
 
     async def make(**overrides: Any) -> Service:
-        runtime = Runtime(make_settings(**overrides))
+        # the scheduler only where retention is on: the markers' remind_at and due_date are past, and
+        # its firings would add versions the tests count
+        roles = ROLES if overrides.get("purge_deleted_after_days") else WITHOUT_SCHEDULER
+        runtime = Runtime(make_settings(**overrides), roles)
         await runtime.start()
         for component in runtime.components:  # sweep the streams at once in tests
             if isinstance(component, StreamEraser):
@@ -613,7 +617,7 @@ async def test_another_command_process_never_serves_a_cached_erased_activity(
     """Two command processes on one store: the one that cached the activity learns of its erasure
     from the log (its cache is brought up to date on every use), so it answers `gone`."""
     settings = make_settings()
-    first, second = Runtime(settings), Runtime(settings, roles=("http",))
+    first, second = Runtime(settings, WITHOUT_SCHEDULER), Runtime(settings, roles=("http",))
     await first.start()
     await second.start()
     try:
@@ -660,7 +664,7 @@ async def test_stream_cleanup_survives_a_restart(make_service: Callable[..., Any
         conn.execute("DELETE FROM activities_published")
         conn.execute("DELETE FROM activities_published_scan")
 
-    again = Runtime(service.settings)
+    again = Runtime(service.settings, WITHOUT_SCHEDULER)
     await again.start()
     try:
         for component in again.components:
@@ -679,7 +683,7 @@ async def test_stream_cleanup_survives_a_restart(make_service: Callable[..., Any
         await restarted.http.aclose()
     finally:
         await again.stop()
-        service.runtime = Runtime(service.settings)  # the fixture's stop of a never-started runtime is harmless
+        service.runtime = Runtime(service.settings, WITHOUT_SCHEDULER)  # the fixture's stop of a never-started runtime is harmless
 
 
 async def test_client_and_cli_erase(
