@@ -5,6 +5,7 @@ down, a command that keeps failing (the event store locked) reaching the DLQ and
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +24,7 @@ from activities_client import Activity, AsyncClient, Client, NotFound, Validatio
 from services.bootstrap import Runtime, inbox_streams
 from services.config import Settings
 from services.inbox import dlq_drop, dlq_list, dlq_redrive
+from tests.e2e.processes import ACTIVITIES, settings_env
 
 
 async def publish(
@@ -200,13 +202,14 @@ async def test_commands_published_while_down_run_at_start(
 
 
 async def test_patches_keep_their_order_with_two_inbox_instances(
-    make_settings: Callable[..., Settings], nc: NatsClient, token: Callable[..., str], request_command: Any
+    make_settings: Callable[..., Settings], nc: NatsClient, token: Callable[..., str]
 ) -> None:
     settings = make_settings()
     one = Runtime(settings.model_copy(update={"data_dir": settings.data_dir / "one"}), ("commands", "inbox"))
     two = Runtime(settings.model_copy(update={"data_dir": settings.data_dir / "two"}), ("commands", "inbox"))
     await one.start()
     await two.start()
+    running = [one, two]
     try:
         created = await _create(nc, settings, token())
         await until(lambda: _any_active(one, two))
@@ -215,6 +218,7 @@ async def test_patches_keep_their_order_with_two_inbox_instances(
             await publish(nc, settings, "patch", body, token(), f"order-{n}")
             if n == 9:  # the active instance goes away mid-stream: the standby takes over
                 active = one if one.inbox is not None and one.inbox.active else two
+                running.remove(active)
                 await active.stop()
         messages = await collect(nc, f"{settings.subject_prefix}.results.acme", 21, timeout=30)
         patched = [orjson.loads(m.data) for m in messages if m.headers and m.headers["Op"] == "patch"]
@@ -222,7 +226,7 @@ async def test_patches_keep_their_order_with_two_inbox_instances(
         by_version = {r["data"]["version"]: r["data"]["custom_fields"]["n"] for r in patched}
         assert by_version == {n + 2: n for n in range(20)}  # versions 2..21 carry patches 0..19 in order
     finally:
-        for runtime in (one, two):
+        for runtime in running:
             await runtime.stop()
 
 
@@ -263,3 +267,42 @@ async def test_a_command_that_keeps_failing_reaches_the_dlq_and_redrive_carries_
     assert orjson.loads(message.data)["data"]["account_id"] == "acc_poison"
     assert await dlq_list(js, streams) == []
     assert len(events_of(settings.database_url)) == 1  # exactly once, whatever the first tries left behind
+
+
+async def activities_cli(settings: Settings, *argv: str) -> tuple[int, str, str]:
+    """Run the `activities` console script (a real process) against the in-process service."""
+    process = await asyncio.create_subprocess_exec(
+        ACTIVITIES, *argv, env=settings_env(settings), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    return int(process.returncode or 0), out.decode(), err.decode()
+
+
+async def test_cli_enqueue_results_and_dlq(inbox_runtime: Runtime, nc: NatsClient, token: Callable[..., str]) -> None:
+    settings = inbox_runtime.settings
+    code, out, err = await activities_cli(
+        settings, "enqueue", "create", "-f", "account_id=acc_cli", "-f", "subject=from the cli",
+        "--key", "cli-1", "--tenant", "acme", "--json",
+    )
+    assert code == 0, err
+    assert json.loads(out)["idempotency_key"] == "cli-1"
+    code, out, err = await activities_cli(
+        settings, "results", "--from", "all", "--count", "1", "--idle", "20", "--tenant", "acme", "--json"
+    )
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["idempotency_key"] == "cli-1" and result["op"] == "create"
+    assert result["data"]["subject"] == "from the cli"
+
+    await publish(nc, settings, "patch", {"id": "x"}, token(), None)  # no key: dead-lettered
+    streams = inbox_streams(settings)
+    await until(lambda: _equals(stream_messages(nc, streams.dlq), 1))
+    code, out, err = await activities_cli(settings, "inbox", "dlq", "list", "--json")
+    assert code == 0, err
+    [letter] = json.loads(out)
+    assert letter["op"] == "patch" and letter["code"] == "validation_error" and "Idempotency-Key" in letter["message"]
+    code, out, err = await activities_cli(settings, "inbox", "dlq", "drop")
+    assert code != 0 and "--all" in err  # nothing named: nothing dropped
+    code, out, err = await activities_cli(settings, "inbox", "dlq", "drop", str(letter["seq"]))
+    assert code == 0 and "1 command(s) dropped" in out, err
+    assert await dlq_list(nc.jetstream(), streams) == []
