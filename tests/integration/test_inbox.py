@@ -21,6 +21,8 @@ from nats.aio.msg import Msg
 from nats.js.api import RetentionPolicy, StorageType
 
 from activities_client import Activity, AsyncClient, Client, NotFound, ValidationError
+from events.commands import COMMANDS
+from services.asyncapi import _ref_name, asyncapi_document
 from services.bootstrap import Runtime, inbox_streams
 from services.config import Settings
 from services.inbox import dlq_drop, dlq_list, dlq_redrive
@@ -306,3 +308,15 @@ async def test_cli_enqueue_results_and_dlq(inbox_runtime: Runtime, nc: NatsClien
     code, out, err = await activities_cli(settings, "inbox", "dlq", "drop", str(letter["seq"]))
     assert code == 0 and "1 command(s) dropped" in out, err
     assert await dlq_list(nc.jetstream(), streams) == []
+
+
+def test_the_asyncapi_document_shows_the_inbox_results_and_dlq() -> None:
+    document = asyncapi_document("acme.activities")
+    channels = document["channels"]
+    for name in COMMANDS:
+        assert f"acme.activities.inbox.{name}" in channels and f"acme.activities.dlq.{name}" in channels
+    results = channels["acme.activities.results.{tenant_id}"]
+    assert "tenant_id" in results["parameters"]
+    [message] = results["messages"].values()
+    headers = document["components"]["messages"][_ref_name(message)]["headers"]
+    assert set(headers["required"]) == {"Idempotency-Key", "Op", "Nats-Msg-Id"}
