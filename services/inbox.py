@@ -454,7 +454,7 @@ class Inbox:
                     await self._slots.acquire()
                     free += 1
                 try:
-                    messages = await subscription.fetch(free, timeout=1.0)
+                    messages = await self._fetch(subscription, free)
                     backoff.reset()
                 except (TimeoutError, NatsTimeoutError):
                     messages = []
@@ -472,6 +472,15 @@ class Inbox:
             keepalive.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keepalive
+
+    async def _fetch(self, subscription: JetStreamContext.PullSubscription, free: int) -> list[Msg]:
+        """Up to `free` commands: what is there at once; when nothing is, wait for the first one.
+
+        nats-py's `fetch(n)` long-polls until all n arrive or the timeout passes, which at a
+        modest rate kept commands waiting for a batch to fill; so the long poll asks for one."""
+        with contextlib.suppress(TimeoutError, NatsTimeoutError):
+            return await subscription.fetch(free, timeout=0.01)
+        return await subscription.fetch(1, timeout=1.0)
 
     async def _fresh_consumer(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
         """The durable pull consumer, created anew: every unacked command, in stream order."""
