@@ -472,6 +472,8 @@ class Inbox:
             keepalive.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keepalive
+            with contextlib.suppress(Exception):  # a pull subscription left open holds up the connection's drain
+                await subscription.unsubscribe()
 
     async def _fetch(self, subscription: JetStreamContext.PullSubscription, free: int) -> list[Msg]:
         """Up to `free` commands: what is there at once; when nothing is, wait for the first one.
