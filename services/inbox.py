@@ -354,7 +354,8 @@ class Inbox:
         self._tasks: set[asyncio.Task[None]] = set()
         self._held: dict[int, Msg] = {}  # taken and not yet acked, by stream sequence
         self._waiting_unavailable = 0  # commands backing off after `unavailable`: take no new ones
-        self._slots = asyncio.Semaphore(self.options.concurrency)
+        self._in_hand = 0  # commands taken and not finished (the term's `concurrency` bounds it)
+        self._room = asyncio.Event()  # set when enough commands finished to fetch another batch
 
     # Lifecycle --------------------------------------------------------------------------------
 
@@ -430,7 +431,7 @@ class Inbox:
                 log.warning("inbox term ended", extra={"error": repr(runner.exception())})
         self._held.clear()
         self._waiting_unavailable = 0
-        self._slots = asyncio.Semaphore(self.options.concurrency)
+        self._in_hand = 0
         log.info("the inbox is no longer active")
 
     # One term ---------------------------------------------------------------------------------
@@ -448,13 +449,13 @@ class Inbox:
                 if self._waiting_unavailable:
                     await asyncio.sleep(0.05)
                     continue
-                await self._slots.acquire()
-                free = 1
-                while free < self.options.fetch_batch and not self._slots.locked():
-                    await self._slots.acquire()
-                    free += 1
+                free = self.options.concurrency - self._in_hand
+                if free < self._min_fetch():  # busy: wait for a batch's worth of room (not a fetch per command)
+                    self._room.clear()
+                    await self._room.wait()
+                    continue
                 try:
-                    messages = await self._fetch(subscription, free)
+                    messages = await self._fetch(subscription, min(free, self.options.fetch_batch))
                     backoff.reset()
                 except (TimeoutError, NatsTimeoutError):
                     messages = []
@@ -464,8 +465,6 @@ class Inbox:
                     self.stats.last_error = repr(exc)
                     messages = []
                     await asyncio.sleep(backoff.next())
-                for _ in range(free - len(messages)):
-                    self._slots.release()
                 for message in messages:
                     self._take(js, sequencer, message)
         finally:
@@ -508,7 +507,16 @@ class Inbox:
                 with contextlib.suppress(Exception):
                     await message.in_progress()
 
+    def _min_fetch(self) -> int:
+        return max(1, min(self.options.fetch_batch, self.options.concurrency // 4))
+
+    def _finished(self) -> None:
+        self._in_hand -= 1
+        if self.options.concurrency - self._in_hand >= self._min_fetch():
+            self._room.set()
+
     def _take(self, js: JetStreamContext, sequencer: Sequencer, message: Msg) -> None:
+        self._in_hand += 1
         seq = message.metadata.sequence.stream
         self._held[seq] = message
         waits, done = sequencer.admit(ordering_of(op_of(message.subject), message.data))
@@ -519,7 +527,6 @@ class Inbox:
     async def _run(
         self, js: JetStreamContext, message: Msg, waits: Sequence[asyncio.Future[None]], done: asyncio.Future[None]
     ) -> None:
-        slots = self._slots
         try:
             if waits:
                 await asyncio.gather(*waits)
@@ -534,7 +541,7 @@ class Inbox:
         finally:
             if not done.done():
                 done.set_result(None)
-            slots.release()
+            self._finished()
 
     async def _carry_out(self, js: JetStreamContext, message: Msg) -> None:
         """Run one command until it has a result (published, then acked) or a dead letter."""
