@@ -406,7 +406,7 @@ class Inbox:
         self.active = True
         runner = asyncio.get_running_loop().create_task(self._consume(), name="inbox-term")
         try:
-            while not self._stopped.is_set() and not runner.done():
+            while not self._stopped.is_set() and not self._halt.is_set() and not runner.done():
                 await asyncio.wait([runner], timeout=self.options.heartbeat_s)
                 await conn.execute("SELECT 1")  # the session, and with it the lock, is still ours
         finally:
@@ -417,6 +417,7 @@ class Inbox:
         """Stop taking commands, let those in hand finish (up to stop_timeout_s), cancel the rest:
         their commands stay unacked and the next term carries them out."""
         self._halt.set()
+        self._room.set()
         if self._tasks:
             _, pending = await asyncio.wait(list(self._tasks), timeout=self.options.stop_timeout_s)
             for task in pending:
@@ -528,8 +529,8 @@ class Inbox:
         self, js: JetStreamContext, message: Msg, waits: Sequence[asyncio.Future[None]], done: asyncio.Future[None]
     ) -> None:
         try:
-            if waits:
-                await asyncio.gather(*waits)
+            if waits:  # `wait`, not `gather`: a cancelled waiter must not cancel its predecessors' completions
+                await asyncio.wait(waits)
             await self._carry_out(js, message)
             self._held.pop(message.metadata.sequence.stream, None)
         except (StopTerm, asyncio.CancelledError):
