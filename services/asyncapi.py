@@ -89,7 +89,84 @@ def documentation_broker(subjects: Subjects) -> NatsBroker:
     for event in EVENT_TYPES:
         subject = subjects.event("{tenant_id}", event.kind)
         broker.publisher(subject, title=subject, schema=EventBody, description=f"{event.name}: {event.description}")
+    _document_inbox(broker, subjects)
     return broker
+
+
+# ---------------------------------------------------------------------------------------------
+# The durable inbox (docs/contract.md section 10): its commands, results and dead letters
+# ---------------------------------------------------------------------------------------------
+
+INBOX_HEADERS: Final = {
+    "type": "object",
+    "required": ["Authorization", "Idempotency-Key", "Nats-Msg-Id"],
+    "properties": {
+        "Authorization": AUTHORIZATION,
+        "Idempotency-Key": IDEMPOTENCY_KEY,
+        "Nats-Msg-Id": {"type": "string", "description": "the Idempotency-Key again (JetStream dedup)"},
+    },
+}
+RESULT_HEADERS: Final = {
+    "type": "object",
+    "required": ["Idempotency-Key", "Op", "Nats-Msg-Id"],
+    "properties": {
+        "Idempotency-Key": IDEMPOTENCY_KEY,
+        "Op": {"type": "string", "description": "the op of the command (the last token of its inbox subject)"},
+        "Nats-Msg-Id": {"type": "string", "description": "result:<inbox stream sequence> (dedup of a redelivery)"},
+        "Activity-Id": {"type": "string", "description": "the activity of a reply that is one"},
+    },
+}
+DLQ_HEADERS: Final = {
+    "type": "object",
+    "required": ["Activities-Error", "Activities-Tries", "Activities-Inbox-Seq"],
+    "properties": {
+        "Authorization": AUTHORIZATION,
+        "Idempotency-Key": IDEMPOTENCY_KEY,
+        "Activities-Error": {"type": "string", "description": "the last error envelope, JSON"},
+        "Activities-Tries": {"type": "string", "pattern": "^[0-9]+$", "description": "tries made (0: never run)"},
+        "Activities-Inbox-Seq": {"type": "string", "pattern": "^[0-9]+$"},
+        "Activities-Enqueued-At": {"type": "string", "description": "when JetStream took the command"},
+    },
+}
+
+
+def _document_inbox(broker: NatsBroker, subjects: Subjects) -> None:
+    """The inbox subject of each command (JetStream), the results per tenant and the DLQ."""
+    for spec in COMMANDS.values():
+        subject = subjects.inbox(spec.name)
+        broker.subscriber(
+            subject, title=subject, description=f"durable asynchronous {spec.name} (JetStream publish): {spec.summary}"
+        )(_documented(spec.body))
+        broker.publisher(
+            subjects.dlq(spec.name),
+            title=subjects.dlq(spec.name),
+            schema=spec.body,
+            description=f"dead-lettered {spec.name} commands, body and headers as sent, with the last error",
+        )
+    results = subjects.results("{tenant_id}")
+    broker.publisher(
+        results,
+        title=results,
+        schema=ErrorReply,
+        description="the reply envelope of each inbox command of the tenant (stream kept 7 days)",
+    )
+
+
+def _add_inbox_headers(document: dict[str, Any], subjects: Subjects) -> None:
+    messages = document["components"]["messages"]
+    for spec in COMMANDS.values():
+        for message in document["channels"][subjects.inbox(spec.name)]["messages"].values():
+            messages[_ref_name(message)]["headers"] = INBOX_HEADERS
+        for message in document["channels"][subjects.dlq(spec.name)]["messages"].values():
+            messages[_ref_name(message)]["headers"] = DLQ_HEADERS
+    channel = document["channels"][subjects.results("{tenant_id}")]
+    channel["parameters"] = {"tenant_id": {"description": "tenant_id of the command's token"}}
+    replies = [*sorted({spec.reply.__name__ for spec in COMMANDS.values()}), "ErrorReply"]
+    for message in channel["messages"].values():
+        target = messages[_ref_name(message)]
+        target["headers"] = RESULT_HEADERS
+        target["payload"] = {"oneOf": [{"$ref": f"#/components/schemas/{name}"} for name in replies]}
+        target.pop("correlationId", None)
 
 
 def _schemas(models: list[type[BaseModel]]) -> dict[str, Any]:
@@ -157,6 +234,7 @@ def asyncapi_document(prefix: str = "crm.activities", version: str = "1") -> dic
     for channel in document["channels"].values():
         channel.pop("servers", None)
     _add_replies_and_headers(document, subjects)
+    _add_inbox_headers(document, subjects)
     return document
 
 

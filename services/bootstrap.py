@@ -43,6 +43,7 @@ from services.embedded import EmbeddedNats, EmbeddedPostgres
 from services.erasure import ContactEraser
 from services.gateway import CommandGateway
 from services.http_app import HttpRole, add_operations_routes, create_http_app
+from services.inbox import Inbox, InboxOptions, InboxStreams
 from services.metrics import Metrics, Operations
 from services.nats_app import CommandsRole, RequestServer
 from services.queries import EventStoreReads, QueryGateway, ReadModel
@@ -51,7 +52,7 @@ from services.scheduler import fire_through
 
 log = logging.getLogger("activities.bootstrap")
 
-ROLES = ("commands", "projector", "relay", "http", "scheduler")
+ROLES = ("commands", "projector", "relay", "http", "scheduler", "inbox")
 DEV_SECRET_FILE = "dev-jwt-secret"
 
 
@@ -136,6 +137,18 @@ def stream_spec(settings: Settings) -> StreamSpec:
     )
 
 
+def inbox_streams(settings: Settings) -> InboxStreams:
+    """The durable inbox's streams, as configured (names default to the events stream's + a suffix)."""
+    return InboxStreams(
+        inbox=settings.inbox_stream or f"{settings.stream_name}_COMMANDS",
+        results=settings.results_stream or f"{settings.stream_name}_RESULTS",
+        dlq=settings.dlq_stream or f"{settings.stream_name}_DLQ",
+        subject_prefix=settings.subject_prefix,
+        replicas=settings.stream_replicas,
+        duplicate_window_s=settings.stream_duplicate_window_s,
+    )
+
+
 def check_database(database_url: str) -> None:
     """Fail early with an actionable message when PostgreSQL cannot be reached."""
     try:
@@ -170,6 +183,7 @@ class Runtime:
         self.endpoints: dict[str, Any] = {}
         self.http: HttpRole | None = None
         self.due_index: DueIndex | None = None
+        self.inbox: Inbox | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -247,6 +261,25 @@ class Runtime:
         if "projector" in self.roles:
             projector = TrackedConsumer(app, database_url, Projector(app, database_url), PROJECTOR_SETTINGS)
             components.append(projector)
+        if "inbox" in self.roles:  # durable asynchronous commands through the same gateway
+            assert self.batcher is not None
+            options = InboxOptions(
+                max_deliver=settings.inbox_max_deliver,
+                backoff_s=settings.inbox_backoff_s,
+                backoff_max_s=settings.inbox_backoff_max_s,
+                concurrency=settings.inbox_concurrency,
+            )
+            self.inbox = Inbox(
+                commands.handle,
+                verifier,
+                self._connection,
+                inbox_streams(settings),
+                database_url,
+                options,
+                admit=self.batcher.has_room,
+                schema=app.activities_recorder.datastore.schema,
+            )
+            components.append(self.inbox)
         if "http" in self.roles:
             queries = self._query_gateway(verifier)
             self.operations.pools["read_model"] = queries.read_model.pool

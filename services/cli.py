@@ -15,6 +15,7 @@ import uvloop
 from services.auth import mint_token
 from services.bootstrap import ROLES, Runtime, dev_secret
 from services.cli_client import CLIENT_COMMANDS, add_client_commands, run_client_command
+from services.cli_inbox import INBOX_COMMANDS, add_inbox_commands, run_inbox_command
 from services.cli_projections import add_projection_commands, run_projection_command
 from services.config import Settings
 from services.logs import configure_logging
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, default=24 * 3600, help="seconds until it expires (default one day)")
     add_client_commands(commands)  # create, get, list, history, tail (services/cli_client.py)
     add_projection_commands(commands)  # projections status|rebuild (services/cli_projections.py)
+    add_inbox_commands(commands)  # enqueue, results, inbox dlq list|redrive|drop (services/cli_inbox.py)
     return parser
 
 
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             return 141
     if args.command == "projections":
         return run_projection_command(args, settings)
+    if args.command in INBOX_COMMANDS:
+        return run_inbox_command(args, settings)
     return 2
 
 

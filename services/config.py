@@ -86,3 +86,21 @@ class Settings(BaseSettings):
         gt=0,
         description="retention: the scheduler erases activities deleted longer ago than this many days; unset: off",
     )
+
+    inbox_stream: str | None = Field(
+        default=None, description="JetStream stream of the durable inbox; unset: <stream_name>_COMMANDS"
+    )
+    results_stream: str | None = Field(
+        default=None, description="JetStream stream of the inbox's results (kept 7 days); unset: <stream_name>_RESULTS"
+    )
+    dlq_stream: str | None = Field(
+        default=None, description="JetStream stream of dead-lettered inbox commands; unset: <stream_name>_DLQ"
+    )
+    inbox_max_deliver: int = Field(
+        default=10, description="tries of an inbox command answered `unavailable`/`internal` before the DLQ"
+    )
+    inbox_backoff_s: float = Field(default=1.0, description="first wait before an inbox command is tried again, s")
+    inbox_backoff_max_s: float = Field(
+        default=120.0, description="longest wait between two tries of an inbox command (doubling), s"
+    )
+    inbox_concurrency: int = Field(default=512, description="inbox commands in hand at once in the active inbox")

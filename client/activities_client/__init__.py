@@ -16,9 +16,12 @@ from activities_client.client import (
     AsyncActivities,
     AsyncClient,
     Client,
+    Enqueued,
     Event,
     HistoryUnavailable,
     Page,
+    Result,
+    ResultSubscription,
     RetryPolicy,
     StartAt,
     Subscription,
@@ -64,3 +67,4 @@ __all__ = [
     "ValidationError",
     "VersionConflict",
 ]
+__all__ += ["Enqueued", "Result", "ResultSubscription"]  # the durable inbox (CONTRACT section 10)

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, NamedTuple, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -92,6 +92,7 @@ __all__ = [
     "AsyncActivities",
     "AsyncClient",
     "Client",
+    "Enqueued",
     "Event",
     "Gone",
     "HistoryUnavailable",
@@ -99,6 +100,8 @@ __all__ = [
     "InternalError",
     "NotFound",
     "Page",
+    "Result",
+    "ResultSubscription",
     "RetryPolicy",
     "Subscription",
     "SyncActivities",
@@ -543,6 +546,62 @@ class AsyncClient:
         else:
             self._subscriptions.discard(subscription)
 
+    # The durable inbox (docs/contract.md section 10) --------------------------------------------
+
+    async def enqueue(self, op: str, body: Any, idempotency_key: str | None = None) -> Enqueued:
+        """JetStream-publish a command to `<prefix>.inbox.<op>`; returns once the stream holds it.
+
+        The Idempotency-Key (a fresh one when None) is also the `Nats-Msg-Id`, so a publish retried
+        after a lost ack is stored once; the service carries the command out exactly once and
+        publishes its reply envelope to the tenant's results (`results()`). Retried like a command
+        (timeouts, no stream reachable) with the same key; then `Unavailable`.
+        """
+        if not op or any(ch in op for ch in ".*> \t\r\n"):
+            raise ValueError(f"op is one token such as 'create' or 'patch', not {op!r}")
+        key = idempotency_key or str(uuid.uuid4())
+        headers = {"Authorization": f"Bearer {self.token}", "Idempotency-Key": key, "Nats-Msg-Id": key}
+        subject = self.subjects.inbox(op)
+        payload = _dumps(body)
+        last = ""
+        for number in range(1, self.retry.attempts + 1):
+            try:
+                nc = await self._ensure_connected()
+                ack = await nc.jetstream(timeout=self.timeout).publish(subject, payload, headers=headers)
+                return Enqueued(key, ack)
+            except Unavailable as unreachable:
+                if self._nc_url is None:
+                    raise
+                last = unreachable.message
+            except nats.errors.NoRespondersError:
+                last = f"no inbox stream at {self.target} (has the service's inbox role ever run?)"
+            except (nats.errors.TimeoutError, TimeoutError):
+                last = f"no ack from JetStream within {self.timeout}s"
+            except (
+                nats.errors.ConnectionClosedError,
+                nats.errors.ConnectionReconnectingError,
+                nats.errors.StaleConnectionError,
+                nats.errors.OutboundBufferLimitError,
+            ) as exc:
+                last = f"no service at {self.target} (connection lost: {_reason(exc)})"
+            except nats.js.errors.APIError as exc:
+                raise Unavailable(f"JetStream refused the command: {exc.description or exc}") from None
+            if number < self.retry.attempts:
+                await asyncio.sleep(self.retry.delay(number))
+        raise Unavailable(f"{last} (enqueue {op}, {self.retry.attempts} attempts)")
+
+    def results(
+        self,
+        start: StartAt = "new",
+        durable: str | None = None,
+        ack: bool = True,
+        idle_timeout: float | None = None,
+        batch: int = 64,
+        ack_wait: float = 60.0,
+    ) -> ResultSubscription:
+        """The results of the tenant's inbox commands (`<prefix>.results.<tenant_id>`), as an async
+        iterator of `Result`; arguments as `subscribe` (a `durable` name resumes where it stopped)."""
+        return ResultSubscription(self, start, durable, ack, idle_timeout, batch, ack_wait)
+
 
 def _code_of_status(status: int) -> str:
     """The error code of an HTTP status without the contract's error body (e.g. from a proxy)."""
@@ -772,6 +831,22 @@ class AsyncActivities:
         """
         return Subscription(self._client, start, durable, ack, idle_timeout, batch, ack_wait)
 
+    async def enqueue(self, op: str, body: Any, idempotency_key: str | None = None) -> Enqueued:
+        """See `AsyncClient.enqueue`: a durable asynchronous command (docs/contract.md section 10)."""
+        return await self._client.enqueue(op, body, idempotency_key)
+
+    def results(
+        self,
+        start: StartAt = "new",
+        durable: str | None = None,
+        ack: bool = True,
+        idle_timeout: float | None = None,
+        batch: int = 64,
+        ack_wait: float = 60.0,
+    ) -> ResultSubscription:
+        """See `AsyncClient.results`."""
+        return self._client.results(start, durable, ack, idle_timeout, batch, ack_wait)
+
 
 def _activity_of(envelope: Mapping[str, Any]) -> Activity:
     """The activity of a command's success envelope, with `created` from its meta (an upsert's)."""
@@ -952,6 +1027,135 @@ class Subscription:
         await self.close()
 
 
+class Enqueued(NamedTuple):
+    """An inbox command JetStream holds: its Idempotency-Key and the stream's ack (`key, ack = ...`)."""
+
+    idempotency_key: str
+    ack: js_api.PubAck
+
+
+@dataclass(frozen=True)
+class Result:
+    """One result of an inbox command (docs/contract.md section 10).
+
+    `envelope` is the command's reply as on request/reply; `activity` is its document when the
+    reply is one (create, patch, delete, restore, upsert), `error` the `ActivitiesError` of a
+    failure reply; `data` and `meta` are the envelope's raw parts (a batch's list, an erase count).
+    """
+
+    idempotency_key: str | None
+    op: str | None
+    envelope: dict[str, Any]
+    activity: Activity | None = None
+    error: ActivitiesError | None = None
+    stream_sequence: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def data(self) -> Any:
+        return self.envelope.get("data")
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        meta = self.envelope.get("meta")
+        return meta if isinstance(meta, dict) else {}
+
+    def outcome(self) -> Any:
+        """The activity (or the raw data of a reply that is not one), or raise the error."""
+        if self.error is not None:
+            raise self.error
+        return self.activity if self.activity is not None else self.data
+
+
+def result_of(message: Msg) -> Result:
+    """A results-stream message as a `Result` (a body that is not an envelope becomes an `InternalError`)."""
+    headers = message.headers or {}
+    try:
+        envelope = orjson.loads(message.data)
+    except orjson.JSONDecodeError:
+        envelope = None
+    if not isinstance(envelope, dict):
+        envelope = InternalError(f"unreadable result: {message.data[:200]!r}").to_envelope()
+    activity: Activity | None = None
+    error: ActivitiesError | None = None
+    if "error" in envelope:
+        error = error_from_envelope(envelope)
+    else:
+        data = envelope.get("data")
+        if isinstance(data, dict) and "id" in data and "version" in data:
+            try:
+                activity = Activity.model_validate(data)
+            except ValueError:
+                activity = None
+    sequence = None
+    with contextlib.suppress(Exception):
+        sequence = message.metadata.sequence.stream
+    return Result(headers.get("Idempotency-Key"), headers.get("Op"), envelope, activity, error, sequence)
+
+
+class ResultSubscription(Subscription):
+    """An async iterator over the caller's tenant's inbox results; a `Subscription` on the results stream."""
+
+    async def open(self) -> ResultSubscription:
+        if self._sub is None:
+            config = self._config()
+            subject = self._client.subjects.results(self._client.tenant_id)
+            nc = await self._client._ensure_connected()
+            try:
+                self._sub = await nc.jetstream().pull_subscribe(subject, durable=self._durable, config=config)
+                info = await self._sub.consumer_info()
+                self._consumer, self._results_stream = info.name, info.stream_name
+            except nats.js.errors.NotFoundError:
+                raise Unavailable(
+                    "the results stream does not exist yet (is the service's inbox role running?)"
+                ) from None
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+                raise Unavailable(f"no JetStream at {self._client.target} ({_reason(exc)})") from None
+            self._client._track(self, True)
+            if self._ack:
+                self._progress = asyncio.get_running_loop().create_task(self._keep_in_progress())
+        return self
+
+    async def close(self) -> None:
+        consumer, stream = self._consumer, getattr(self, "_results_stream", None)
+        ephemeral = self._durable is None and not self._closed
+        await super().close()
+        if ephemeral and consumer is not None and stream is not None and self._client._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._client._nc.jetstream().delete_consumer(stream, consumer)
+
+    def __aiter__(self) -> ResultSubscription:
+        return self
+
+    async def __anext__(self) -> Result:  # type: ignore[override]
+        await self._ack_pending()
+        if self._closed:
+            raise StopAsyncIteration
+        await self.open()
+        assert self._sub is not None
+        loop = asyncio.get_running_loop()
+        deadline = None if self._idle_timeout is None else loop.time() + self._idle_timeout
+        while not self._buffer:
+            wait = 5.0 if deadline is None else min(5.0, deadline - loop.time())
+            if wait <= 0.01:
+                raise StopAsyncIteration
+            try:
+                self._buffer = await self._sub.fetch(self._batch, timeout=wait)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
+                raise Unavailable(f"no service at {self._client.target} (connection lost: {_reason(exc)})") from None
+        message = self._buffer.pop(0)
+        self._unacked = message
+        return result_of(message)
+
+    async def __aenter__(self) -> ResultSubscription:
+        return await self.open()
+
+
 # ---------------------------------------------------------------------------------------------
 # The blocking client: the async one on a loop in a background thread
 # ---------------------------------------------------------------------------------------------
@@ -1050,6 +1254,27 @@ class Client:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+    def enqueue(self, op: str, body: Any, idempotency_key: str | None = None) -> Enqueued:
+        """See `AsyncClient.enqueue`."""
+        return self._run(self._async.enqueue(op, body, idempotency_key))
+
+    def results(
+        self,
+        start: StartAt = "new",
+        durable: str | None = None,
+        ack: bool = True,
+        idle_timeout: float | None = None,
+        batch: int = 64,
+        ack_wait: float = 60.0,
+    ) -> Iterator[Result]:
+        """See `AsyncClient.results`; a blocking iterator (break out of it to stop)."""
+        if self._runner is None:
+            raise RuntimeError("the client is not connected: use `with Client(...) as client:`")
+        subscription = self._async.results(start, durable, ack, idle_timeout, batch, ack_wait)
+        self._runner.run(subscription.open())
+        return self._runner.iterate(subscription, subscription.close)
 
 
 class SyncActivities:
@@ -1159,3 +1384,19 @@ class SyncActivities:
         if runner is None:
             raise RuntimeError("the client is not connected: use `with Client(...) as client:`")
         return runner
+
+    def enqueue(self, op: str, body: Any, idempotency_key: str | None = None) -> Enqueued:
+        """See `AsyncClient.enqueue`."""
+        return self._client.enqueue(op, body, idempotency_key)
+
+    def results(
+        self,
+        start: StartAt = "new",
+        durable: str | None = None,
+        ack: bool = True,
+        idle_timeout: float | None = None,
+        batch: int = 64,
+        ack_wait: float = 60.0,
+    ) -> Iterator[Result]:
+        """See `AsyncClient.results`."""
+        return self._client.results(start, durable, ack, idle_timeout, batch, ack_wait)

@@ -9,6 +9,8 @@ COMMAND_QUEUE = "activities"
 
 COMMAND_NAMES = ("create", "patch", "delete", "restore")
 QUERY_NAMES = ("get", "list")
+INBOX_OPS = ("create", "patch", "delete", "restore", "upsert", "batch", "erase")
+"""The ops a publisher may send to the durable inbox (docs/contract.md section 10)."""
 
 
 @dataclass(frozen=True)
@@ -32,3 +34,26 @@ class Subjects:
     @property
     def all_events(self) -> str:
         return f"{self.prefix}.events.>"
+
+    # The durable inbox (docs/contract.md section 10) --------------------------------------------
+
+    def inbox(self, op: str) -> str:
+        return f"{self.prefix}.inbox.{op}"
+
+    @property
+    def all_inbox(self) -> str:
+        return f"{self.prefix}.inbox.>"
+
+    def results(self, tenant_id: str) -> str:
+        return f"{self.prefix}.results.{tenant_id}"
+
+    @property
+    def all_results(self) -> str:
+        return f"{self.prefix}.results.>"
+
+    def dlq(self, op: str) -> str:
+        return f"{self.prefix}.dlq.{op}"
+
+    @property
+    def all_dlq(self) -> str:
+        return f"{self.prefix}.dlq.>"

@@ -727,3 +727,36 @@ async def test_client_and_cli_erase(
     assert code == 0 and orjson.loads(capsys.readouterr().out) == {"erased": 0}
     code = await asyncio.to_thread(cli_main, ["erase", *connection])
     assert code != 0
+
+
+async def test_erasure_deletes_the_activitys_results_from_the_results_stream(
+    make_service: Callable[..., Any], nc: NatsClient, token: Callable[..., str]
+) -> None:
+    """An inbox command's result carries the document: the results stream is cleaned with the events."""
+    service = await make_service()
+    mark = marker()
+    js = nc.jetstream()
+    key = f"inbox-{uuid.uuid4().hex}"
+    headers = {"Authorization": f"Bearer {token()}", "Idempotency-Key": key, "Nats-Msg-Id": key}
+    body = orjson.dumps({"account_id": f"{mark}-account", "subject": mark, "notes": f"{mark} notes"})
+    await js.publish(f"{service.settings.subject_prefix}.inbox.create", body, headers=headers)
+    deadline = time.monotonic() + 30
+    while True:  # the inbox carries it out and publishes its result
+        _, hits = await stream_hits(nc, service.settings.subject_prefix, mark)
+        results = [hit for hit in hits if "_RESULTS#" in hit]
+        if results or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert results, hits
+    name, seq = results[0].split("#")
+    result = orjson.loads((await js.get_msg(name, seq=int(seq))).data)
+    activity_id = result["data"]["id"]
+
+    erased = await service.send("erase", {"id": activity_id})
+    assert erased["data"] == {"erased": 1}
+    await service.settled()
+    deadline = time.monotonic() + 30
+    while (hits := (await stream_hits(nc, service.settings.subject_prefix, mark))[1]) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)  # the stream cleanup runs every 0.1 s in these tests
+    assert hits == []
+    assert database_hits(service.database_url, mark) == []

@@ -1,0 +1,299 @@
+"""The durable inbox against request/reply: throughput and publish-to-result latency.
+
+    .venv/bin/python -m bench.inbox            # about 2 minutes
+    .venv/bin/python -m bench.inbox --quick    # a smoke run
+
+One `activities serve --role commands,inbox` process (embedded PostgreSQL with fsync on, embedded
+NATS, all on 127.0.0.1), then, alternating for `--rounds` rounds on the same process:
+
+- request/reply: creates over NATS request/reply with 256 in flight for `--seconds` (the baseline,
+  the same load as bench/run.py's create_256);
+- inbox: as many create commands JetStream-published to `crm.activities.inbox.create` (1,024
+  publishes awaiting their JetStream ack, each with its Idempotency-Key as Nats-Msg-Id), timed from
+  the first publish to the last result received on `crm.activities.results.bench`: commands
+  carried out per second.
+
+- backlog: the service paused (SIGSTOP), as many creates published, the service resumed: the
+  time from the resume to the last result (the inbox draining a backlog, as after an outage).
+
+The ratios to request/reply of each round are reported, and their medians (aim: >= 0.8).
+Then latency at a steady 500 commands/s for `--latency-seconds`: each command published at its
+scheduled time (open loop), its latency the time from the publish to its result message; and the
+request/reply creates at the same rate side by side. Both load generators speak the NATS protocol
+through bench/nats_client.py's lean client (a JetStream publish is a request answered by the
+stream's ack), so the client's CPU is the same on both sides; the results are received with
+nats-py. The machine's load average is recorded before and after (the machine is shared).
+Results go to bench/results/<date>-<HHMM>-inbox/ (inbox.json, inbox.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import nats
+import orjson
+import uvloop
+
+from bench.load import Stats
+from bench.nats_client import LeanNatsClient, encode_headers
+from bench.run import RESULTS, bench_servers, create_body, drive, headers, machine, progress, service
+
+INBOX_SUBJECT = "crm.activities.inbox.create"
+RESULTS_SUBJECT = "crm.activities.results.bench"
+IN_FLIGHT = 256
+PUBLISH_IN_FLIGHT = 1024  # JetStream publishes awaiting their ack (an async publisher does not wait for results)
+
+
+class ResultWatcher:
+    """Receives the tenant's results (a core NATS subscription on the results subject) and notes
+    when each key's result arrived."""
+
+    def __init__(self) -> None:
+        self.arrived: dict[str, float] = {}
+        self.errors: dict[str, int] = {}
+        self.changed = asyncio.Event()
+
+    async def on_message(self, message: Any) -> None:
+        key = (message.headers or {}).get("Idempotency-Key", "")
+        self.arrived.setdefault(key, time.perf_counter())
+        if b'"error"' in message.data[:20]:
+            code = str(orjson.loads(message.data)["error"]["code"])
+            self.errors[code] = self.errors.get(code, 0) + 1
+        self.changed.set()
+
+    async def wait_for(self, keys: list[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        missing = [k for k in keys if k not in self.arrived]
+        while missing and time.monotonic() < deadline:
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), 1.0)
+            missing = [k for k in missing if k not in self.arrived]
+        if missing:
+            raise RuntimeError(f"{len(missing)} results never arrived (first: {missing[0]})")
+
+
+def inbox_head(key: str) -> bytes:
+    return encode_headers({**headers(), "Idempotency-Key": key, "Nats-Msg-Id": key})
+
+
+async def inbox_throughput(nats_url: str, count: int, tag: str) -> dict[str, Any]:
+    """Publish `count` creates (IN_FLIGHT at a time) and time them to the last result."""
+    watcher = ResultWatcher()
+    receiver = await nats.connect(nats_url)
+    await receiver.subscribe(RESULTS_SUBJECT, cb=watcher.on_message)
+    await receiver.flush()
+    client = await LeanNatsClient.connect(nats_url)
+    keys = [f"{tag}-{i}" for i in range(count)]
+    slots = asyncio.Semaphore(PUBLISH_IN_FLIGHT)
+    publish_errors = 0
+
+    async def publish(i: int) -> None:
+        nonlocal publish_errors
+        async with slots:
+            reply = await client.start_request(INBOX_SUBJECT, orjson.dumps(create_body(i)), inbox_head(keys[i]), 30)
+            if b'"error"' in reply.data:
+                publish_errors += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(publish(i) for i in range(count)))
+    published = time.perf_counter()
+    await watcher.wait_for(keys, timeout=300)
+    finished = max(watcher.arrived[k] for k in keys)
+    await client.close()
+    await receiver.close()
+    elapsed = finished - started
+    return {
+        "commands": count,
+        "publish_s": round(published - started, 3),
+        "elapsed_s": round(elapsed, 3),
+        "rate_per_s": round(count / elapsed, 1),
+        "publish_errors": publish_errors,
+        "error_results": watcher.errors,
+    }
+
+
+async def backlog_drain(nats_url: str, pid: int, count: int, tag: str) -> dict[str, Any]:
+    """Pause the service (SIGSTOP), publish `count` creates, resume it: time to the last result."""
+    watcher = ResultWatcher()
+    receiver = await nats.connect(nats_url)
+    await receiver.subscribe(RESULTS_SUBJECT, cb=watcher.on_message)
+    await receiver.flush()
+    client = await LeanNatsClient.connect(nats_url)
+    keys = [f"{tag}-{i}" for i in range(count)]
+    slots = asyncio.Semaphore(PUBLISH_IN_FLIGHT)
+
+    async def publish(i: int) -> None:
+        async with slots:
+            await client.start_request(INBOX_SUBJECT, orjson.dumps(create_body(i)), inbox_head(keys[i]), 30)
+
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await asyncio.gather(*(publish(i) for i in range(count)))
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    resumed = time.perf_counter()
+    await watcher.wait_for(keys, timeout=300)
+    elapsed = max(watcher.arrived[k] for k in keys) - resumed
+    await client.close()
+    await receiver.close()
+    return {"commands": count, "elapsed_s": round(elapsed, 3), "rate_per_s": round(count / elapsed, 1),
+            "error_results": watcher.errors}
+
+
+async def inbox_latency(nats_url: str, rate: float, seconds: float, tag: str) -> dict[str, Any]:
+    """Publish at a steady rate (open loop); latency = publish to result."""
+    watcher = ResultWatcher()
+    receiver = await nats.connect(nats_url)
+    await receiver.subscribe(RESULTS_SUBJECT, cb=watcher.on_message)
+    await receiver.flush()
+    client = await LeanNatsClient.connect(nats_url)
+    total = int(rate * seconds)
+    keys = [f"{tag}-{i}" for i in range(total)]
+    sent: dict[str, float] = {}
+    acks: list[asyncio.Future[Any]] = []
+    started = time.perf_counter()
+    for i in range(total):
+        delay = started + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sent[keys[i]] = time.perf_counter()
+        acks.append(client.start_request(INBOX_SUBJECT, orjson.dumps(create_body(i)), inbox_head(keys[i]), 30))
+    await asyncio.gather(*acks)
+    await watcher.wait_for(keys, timeout=120)
+    stats = Stats(sent=total, ok=total, elapsed_s=time.perf_counter() - started)
+    stats.latencies_ms = [(watcher.arrived[k] - sent[k]) * 1000 for k in keys]
+    await client.close()
+    await receiver.close()
+    return {"target_rate": rate, **stats.summary(), "error_results": watcher.errors}
+
+
+async def request_latency(nats_url: str, rate: float, seconds: float) -> dict[str, Any]:
+    from bench.run import drive_rate
+
+    stats = await drive_rate(nats_url, "crm.activities.cmd.create", create_body, rate, seconds)
+    return {"target_rate": rate, **stats.summary()}
+
+
+def load_average() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short phases (a smoke run)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of each request/reply phase")
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument("--rate", type=float, default=500.0, help="the steady rate of the latency phase")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.seconds, args.latency_seconds = 1, 2.0, 3.0
+    results: dict[str, Any] = {
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "load_average_before": load_average(),
+        "quick": args.quick,
+        "rounds": [],
+    }
+    root = Path(tempfile.mkdtemp(prefix="bench-inbox-"))
+    progress(f"servers under {root}")
+    with bench_servers(root) as servers:
+        database_url = servers.fresh_database()
+        with service(database_url, servers.nats_url, "commands,inbox", root / "svc") as (process, endpoints):
+            url = endpoints["nats_url"]
+            uvloop.run(drive(url, "crm.activities.cmd.create", create_body, 8, 1))  # warm-up
+            uvloop.run(inbox_throughput(url, 500, "warm"))
+            for number in range(args.rounds):
+                progress(f"round {number + 1}: request/reply creates, {IN_FLIGHT} in flight, {args.seconds:g} s")
+                baseline = uvloop.run(drive(url, "crm.activities.cmd.create", create_body, IN_FLIGHT, args.seconds))
+                count = max(500, int(baseline.rate * args.seconds))
+                progress(f"round {number + 1}: {count} inbox creates, publish to last result")
+                inbox = uvloop.run(inbox_throughput(url, count, f"r{number}"))
+                progress(f"round {number + 1}: {count} inbox creates published while the service is paused")
+                backlog = uvloop.run(backlog_drain(url, process.pid, count, f"b{number}"))
+                results["rounds"].append({
+                    "request_reply": baseline.summary(),
+                    "inbox": inbox,
+                    "ratio": round(inbox["rate_per_s"] / baseline.rate, 3) if baseline.rate else None,
+                    "backlog": backlog,
+                    "backlog_ratio": round(backlog["rate_per_s"] / baseline.rate, 3) if baseline.rate else None,
+                })
+            progress(f"latency: inbox at {args.rate:g}/s for {args.latency_seconds:g} s")
+            results["latency_inbox"] = uvloop.run(inbox_latency(url, args.rate, args.latency_seconds, "lat"))
+            progress(f"latency: request/reply creates at {args.rate:g}/s for {args.latency_seconds:g} s")
+            results["latency_request_reply"] = uvloop.run(request_latency(url, args.rate, args.latency_seconds))
+    results["load_average_after"] = load_average()
+    ratios = [r["ratio"] for r in results["rounds"] if r["ratio"] is not None]
+    results["median_ratio"] = round(statistics.median(ratios), 3) if ratios else None
+    backlog_ratios = [r["backlog_ratio"] for r in results["rounds"] if r["backlog_ratio"] is not None]
+    results["median_backlog_ratio"] = round(statistics.median(backlog_ratios), 3) if backlog_ratios else None
+    path = write_report(results)
+    progress(f"report: {path}")
+    print(path.read_text())
+    return 0
+
+
+def write_report(results: dict[str, Any]) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d-%H%M")
+    directory = RESULTS / f"{stamp}-inbox"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "inbox.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [
+        f"# Inbox vs request/reply ({results['started_at']})",
+        "",
+        f"Machine: {results['machine']}; load average before {results['load_average_before']}, "
+        f"after {results['load_average_after']} (a shared machine: other work ran meanwhile)."
+        + (" QUICK run (smoke only)." if results["quick"] else ""),
+        "",
+        "## Throughput (creates/s)",
+        "",
+        "| round | request/reply (256 in flight) | inbox: first publish to last result | ratio "
+        "| inbox: backlog drained | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for number, round_ in enumerate(results["rounds"], 1):
+        lines.append(
+            f"| {number} | {round_['request_reply']['rate_per_s']} | {round_['inbox']['rate_per_s']} "
+            f"({round_['inbox']['commands']} commands) | {round_['ratio']} | {round_['backlog']['rate_per_s']} "
+            f"| {round_['backlog_ratio']} |"
+        )
+    lines += [
+        "",
+        f"Median ratio inbox / request-reply: **{results['median_ratio']}** (aim >= 0.8); "
+        f"a backlog drained (published while the service was paused): **{results['median_backlog_ratio']}**.",
+        "The first includes publishing the commands (1,024 JetStream publishes in flight) on the same two "
+        "cores while the inbox works; the second is the inbox alone, as after an outage.",
+        "",
+    ]
+    inbox, request = results["latency_inbox"], results["latency_request_reply"]
+    lines += [
+        f"## Latency at a steady {inbox['target_rate']:g} commands/s",
+        "",
+        "| path | p50 ms | p95 ms | p99 ms | errors |",
+        "|---|---|---|---|---|",
+        f"| inbox: publish to result | {inbox['p50_ms']} | {inbox['p95_ms']} | {inbox['p99_ms']} "
+        f"| {inbox['error_results'] or 0} |",
+        f"| request/reply create | {request['p50_ms']} | {request['p95_ms']} | {request['p99_ms']} "
+        f"| {request['errors']} |",
+        "",
+        "Aim: inbox p99 <= 100 ms.",
+    ]
+    (directory / "inbox.md").write_text("\n".join(lines) + "\n")
+    return directory / "inbox.md"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

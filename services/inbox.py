@@ -1,0 +1,746 @@
+"""The durable asynchronous inbox (docs/contract.md section 10): the `inbox` role.
+
+Publishers JetStream-publish commands to `<prefix>.inbox.<op>` (stream `<stream>_COMMANDS`,
+work-queue retention). The active inbox takes them, carries each out through the same command
+gateway as the NATS request/reply subjects (so every op of the `COMMANDS` registry works, and an op
+not in it is an error result), publishes its reply envelope to `<prefix>.results.<tenant_id>`
+(stream `<stream>_RESULTS`, 7 days) and only then acks it.
+
+Exactly once. The gateway's Idempotency-Key table (written in the same transaction as the events)
+makes a second run of a command replay its first reply and append nothing; a result is published
+with `Nats-Msg-Id: result:<inbox stream sequence>`, so the result of a redelivered command is
+dropped by the results stream's duplicate window. A command without a usable key (the key is the
+exactly-once guarantee) or without a valid token (no tenant to answer) goes to the DLQ at once.
+
+Order. One inbox instance is active at a time: it holds a PostgreSQL session advisory lock, the
+others wait for it (as the log consumers in projections/consumer.py). Each term starts by creating
+the durable pull consumer afresh, so the new leader receives every unacknowledged command in
+stream order (a durable consumer kept across terms would redeliver the dead leader's unacked
+commands only after their ack wait, behind newer ones). Inside the active instance commands are
+taken in stream order and run concurrently, except that a command waits for every earlier command
+in hand that names the same activity (`Sequencer`): the `id` of patch, delete, restore and erase,
+the `external_key` of an upsert (upserts and id commands wait for each other, since an upsert's
+activity is known only by its key), and a batch, an erase by contact, or an op the inbox does not
+know waits for everything before it and everything after waits for it.
+
+Retries. `unavailable` and `internal` are tried again in place with a doubling back-off, the
+command kept in hand (and its successors on the same activity waiting behind it), because a NAK'd
+command would come back after later commands of its activity. While a command waits after
+`unavailable` the inbox takes no new commands (a backing service is down: taking more would only
+spend their tries). After `max_deliver` tries the command goes to the DLQ with its last error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+from uuid import UUID
+
+import orjson
+import psycopg
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    PubAck,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from activities_client.document import is_activity_id
+from activities_client.errors import ActivitiesError, ValidationError, field_error
+from activities_client.subjects import Subjects
+from events.activity import activity_uuid
+from events.commands import COMMANDS
+from projections.consumer import Backoff, lock_key
+from projections.database import conninfo
+from projections.erasure import remember_published_params, remember_published_sql
+from projections.relay import MIN_DUPLICATE_WINDOW_S
+from projections.streams import ensure_stream
+from services.auth import TokenVerifier
+from services.gateway import check_idempotency_key, header
+
+log = logging.getLogger("activities.inbox")
+
+INBOX_CONSUMER: Final = "activities-inbox"
+LEADER_LOCK: Final = "activities:inbox"
+RESULTS_MAX_AGE_S: Final = 7 * 24 * 3600.0
+RETRYABLE: Final = frozenset({"unavailable", "internal"})
+
+IDEMPOTENCY_KEY: Final = "Idempotency-Key"
+OP: Final = "Op"
+MSG_ID: Final = "Nats-Msg-Id"
+DLQ_ERROR: Final = "Activities-Error"
+DLQ_TRIES: Final = "Activities-Tries"
+DLQ_INBOX_SEQ: Final = "Activities-Inbox-Seq"
+DLQ_ENQUEUED_AT: Final = "Activities-Enqueued-At"
+DLQ_HEADERS: Final = (DLQ_ERROR, DLQ_TRIES, DLQ_INBOX_SEQ, DLQ_ENQUEUED_AT)
+
+
+# ---------------------------------------------------------------------------------------------
+# The three streams
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InboxStreams:
+    """The inbox's streams as configured (the composition root fills it from Settings)."""
+
+    inbox: str
+    results: str
+    dlq: str
+    subject_prefix: str
+    replicas: int = 1
+    duplicate_window_s: float = MIN_DUPLICATE_WINDOW_S
+
+    @property
+    def subjects(self) -> Subjects:
+        return Subjects(self.subject_prefix)
+
+    def configs(self) -> list[StreamConfig]:
+        """The inbox (work queue), the results (7 days) and the DLQ (kept until managed), all on file."""
+        subjects = self.subjects
+        window = max(self.duplicate_window_s, MIN_DUPLICATE_WINDOW_S)
+        return [
+            StreamConfig(
+                name=self.inbox,
+                subjects=[subjects.all_inbox],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE,
+                num_replicas=self.replicas,
+                duplicate_window=window,
+                description="Durable asynchronous commands (docs/contract.md section 10)",
+            ),
+            StreamConfig(
+                name=self.results,
+                subjects=[subjects.all_results],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                num_replicas=self.replicas,
+                duplicate_window=window,
+                max_age=RESULTS_MAX_AGE_S,
+                description="Reply envelopes of the inbox's commands, per tenant (docs/contract.md section 10)",
+            ),
+            StreamConfig(
+                name=self.dlq,
+                subjects=[subjects.all_dlq],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                num_replicas=self.replicas,
+                duplicate_window=window,
+                description="Inbox commands that could not be carried out (activities inbox dlq ...)",
+            ),
+        ]
+
+
+async def ensure_inbox_streams(js: JetStreamContext, streams: InboxStreams) -> None:
+    """Create the three streams (or bring them up to date) through the one stream function."""
+    for config in streams.configs():
+        await ensure_stream(js, config, streams.replicas)
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing results and dead letters
+# ---------------------------------------------------------------------------------------------
+
+
+async def publish_result(
+    js: JetStreamContext,
+    subjects: Subjects,
+    tenant_id: str,
+    idempotency_key: str,
+    op: str,
+    envelope: dict[str, Any],
+    msg_id: str,
+) -> PubAck:
+    """Publish one command's reply envelope to `<prefix>.results.<tenant_id>` and wait for the
+    stream's ack. The one place results are published (erasure indexes what it publishes here)."""
+    headers = {
+        IDEMPOTENCY_KEY: idempotency_key,
+        OP: op,
+        MSG_ID: msg_id,
+        "Content-Type": "application/json",
+    }
+    data = envelope.get("data")
+    if isinstance(data, dict) and isinstance(data.get("id"), str):
+        headers["Activity-Id"] = data["id"]
+    return await js.publish(subjects.results(tenant_id), orjson.dumps(envelope), headers=headers)
+
+
+def activities_of(envelope: dict[str, Any]) -> list[UUID]:
+    """The activities whose content a result carries (a batch's: each item's), for erasure."""
+    data = envelope.get("data")
+    items = [item.get("data") for item in data if isinstance(item, dict)] if isinstance(data, list) else [data]
+    return [
+        activity_uuid(item["id"])
+        for item in items
+        if isinstance(item, dict) and isinstance(item.get("id"), str) and is_activity_id(item["id"])
+    ]
+
+
+def _ascii_json(value: Any) -> str:
+    """JSON on one line of ASCII: safe as a NATS header value."""
+    return json.dumps(value, ensure_ascii=True, separators=(",", ":"))
+
+
+def op_of(subject: str) -> str:
+    """The op of an inbox subject (`<prefix>.inbox.<op>`)."""
+    return subject.rsplit(".", 1)[-1]
+
+
+async def dead_letter(
+    js: JetStreamContext, subjects: Subjects, message: Msg, error: ActivitiesError | dict[str, Any], tries: int
+) -> PubAck:
+    """Copy an inbox command to the DLQ (body and headers as sent) with its last error."""
+    envelope = error.to_envelope() if isinstance(error, ActivitiesError) else error
+    headers = {k: v for k, v in (message.headers or {}).items() if k not in DLQ_HEADERS and k != MSG_ID}
+    seq = message.metadata.sequence.stream
+    headers[DLQ_ERROR] = _ascii_json(envelope)
+    headers[DLQ_TRIES] = str(tries)
+    headers[DLQ_INBOX_SEQ] = str(seq)
+    headers[DLQ_ENQUEUED_AT] = message.metadata.timestamp.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    headers[MSG_ID] = f"dlq:{seq}"  # a redelivered command is dead-lettered once
+    return await js.publish(subjects.dlq(op_of(message.subject)), message.data, headers=headers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Order: which earlier commands a command waits for
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ordering:
+    """What a command touches: the names of its activity, and its kind for the id/key rule."""
+
+    keys: frozenset[str] = frozenset()
+    kind: str | None = None  # "id" (names its activity by id) or "key" (by external key)
+    barrier: bool = False  # may touch any activity: waits for all before, all after wait for it
+
+
+def ordering_of(op: str, body: bytes) -> Ordering:
+    """The ordering of a command from its op and raw body (a body that does not parse touches
+    nothing: it is a validation error whatever ran before it)."""
+    if op == "create":
+        return Ordering()
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return Ordering()
+    if not isinstance(data, dict):
+        return Ordering()
+    if op in ("patch", "delete", "restore", "erase") and isinstance(data.get("id"), str):
+        return Ordering(frozenset({f"id:{data['id']}"}), "id")
+    if op == "upsert" and isinstance(data.get("external_key"), str):
+        return Ordering(frozenset({f"key:{data['external_key']}"}), "key")
+    if op in ("patch", "delete", "restore", "upsert"):
+        return Ordering()  # no target: a validation error
+    return Ordering(barrier=True)  # batch, erase by contact, an op the inbox does not know
+
+
+class Sequencer:
+    """Hands out, in arrival order, the completions each command must wait for.
+
+    A command waits for the latest earlier command in hand on each of its keys, for the earlier
+    commands of the other kind (id vs external key), and for the latest barrier; a barrier waits
+    for everything in hand. Completions are futures that only ever get `None`.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, asyncio.Future[None]] = {}
+        self._pending: set[asyncio.Future[None]] = set()
+        self._by_kind: dict[str, set[asyncio.Future[None]]] = {"id": set(), "key": set()}
+        self._barrier: asyncio.Future[None] | None = None
+
+    def admit(self, ordering: Ordering) -> tuple[list[asyncio.Future[None]], asyncio.Future[None]]:
+        """(the completions to wait for, this command's completion: set it when done)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waits: list[asyncio.Future[None]]
+        if ordering.barrier:
+            waits = [f for f in self._pending if not f.done()]
+            self._barrier = done
+        else:
+            waits = [self._last[k] for k in ordering.keys if k in self._last and not self._last[k].done()]
+            if self._barrier is not None and not self._barrier.done():
+                waits.append(self._barrier)
+            if ordering.kind is not None:
+                other = "key" if ordering.kind == "id" else "id"
+                waits.extend(f for f in self._by_kind[other] if not f.done())
+                self._by_kind[ordering.kind].add(done)
+            for key in ordering.keys:
+                self._last[key] = done
+        self._pending.add(done)
+        done.add_done_callback(lambda f: self._forget(f, ordering))
+        return waits, done
+
+    def _forget(self, done: asyncio.Future[None], ordering: Ordering) -> None:
+        self._pending.discard(done)
+        if ordering.kind is not None:
+            self._by_kind[ordering.kind].discard(done)
+        for key in ordering.keys:
+            if self._last.get(key) is done:
+                del self._last[key]
+        if self._barrier is done:
+            self._barrier = None
+
+    @property
+    def in_hand(self) -> int:
+        return len(self._pending)
+
+
+# ---------------------------------------------------------------------------------------------
+# The role
+# ---------------------------------------------------------------------------------------------
+
+
+Handle = Callable[[str, bytes, str | None, str | None, str | None], Awaitable[tuple[int, dict[str, Any]]]]
+"""The gateway's entry: (op, body, Authorization, Idempotency-Key, traceparent) -> (status, envelope)."""
+
+
+@dataclass
+class InboxOptions:
+    """Tuning of the inbox (from Settings)."""
+
+    max_deliver: int = 10
+    backoff_s: float = 1.0
+    backoff_max_s: float = 120.0
+    concurrency: int = 512
+    fetch_batch: int = 256
+    ack_wait_s: float = 30.0
+    leader_retry_s: float = 1.0
+    heartbeat_s: float = 1.0
+    stop_timeout_s: float = 10.0
+
+
+@dataclass
+class InboxStats:
+    """Counters, for tests, the benchmark and the logs."""
+
+    results: int = 0
+    retries: int = 0
+    dead_lettered: int = 0
+    terms: int = 0
+    last_error: str | None = None
+    by_code: dict[str, int] = field(default_factory=dict)
+
+
+class StopTerm(Exception):
+    """The term ends (stop, lost lock, or a NATS failure): leave the command unacked."""
+
+
+class Inbox:
+    """The `inbox` role: a Component (`start`/`stop`)."""
+
+    def __init__(
+        self,
+        handle: Handle,
+        verifier: TokenVerifier,
+        connection: Callable[[], NatsClient],
+        streams: InboxStreams,
+        database_url: str,
+        options: InboxOptions | None = None,
+        admit: Callable[[], bool] | None = None,
+        schema: str = "public",
+    ) -> None:
+        self._handle = handle
+        self._verifier = verifier
+        self._connection = connection
+        self.streams = streams
+        self.subjects = streams.subjects
+        self._database_url = database_url
+        self._remember_sql = remember_published_sql(schema)
+        self._conn: psycopg.AsyncConnection[Any] | None = None  # the active term's session
+        self.options = options or InboxOptions()
+        self._admit = admit or (lambda: True)
+        self.stats = InboxStats()
+        self.active = False
+        self._key = lock_key(LEADER_LOCK)
+        self._stopped = asyncio.Event()
+        self._halt = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._held: dict[int, Msg] = {}  # taken and not yet acked, by stream sequence
+        self._waiting_unavailable = 0  # commands backing off after `unavailable`: take no new ones
+        self._in_hand = 0  # commands taken and not finished (the term's `concurrency` bounds it)
+        self._room = asyncio.Event()  # set when enough commands finished to fetch another batch
+
+    # Lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        js = self._connection().jetstream()
+        with contextlib.suppress(Exception):  # NATS away: the term creates them when it can
+            await ensure_inbox_streams(js, self.streams)
+        self._stopped.clear()
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise(), name="inbox")
+
+    async def stop(self) -> None:
+        self._stopped.set()
+        self._halt.set()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
+
+    # Leadership -------------------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    conninfo(self._database_url, connect_timeout=5), autocommit=True
+                ) as conn:
+                    while not self._stopped.is_set():
+                        row = await (await conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,))).fetchone()
+                        if row and row[0]:
+                            await self._lead(conn)
+                            break
+                        await self._pause(self.options.leader_retry_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("inbox session failed", extra={"error": repr(exc)})
+            await self._pause(self.options.leader_retry_s)
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), seconds)
+
+    async def _lead(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        log.info("became the active inbox")
+        self.stats.terms += 1
+        self._halt.clear()
+        self.active = True
+        self._conn = conn
+        runner = asyncio.get_running_loop().create_task(self._consume(), name="inbox-term")
+        try:
+            while not self._stopped.is_set() and not self._halt.is_set() and not runner.done():
+                await asyncio.wait([runner], timeout=self.options.heartbeat_s)
+                await conn.execute("SELECT 1")  # the session, and with it the lock, is still ours
+        finally:
+            self.active = False
+            await self._wind_down(runner)
+            self._conn = None
+
+    async def _wind_down(self, runner: asyncio.Task[None]) -> None:
+        """Stop taking commands, let those in hand finish (up to stop_timeout_s), cancel the rest:
+        their commands stay unacked and the next term carries them out."""
+        self._halt.set()
+        self._room.set()
+        if self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=self.options.stop_timeout_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        with contextlib.suppress(Exception):
+            if runner.done() and not runner.cancelled() and runner.exception() is not None:
+                log.warning("inbox term ended", extra={"error": repr(runner.exception())})
+        self._held.clear()
+        self._waiting_unavailable = 0
+        self._in_hand = 0
+        log.info("the inbox is no longer active")
+
+    # One term ---------------------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        nc = self._connection()
+        js = nc.jetstream()
+        await ensure_inbox_streams(js, self.streams)
+        subscription = await self._fresh_consumer(js)
+        sequencer = Sequencer()
+        keepalive = asyncio.get_running_loop().create_task(self._keep_in_progress(), name="inbox-keepalive")
+        backoff = Backoff(0.1, 2.0)
+        try:
+            while not self._halt.is_set():
+                if self._waiting_unavailable:
+                    await asyncio.sleep(0.05)
+                    continue
+                free = self.options.concurrency - self._in_hand
+                if free < self._min_fetch():  # busy: wait for a batch's worth of room (not a fetch per command)
+                    self._room.clear()
+                    await self._room.wait()
+                    continue
+                try:
+                    messages = await self._fetch(subscription, min(free, self.options.fetch_batch))
+                    backoff.reset()
+                except (TimeoutError, NatsTimeoutError):
+                    messages = []
+                except NotFoundError:
+                    raise  # the consumer is gone: end the term, the next one creates it afresh
+                except Exception as exc:  # disconnected: nats-py reconnects; try again
+                    self.stats.last_error = repr(exc)
+                    messages = []
+                    await asyncio.sleep(backoff.next())
+                for message in messages:
+                    self._take(js, sequencer, message)
+        finally:
+            keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keepalive
+            with contextlib.suppress(Exception):  # a pull subscription left open holds up the connection's drain
+                await subscription.unsubscribe()
+
+    async def _fetch(self, subscription: JetStreamContext.PullSubscription, free: int) -> list[Msg]:
+        """Up to `free` commands: what is there at once; when nothing is, wait for the first one.
+
+        nats-py's `fetch(n)` long-polls until all n arrive or the timeout passes, which at a
+        modest rate kept commands waiting for a batch to fill; so the long poll asks for one."""
+        with contextlib.suppress(TimeoutError, NatsTimeoutError):
+            return await subscription.fetch(free, timeout=0.01)
+        return await subscription.fetch(1, timeout=1.0)
+
+    async def _fresh_consumer(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
+        """The durable pull consumer, created anew: every unacked command, in stream order."""
+        with contextlib.suppress(NotFoundError):
+            await js.delete_consumer(self.streams.inbox, INBOX_CONSUMER)
+        config = ConsumerConfig(
+            durable_name=INBOX_CONSUMER,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.options.ack_wait_s,
+            max_deliver=-1,
+            max_ack_pending=self.options.concurrency * 2,
+            filter_subject=self.subjects.all_inbox,
+        )
+        await js.add_consumer(self.streams.inbox, config)
+        return await js.pull_subscribe_bind(durable=INBOX_CONSUMER, stream=self.streams.inbox)
+
+    async def _keep_in_progress(self) -> None:
+        """Commands in hand (waiting for their turn or backing off) are not redelivered meanwhile."""
+        while True:
+            await asyncio.sleep(self.options.ack_wait_s / 3)
+            for message in list(self._held.values()):
+                with contextlib.suppress(Exception):
+                    await message.in_progress()
+
+    def _min_fetch(self) -> int:
+        return max(1, min(self.options.fetch_batch, self.options.concurrency // 4))
+
+    def _finished(self) -> None:
+        self._in_hand -= 1
+        if self.options.concurrency - self._in_hand >= self._min_fetch():
+            self._room.set()
+
+    def _take(self, js: JetStreamContext, sequencer: Sequencer, message: Msg) -> None:
+        self._in_hand += 1
+        seq = message.metadata.sequence.stream
+        self._held[seq] = message
+        waits, done = sequencer.admit(ordering_of(op_of(message.subject), message.data))
+        task = asyncio.get_running_loop().create_task(self._run(js, message, waits, done))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(
+        self, js: JetStreamContext, message: Msg, waits: Sequence[asyncio.Future[None]], done: asyncio.Future[None]
+    ) -> None:
+        try:
+            if waits:  # `wait`, not `gather`: a cancelled waiter must not cancel its predecessors' completions
+                await asyncio.wait(waits)
+            await self._carry_out(js, message)
+            self._held.pop(message.metadata.sequence.stream, None)
+        except (StopTerm, asyncio.CancelledError):
+            pass  # unacked: the next term carries it out
+        except Exception as exc:  # NATS failed while publishing the result or the dead letter
+            self.stats.last_error = repr(exc)
+            log.warning("inbox command left for the next term", extra={"error": repr(exc)})
+            self._halt.set()  # end the term: later commands on the same activity must not overtake it
+        finally:
+            if not done.done():
+                done.set_result(None)
+            self._finished()
+
+    async def _carry_out(self, js: JetStreamContext, message: Msg) -> None:
+        """Run one command until it has a result (published, then acked) or a dead letter."""
+        op = op_of(message.subject)
+        headers = message.headers or {}
+        authorization = header(headers, "Authorization")
+        try:
+            key = check_idempotency_key(header(headers, IDEMPOTENCY_KEY))
+            if key is None:
+                raise field_error(IDEMPOTENCY_KEY, "is required on an inbox command (it makes it exactly once)")
+            caller = self._verifier.verify(authorization)
+        except ActivitiesError as error:  # no key, or no tenant to answer
+            await self._dead_letter(js, message, error, 0)
+            return
+        tries = 0
+        while True:
+            tries += 1
+            envelope = await self._attempt(op, message, authorization, key, headers)
+            code = envelope["error"].get("code") if "error" in envelope else None
+            if code not in RETRYABLE:
+                break
+            if tries >= self.options.max_deliver:
+                await self._dead_letter(js, message, envelope, tries)
+                return
+            await self._back_off(tries, code == "unavailable")
+        ack = await publish_result(
+            js, self.subjects, caller.tenant_id, key, op, envelope, f"result:{message.metadata.sequence.stream}"
+        )
+        await self._remember(ack, envelope)
+        await message.ack()
+        self.stats.results += 1
+        self.stats.by_code[code or "ok"] = self.stats.by_code.get(code or "ok", 0) + 1
+
+    async def _remember(self, ack: PubAck, envelope: dict[str, Any]) -> None:
+        """Remember the result's message for erasure (projections/erasure.py) before the command is
+        acked: an erased activity's results are deleted from the results stream with its events.
+        A rerun after a crash publishes the same message (its Nats-Msg-Id) and remembers it then."""
+        activities = activities_of(envelope)
+        if not activities:
+            return
+        if self._conn is None:
+            raise StopTerm()
+        messages = [(ack.seq, activity) for activity in activities]
+        await self._conn.execute(self._remember_sql, remember_published_params(ack.stream, messages))
+
+    async def _attempt(
+        self, op: str, message: Msg, authorization: str | None, key: str, headers: dict[str, str]
+    ) -> dict[str, Any]:
+        if op not in COMMANDS:
+            known = ", ".join(COMMANDS)
+            return ValidationError(f"unknown op {op!r}: this service carries out {known}").to_envelope()
+        while not self._admit():  # the command queue is full (request/reply load): not a failed try
+            if self._halt.is_set():
+                raise StopTerm()
+            await asyncio.sleep(0.005)
+        _, envelope = await self._handle(op, message.data, authorization, key, header(headers, "traceparent"))
+        return envelope
+
+    async def _back_off(self, tries: int, unavailable: bool) -> None:
+        self.stats.retries += 1
+        delay = min(self.options.backoff_max_s, self.options.backoff_s * 2 ** (tries - 1))
+        if unavailable:
+            self._waiting_unavailable += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._halt.wait(), delay)
+        finally:
+            if unavailable:
+                self._waiting_unavailable -= 1
+        if self._halt.is_set():
+            raise StopTerm()
+
+    async def _dead_letter(
+        self, js: JetStreamContext, message: Msg, error: ActivitiesError | dict[str, Any], tries: int
+    ) -> None:
+        await dead_letter(js, self.subjects, message, error, tries)
+        await message.ack()
+        self.stats.dead_lettered += 1
+        envelope = error.to_envelope() if isinstance(error, ActivitiesError) else error
+        log.warning(
+            "inbox command dead-lettered",
+            extra={"seq": message.metadata.sequence.stream, "code": envelope["error"].get("code"), "tries": tries},
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Managing the DLQ (`activities inbox dlq list | redrive | drop`)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One dead-lettered command as the DLQ holds it."""
+
+    seq: int
+    op: str
+    idempotency_key: str | None
+    error: dict[str, Any]
+    tries: int
+    enqueued_at: str | None
+    dead_at: datetime | None
+    headers: dict[str, str]
+    body: bytes
+
+    def summary(self) -> dict[str, Any]:
+        """What `dlq list` shows: ids and codes, never the command's content."""
+        error = self.error.get("error", {}) if isinstance(self.error, dict) else {}
+        return {
+            "seq": self.seq,
+            "op": self.op,
+            "idempotency_key": self.idempotency_key,
+            "code": error.get("code"),
+            "message": error.get("message"),
+            "tries": self.tries,
+            "enqueued_at": self.enqueued_at,
+            "dead_at": self.dead_at.isoformat().replace("+00:00", "Z") if self.dead_at else None,
+        }
+
+
+async def dlq_list(js: JetStreamContext, streams: InboxStreams, limit: int | None = None) -> list[DeadLetter]:
+    """The DLQ's commands, oldest first."""
+    info = await js.stream_info(streams.dlq)
+    found: list[DeadLetter] = []
+    seq = info.state.first_seq or 1
+    last = info.state.last_seq or 0
+    while seq <= last and (limit is None or len(found) < limit):
+        try:
+            raw = await js.get_msg(streams.dlq, seq=seq, subject=streams.subjects.all_dlq, next=True)
+        except NotFoundError:
+            break
+        headers = dict(raw.headers or {})
+        try:
+            error = json.loads(headers.get(DLQ_ERROR, "{}"))
+        except ValueError:
+            error = {}
+        assert raw.seq is not None
+        found.append(
+            DeadLetter(
+                seq=raw.seq,
+                op=op_of(raw.subject or ""),
+                idempotency_key=header(headers, IDEMPOTENCY_KEY),
+                error=error,
+                tries=int(headers.get(DLQ_TRIES, "0") or 0),
+                enqueued_at=headers.get(DLQ_ENQUEUED_AT),
+                dead_at=raw.time,
+                headers=headers,
+                body=raw.data or b"",
+            )
+        )
+        seq = raw.seq + 1
+    return found
+
+
+async def dlq_redrive(js: JetStreamContext, streams: InboxStreams, seqs: Sequence[int] | None = None) -> list[int]:
+    """Publish DLQ commands (all, or those sequences) to the inbox again, then remove them from
+    the DLQ; returns the sequences redriven. The redriven command keeps its Idempotency-Key (so a
+    command that was carried out after all replays its reply) under a fresh message id."""
+    wanted = set(seqs) if seqs is not None else None
+    done: list[int] = []
+    for letter in await dlq_list(js, streams):
+        if wanted is not None and letter.seq not in wanted:
+            continue
+        headers = {k: v for k, v in letter.headers.items() if k not in DLQ_HEADERS and k != MSG_ID}
+        key = letter.idempotency_key
+        headers[MSG_ID] = f"{key}:redrive:{letter.seq}:{int(time.time())}" if key else f"redrive:{letter.seq}"
+        await js.publish(streams.subjects.inbox(letter.op), letter.body, headers=headers)
+        await js.delete_msg(streams.dlq, letter.seq)
+        done.append(letter.seq)
+    return done
+
+
+async def dlq_drop(js: JetStreamContext, streams: InboxStreams, seqs: Sequence[int] | None = None) -> list[int]:
+    """Remove DLQ commands (all, or those sequences) for good; returns the sequences dropped."""
+    wanted = set(seqs) if seqs is not None else None
+    done: list[int] = []
+    for letter in await dlq_list(js, streams):
+        if wanted is None or letter.seq in wanted:
+            await js.delete_msg(streams.dlq, letter.seq)
+            done.append(letter.seq)
+    return done
