@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, assert_never
+from typing import Any, Final, assert_never
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
@@ -27,6 +27,9 @@ from events.commands import (
     RestoreActivity,
     validate_fields,
 )
+
+RECURRENCE_INPUTS: Final = frozenset({"recurrence", "activity_date"})
+"""A patch touching these checks the recurrence (events/recurrence.py); others keep a stored one as it is."""
 
 
 @dataclass(frozen=True)
@@ -185,7 +188,7 @@ def _decide_change(
             if document["is_deleted"]:
                 raise Gone(f"activity {command.activity_id} is deleted; restore it first")
             merged = merge_patch(client_fields(document), changes)
-            patched = validate_fields(merged).to_json()
+            patched = validate_fields(merged, check_recurrence=not RECURRENCE_INPUTS.isdisjoint(changes)).to_json()
             if patched == client_fields(document):
                 return None
             return Decision(
