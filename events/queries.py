@@ -14,6 +14,8 @@ from activities_client.wire import (
     ActivityReply,
     GetActivityBody,
     ListActivitiesBody,
+    OccurrencesBody,
+    OccurrencesReply,
     StatsBody,
     StatsReply,
 )
@@ -49,6 +51,13 @@ QUERIES: Final[Mapping[str, QuerySpec]] = {
             "Counts of the activities matching the filters by `group_by`, largest first, from the read model.",
             StatsBody,
             StatsReply,
+        ),
+        QuerySpec(
+            "occurrences",
+            "Every occurrence in a window (`from`, `to`) of the live activities matching the filters, in time "
+            "order (docs/contract.md section 9); follow `next_cursor`.",
+            OccurrencesBody,
+            OccurrencesReply,
         ),
     )
 }

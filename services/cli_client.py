@@ -19,13 +19,13 @@ from datetime import datetime
 from typing import Any, Final
 
 from activities_client import ActivitiesError, Activity, AsyncClient, Event, StartAt
-from activities_client.document import parse_datetime
+from activities_client.document import format_datetime, parse_datetime
 from activities_client.filters import FILTERS_BY_NAME, STATS_GROUPS
 from services.auth import mint_token
 from services.bootstrap import DEV_SECRET_FILE
 from services.config import Settings
 
-CLIENT_COMMANDS: Final = ("create", "get", "list", "stats", "history", "tail")
+CLIENT_COMMANDS: Final = ("create", "get", "list", "stats", "history", "tail", "occurrences")
 TOKEN_ENV: Final = "ACTIVITIES_TOKEN"
 LIST_COLUMNS: Final = ("id", "type", "subject", "status", "activity_date", "linked_to", "version", "deleted")
 CELL_WIDTH: Final = 40
@@ -83,10 +83,10 @@ def _start(value: str) -> StartAt:
         raise argparse.ArgumentTypeError(f"'new', 'all', a stream sequence or an RFC 3339 time ({exc})") from None
 
 
-def _filter_options(parser: argparse.ArgumentParser) -> None:
+def _filter_options(parser: argparse.ArgumentParser, renames: dict[str, str] | None = None) -> None:
     """Every list filter (also the stats filters) as an option, repeatable ones repeatable."""
     for spec in FILTERS_BY_NAME.values():
-        option = FILTER_OPTIONS.get(spec.name, f"--{spec.name.replace('_', '-')}")
+        option = (FILTER_OPTIONS if renames is None else renames).get(spec.name, f"--{spec.name.replace('_', '-')}")
         action = "append" if spec.repeatable else "store"
         parser.add_argument(option, dest=spec.name, action=action, default=None, help=spec.description)
     parser.add_argument("--include-deleted", action="store_true", default=None)
@@ -133,6 +133,20 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     stats.add_argument("--group-by", dest="group_by", required=True, choices=STATS_GROUPS)
     _filter_options(stats)
     _connection_options(stats)
+
+    occurrences = commands.add_parser(
+        "occurrences",
+        help="occurrences of activities in a window, recurring ones expanded (a table)",
+        description="Occurrences in a window: activities occurrences --from 2026-03-01T00:00:00Z "
+        "--to 2026-04-01T00:00:00Z --owner-id usr-... (the activity_date filters are --activity-date-from/-to)",
+    )
+    occurrences.add_argument("--from", dest="window_from", required=True, help="window start (RFC 3339)")
+    occurrences.add_argument("--to", dest="window_to", required=True, help="window end (RFC 3339, at most 366 days on)")
+    _filter_options(occurrences, renames={})
+    occurrences.add_argument("--cursor", default=None)
+    occurrences.add_argument("--limit", type=int, default=None, help="page size (1-200)")
+    occurrences.add_argument("--all", action="store_true", help="follow the cursors to the end")
+    _connection_options(occurrences)
 
     history = commands.add_parser("history", help="the events of one activity (needs the HTTP endpoint)")
     history.add_argument("id")
@@ -304,6 +318,8 @@ async def _run(args: argparse.Namespace, settings: Settings, out: Callable[[str]
             else:
                 out(table([(count.key, count.count) for count in counts], (args.group_by, "count")))
                 out(_count(sum(count.count for count in counts)))
+        elif args.command == "occurrences":
+            await _occurrences(args, activities, out)
         elif args.command == "history":
             events = await activities.history(args.id)
             if args.json:
@@ -312,6 +328,30 @@ async def _run(args: argparse.Namespace, settings: Settings, out: Callable[[str]
                 out(table([event_row(event)[1:] for event in events], EVENT_COLUMNS[1:]))
         elif args.command == "tail":
             await _tail(args, client, out)
+
+
+OCCURRENCE_COLUMNS: Final = ("occurrence_at", "index", "id", "type", "subject")
+
+
+async def _occurrences(args: argparse.Namespace, activities: Any, out: Callable[[str], None]) -> None:
+    """`activities occurrences`: one page (or every page with --all) as a table or JSON."""
+    params = {name: getattr(args, name) for name in (*LIST_FILTERS, "limit") if getattr(args, name) is not None}
+    params.pop("include_deleted", None)
+    if args.all:
+        found = [o async for o in activities.iterate_occurrences(args.window_from, args.window_to, **params)]
+        cursor = None
+    else:
+        page = await activities.occurrences(args.window_from, args.window_to, cursor=args.cursor, **params)
+        found, cursor = page.data, page.next_cursor
+    if args.json:
+        out(_json({"data": [o.model_dump(mode="json") for o in found], "next_cursor": cursor}))
+        return
+    rows = [
+        (format_datetime(o.occurrence_at), o.index, o.activity_id, o.activity.type, o.activity.subject) for o in found
+    ]
+    out(table(rows, OCCURRENCE_COLUMNS))
+    counted = f"{len(found)} occurrence" + ("" if len(found) == 1 else "s")
+    out(counted + (f"; next page: --cursor {cursor}" if cursor else ""))
 
 
 async def _tail(args: argparse.Namespace, client: AsyncClient, out: Callable[[str], None]) -> None:
