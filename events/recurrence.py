@@ -29,13 +29,15 @@ Limits against rules that expand without end:
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import functools
 import heapq
 import itertools
 import math
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -51,6 +53,12 @@ MAX_RRULE_LENGTH: Final = 1000
 MAX_INTERVAL: Final = 1000
 MAX_STEPS: Final = 100_000
 """At most this many occurrences of one series are generated for one query (page)."""
+WINDOW_CACHE_ITEMS: Final = 256
+WINDOWS_PER_SERIES: Final = 2
+SERIES_CACHE: Final = 2048
+"""Series parsed and their windows' expansions kept for later queries: at most SERIES_CACHE series,
+WINDOWS_PER_SERIES windows each, of at most WINDOW_CACHE_ITEMS occurrences (about 110 bytes each):
+at most about 115 MB, in practice far less (a month of a weekly meeting is 5 occurrences)."""
 REORDER_HORIZON: Final = timedelta(hours=16)
 """UTC offsets stay within -12..+14 hours: an occurrence later in local time is never more than
 this much earlier in UTC than one before it (the spring-forward gap can reorder them)."""
@@ -120,10 +128,34 @@ class Series:
     start_in_rule: bool  # DTSTART is itself an occurrence of the rule
     period: timedelta | None  # the local-time period of a periodic rule
     per_period: int  # occurrences of the rule (from DTSTART on) in each period
+    shifted: dict[int, Any] = field(default_factory=dict, compare=False, repr=False)  # _shifted's rules
+    windows: dict[tuple[datetime, datetime], list[tuple[datetime, int]] | None] = field(
+        default_factory=dict, compare=False, repr=False
+    )  # window's expansions
 
     def occurrences(self, start: datetime, end: datetime) -> Iterator[tuple[datetime, int]]:
         """(occurrence in UTC, index) of every occurrence within [start, end] (UTC, inclusive), in
         time order (then index), exdates left out."""
+        return self._expand(start, end)
+
+    def window(self, start: datetime, end: datetime, since: datetime | None = None) -> Iterator[tuple[datetime, int]]:
+        """The occurrences of the window [start, end] from `since` on (a page after a cursor):
+        the window's expansion is kept (WINDOWS_PER_SERIES per series, up to WINDOW_CACHE_ITEMS
+        occurrences each), so the pages of a window and a window asked again are not expanded again."""
+        key = (start, end)
+        if key not in self.windows:
+            expanded = list(itertools.islice(self._expand(start, end), WINDOW_CACHE_ITEMS + 1))
+            if len(self.windows) >= WINDOWS_PER_SERIES:
+                self.windows.pop(next(iter(self.windows)))
+            self.windows[key] = expanded if len(expanded) <= WINDOW_CACHE_ITEMS else None
+        cached = self.windows[key]
+        if cached is None:  # too many to keep: expanded from `since` each time
+            return self._expand(max(start, since or start), end)
+        if since is None or since <= start:
+            return iter(cached)
+        return itertools.islice(cached, bisect.bisect_left(cached, (since, -1)), None)
+
+    def _expand(self, start: datetime, end: datetime) -> Iterator[tuple[datetime, int]]:
         for at, index in self._ordered(start, end):
             if at > end:
                 return
@@ -151,25 +183,35 @@ class Series:
         `start`, up to a little past `end` (local and UTC times differ by less than a day)."""
         first_local = start.astimezone(self.zone).replace(tzinfo=None) - timedelta(days=1)
         last_local = min(end.astimezone(self.zone).replace(tzinfo=None) + timedelta(days=1), _LAST_SAFE)
-        until = self.rule._until
-        bound = last_local if until is None else min(until, last_local)
         offset = 0 if self.start_in_rule else 1  # DTSTART is index 0 even when the rule skips it
         if self.period is not None and first_local - self.start_local > self.period:
             # The pattern repeats every period, with per_period occurrences in each: the first
             # occurrence from DTSTART + n periods on is occurrence n * per_period of the rule.
             periods = (first_local - self.start_local) // self.period
-            rule = self.rule.replace(dtstart=self.start_local + periods * self.period, until=bound)
+            rule = self._shifted(periods)
             offset += periods * self.per_period
         else:
-            rule = self.rule.replace(until=bound)
+            rule = self.rule
             yield self.start_local, 0
+        # No UNTIL is needed to end the iteration: it stops past `last_local`, and a rule that never
+        # occurs again (which dateutil would search to year 9999) was refused by parse_series.
         for steps, local in enumerate(rule):
             if local == self.start_local:
                 continue  # DTSTART, given above
             index = steps + offset
-            if (self.count is not None and index >= self.count) or steps >= MAX_STEPS:
+            if local > last_local or (self.count is not None and index >= self.count) or steps >= MAX_STEPS:
                 return
             yield local, index
+
+    def _shifted(self, periods: int) -> Any:
+        """The rule from DTSTART + n periods on, kept: pages of one window shift by the same n."""
+        rule = self.shifted.get(periods)
+        if rule is None:
+            assert self.period is not None, "only a periodic rule is shifted"
+            if len(self.shifted) >= 8:
+                self.shifted.clear()
+            rule = self.shifted[periods] = self.rule.replace(dtstart=self.start_local + periods * self.period)
+        return rule
 
 
 def _zone(value: Any) -> tzinfo:
@@ -358,6 +400,24 @@ def parse_series(recurrence: Any, activity_date: Any) -> Series:
             raise RecurrenceError(f"recurrence.{key}", "is not a recurrence key; expected rrule, timezone, exdates")
     if activity_date is None:
         raise RecurrenceError("activity_date", "is required with a recurrence: it is the first occurrence (DTSTART)")
+    rrule, timezone, exdates = recurrence.get("rrule"), recurrence.get("timezone"), recurrence.get("exdates")
+    if isinstance(rrule, str) and isinstance(timezone, str | None) and isinstance(exdates, list | None):
+        key = (rrule, timezone, tuple(exdates) if exdates is not None else None, activity_date)
+        with contextlib.suppress(TypeError):  # exdates of other types than strings: the slow path
+            found = _PARSED.get(key)
+            if found is None:
+                found = _PARSED[key] = _parse_series(recurrence, activity_date)
+                if len(_PARSED) > SERIES_CACHE:
+                    _PARSED.pop(next(iter(_PARSED)))
+            return found
+    return _parse_series(recurrence, activity_date)
+
+
+_PARSED: dict[tuple[Any, ...], Series] = {}
+"""Series by their raw recurrence and activity_date (a query reads the same ones again and again)."""
+
+
+def _parse_series(recurrence: dict[str, Any], activity_date: Any) -> Series:
     start = activity_date if isinstance(activity_date, datetime) else parse_datetime(activity_date)
     return _series(
         str(recurrence.get("rrule")) if isinstance(recurrence.get("rrule"), str) else recurrence.get("rrule"),
@@ -367,7 +427,7 @@ def parse_series(recurrence: Any, activity_date: Any) -> Series:
     )
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=SERIES_CACHE)
 def _series(text: Any, timezone: Any, exdates: tuple[str, ...], start_text: str) -> Series:
     """Parsed series, cached: a query expands the same series again and again."""
     parts = _parts(text)

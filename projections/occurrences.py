@@ -187,7 +187,9 @@ def build_documents_sql(table: str, ids: Sequence[str], caller: Caller) -> tuple
     return statement, [list(ids), *params]
 
 
-def _occurrences_of(row: Mapping[str, Any], start: datetime, end: datetime) -> Iterator[OccurrenceKey]:
+def _occurrences_of(
+    row: Mapping[str, Any], start: datetime, end: datetime, since: datetime | None
+) -> Iterator[OccurrenceKey]:
     """An activity's occurrences in [start, end] in order; a series whose stored recurrence does
     not parse is served as a one-off."""
     activity_id, activity_date = row["id"], row["activity_date"]
@@ -202,10 +204,10 @@ def _occurrences_of(row: Mapping[str, Any], start: datetime, end: datetime) -> I
                 extra={"activity_id": activity_id, "field": getattr(error, "field", "recurrence")},
             )
         else:
-            for at, index in series.occurrences(start, end):
+            for at, index in series.window(start, end, since):
                 yield OccurrenceKey(at, activity_id, index)
             return
-    if start <= activity_date <= end:
+    if max(start, since or start) <= activity_date <= end:
         yield OccurrenceKey(activity_date, activity_id, 0)
 
 
@@ -213,8 +215,8 @@ def page_of(
     rows: Sequence[Mapping[str, Any]], query: OccurrencesQuery, after: OccurrenceKey | None
 ) -> tuple[list[OccurrenceKey], bool]:
     """The page's occurrences (at most `limit`, in order, after the cursor) and whether more follow."""
-    start = query.start if after is None else max(query.start, after.at)
-    streams = [_occurrences_of(row, start, query.end) for row in rows]
+    since = None if after is None else after.at
+    streams = [_occurrences_of(row, query.start, query.end, since) for row in rows]
     merged: Iterator[OccurrenceKey] = heapq.merge(*streams)
     if after is not None:
         merged = itertools.dropwhile(lambda key: key <= after, merged)
