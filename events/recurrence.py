@@ -103,7 +103,17 @@ _UNIT_SECONDS: Final = {"WEEKLY": 7 * 86400, "DAILY": 86400, "HOURLY": 3600, "MI
 _UNTIL: Final = re.compile(r"^(\d{4})(\d{2})(\d{2})(?:T(\d{2})(\d{2})(\d{2})(Z?))?$")
 _ORDINAL_DAY: Final = re.compile(r"[+-]?\d")
 _CALENDAR_CYCLE_DAYS: Final = 146_097  # 400 Gregorian years, a whole number of weeks
+_FIRST_SAFE = datetime(1900, 1, 1)
 _LAST_SAFE = datetime(9990, 1, 1)
+
+
+def _clamped(at: datetime, days: int) -> datetime:
+    """`at` moved by `days` (a day covers any UTC offset), as a naive time; the ends of the
+    datetime range where that would overflow (a window may reach to year 1 or 9999)."""
+    try:
+        return (at + timedelta(days=days)).replace(tzinfo=None)
+    except OverflowError:
+        return datetime.min if days < 0 else datetime.max
 
 
 class RecurrenceError(ValueError):
@@ -181,8 +191,8 @@ class Series:
     def _local(self, start: datetime, end: datetime) -> Iterator[tuple[datetime, int]]:
         """(local time, index) from the series' start, or fast-forwarded by whole periods to near
         `start`, up to a little past `end` (local and UTC times differ by less than a day)."""
-        first_local = start.astimezone(self.zone).replace(tzinfo=None) - timedelta(days=1)
-        last_local = min(end.astimezone(self.zone).replace(tzinfo=None) + timedelta(days=1), _LAST_SAFE)
+        first_local = max(_clamped(start, -1), _FIRST_SAFE)
+        last_local = min(_clamped(end, 1), _LAST_SAFE)
         offset = 0 if self.start_in_rule else 1  # DTSTART is index 0 even when the rule skips it
         if self.period is not None and first_local - self.start_local > self.period:
             # The pattern repeats every period, with per_period occurrences in each: the first
@@ -443,9 +453,9 @@ def _series(text: Any, timezone: Any, exdates: tuple[str, ...], start_text: str)
             raise RecurrenceError("recurrence.rrule", "COUNT must be an integer from 1 to 1000000")
         count = int(parts["COUNT"])
     start = parse_datetime(start_text)
+    if not _FIRST_SAFE.year < start.year < _LAST_SAFE.year:
+        raise RecurrenceError("activity_date", "must be between the years 1901 and 9989 for a recurring activity")
     start_local = start.astimezone(zone).replace(tzinfo=None)
-    if start_local >= _LAST_SAFE:
-        raise RecurrenceError("activity_date", "must be before the year 9990 for a recurring activity")
     until = _until(parts["UNTIL"], zone) if "UNTIL" in parts else None
     rest = ";".join(f"{name}={value}" for name, value in parts.items() if name not in ("COUNT", "UNTIL"))
     try:

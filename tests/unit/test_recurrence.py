@@ -332,3 +332,15 @@ def test_the_window_may_be_366_days() -> None:
     start = datetime(2028, 1, 1, tzinfo=UTC)
     query = parse_occurrences_query({"from": [start.isoformat()], "to": [(start + timedelta(days=366)).isoformat()]})
     assert query.end - query.start == timedelta(days=366)
+
+
+def test_windows_at_the_ends_of_time_and_old_or_far_starts() -> None:
+    series = parse_series({"rrule": "FREQ=DAILY", "timezone": "America/New_York"}, "2026-01-01T09:00:00Z")
+    assert list(series.window(datetime(1, 1, 1, tzinfo=UTC), datetime(1, 12, 1, tzinfo=UTC))) == []
+    assert list(series.window(datetime(9999, 1, 1, tzinfo=UTC), datetime(9999, 12, 31, tzinfo=UTC))) == []
+    for start in ("0001-01-01T00:00:00Z", "9999-12-31T00:00:00Z"):
+        with pytest.raises(RecurrenceError) as error:
+            parse_series({"rrule": "FREQ=DAILY", "timezone": "America/New_York"}, start)
+        assert error.value.field == "activity_date"
+    query = parse_occurrences_query({"from": ["0001-01-01T00:00:00Z"], "to": ["0001-12-31T00:00:00Z"]})
+    assert page_of([row("act_a", "2026-03-01T09:00:00Z", {"rrule": "FREQ=DAILY"})], query, None) == ([], False)
