@@ -148,7 +148,7 @@ def build_candidates_sql(
     filters, filter_params = list_filters(query.list_query())  # includes NOT is_deleted
     where += filters
     params += filter_params
-    columns = sql.SQL("id, version, activity_date, is_recurring, document->'recurrence' AS recurrence")
+    columns = sql.SQL("id, version, activity_date, is_recurring, recurrence")  # migration 9's columns
     table_sql = table_identifier(table)
     common = sql.SQL(" AND ").join(where)
     one_offs_after: sql.Composable = sql.SQL("activity_date >= %s")
