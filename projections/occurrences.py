@@ -148,7 +148,8 @@ def build_candidates_sql(
     filters, filter_params = list_filters(query.list_query())  # includes NOT is_deleted
     where += filters
     params += filter_params
-    columns = sql.SQL("id, version, activity_date, is_recurring, recurrence")  # migration 9's columns
+    # Only columns of migration 9's covering indexes in the series' arm: index-only scans.
+    columns = sql.SQL("id, version, activity_date, {} AS is_recurring, recurrence")
     table_sql = table_identifier(table)
     common = sql.SQL(" AND ").join(where)
     one_offs_after: sql.Composable = sql.SQL("activity_date >= %s")
@@ -157,12 +158,18 @@ def build_candidates_sql(
         one_offs_after = sql.SQL("(activity_date, id) > (%s, %s)")
         one_offs_params = [after.at, after.activity_id]
     statement = sql.SQL(
-        "(SELECT {columns} FROM {table} WHERE {common} AND NOT is_recurring AND {after} AND activity_date <= %s "
+        "(SELECT {one_off} FROM {table} WHERE {common} AND NOT is_recurring AND {after} AND activity_date <= %s "
         "ORDER BY activity_date, id LIMIT %s) "
         "UNION ALL "
-        "(SELECT {columns} FROM {table} WHERE {common} AND is_recurring AND activity_date <= %s "
+        "(SELECT {series} FROM {table} WHERE {common} AND is_recurring AND activity_date <= %s "
         "AND (occurrences_end IS NULL OR occurrences_end >= %s))"
-    ).format(columns=columns, table=table_sql, common=common, after=one_offs_after)
+    ).format(
+        one_off=columns.format(sql.SQL("false")),
+        series=columns.format(sql.SQL("true")),
+        table=table_sql,
+        common=common,
+        after=one_offs_after,
+    )
     return statement, [
         *params,
         *one_offs_params,
@@ -187,14 +194,16 @@ def build_documents_sql(table: str, ids: Sequence[str], caller: Caller) -> tuple
     return statement, [list(ids), *params]
 
 
-def _occurrences_of(
-    row: Mapping[str, Any], start: datetime, end: datetime, since: datetime | None
-) -> Iterator[OccurrenceKey]:
+Key = tuple[datetime, str, int]
+"""An occurrence in the order of a page, as a plain tuple (merged by the thousand: cheaper than objects)."""
+
+
+def _occurrences_of(row: Mapping[str, Any], start: datetime, end: datetime, since: datetime | None) -> Iterator[Key]:
     """An activity's occurrences in [start, end] in order; a series whose stored recurrence does
     not parse is served as a one-off."""
     activity_id, activity_date = row["id"], row["activity_date"]
     if activity_date is None:
-        return
+        return iter(())
     if row["is_recurring"]:
         try:
             series = parse_series(row["recurrence"], activity_date)
@@ -204,11 +213,10 @@ def _occurrences_of(
                 extra={"activity_id": activity_id, "field": getattr(error, "field", "recurrence")},
             )
         else:
-            for at, index in series.window(start, end, since):
-                yield OccurrenceKey(at, activity_id, index)
-            return
+            return ((at, activity_id, index) for at, index in series.window(start, end, since))
     if max(start, since or start) <= activity_date <= end:
-        yield OccurrenceKey(activity_date, activity_id, 0)
+        return iter(((activity_date, activity_id, 0),))
+    return iter(())
 
 
 def page_of(
@@ -216,9 +224,9 @@ def page_of(
 ) -> tuple[list[OccurrenceKey], bool]:
     """The page's occurrences (at most `limit`, in order, after the cursor) and whether more follow."""
     since = None if after is None else after.at
-    streams = [_occurrences_of(row, query.start, query.end, since) for row in rows]
-    merged: Iterator[OccurrenceKey] = heapq.merge(*streams)
+    merged: Iterator[Key] = heapq.merge(*(_occurrences_of(row, query.start, query.end, since) for row in rows))
     if after is not None:
-        merged = itertools.dropwhile(lambda key: key <= after, merged)
+        last = (after.at, after.activity_id, after.index)
+        merged = itertools.dropwhile(lambda key: key <= last, merged)
     page = list(itertools.islice(merged, query.limit + 1))
-    return page[: query.limit], len(page) > query.limit
+    return [OccurrenceKey(*key) for key in page[: query.limit]], len(page) > query.limit
