@@ -18,9 +18,11 @@ served as a one-off: its one occurrence at `activity_date`, index 0.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import logging
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -219,12 +221,42 @@ def _occurrences_of(row: Mapping[str, Any], start: datetime, end: datetime, sinc
     return iter(())
 
 
+MERGED_CACHE_ENTRIES: Final = 32
+MERGED_CACHE_ITEMS: Final = 10_000
+_MERGED: OrderedDict[tuple[Any, ...], list[Key]] = OrderedDict()
+"""The series' occurrences of a window, merged, by the window and the series' (id, version): the
+pages of a window and a window asked again (a calendar refreshed) are then a slice of a list. At
+most MERGED_CACHE_ENTRIES windows of MERGED_CACHE_ITEMS occurrences (about 25 MB); a window with
+more is merged page by page. A series that changed has a new version, so a new entry."""
+
+
+def _series_stream(rows: Sequence[Mapping[str, Any]], query: OccurrencesQuery, since: datetime | None) -> Iterator[Key]:
+    """The occurrences of the candidate series in order, from `since` on."""
+    ident = (query.start, query.end, tuple(sorted((row["id"], row["version"]) for row in rows)))
+    merged = _MERGED.get(ident)
+    if merged is None:
+        streams = (_occurrences_of(row, query.start, query.end, None) for row in rows)
+        merged = list(itertools.islice(heapq.merge(*streams), MERGED_CACHE_ITEMS + 1))
+        if len(merged) > MERGED_CACHE_ITEMS:
+            return heapq.merge(*(_occurrences_of(row, query.start, query.end, since) for row in rows))
+        _MERGED[ident] = merged
+        if len(_MERGED) > MERGED_CACHE_ENTRIES:
+            _MERGED.popitem(last=False)
+    else:
+        _MERGED.move_to_end(ident)
+    if since is None:
+        return iter(merged)
+    return itertools.islice(merged, bisect.bisect_left(merged, (since, "", -1)), None)
+
+
 def page_of(
     rows: Sequence[Mapping[str, Any]], query: OccurrencesQuery, after: OccurrenceKey | None
 ) -> tuple[list[OccurrenceKey], bool]:
     """The page's occurrences (at most `limit`, in order, after the cursor) and whether more follow."""
     since = None if after is None else after.at
-    merged: Iterator[Key] = heapq.merge(*(_occurrences_of(row, query.start, query.end, since) for row in rows))
+    series = [row for row in rows if row["is_recurring"]]
+    one_offs = (_occurrences_of(row, query.start, query.end, since) for row in rows if not row["is_recurring"])
+    merged: Iterator[Key] = heapq.merge(_series_stream(series, query, since), *one_offs)
     if after is not None:
         last = (after.at, after.activity_id, after.index)
         merged = itertools.dropwhile(lambda key: key <= last, merged)

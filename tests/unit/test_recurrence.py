@@ -344,3 +344,31 @@ def test_windows_at_the_ends_of_time_and_old_or_far_starts() -> None:
         assert error.value.field == "activity_date"
     query = parse_occurrences_query({"from": ["0001-01-01T00:00:00Z"], "to": ["0001-12-31T00:00:00Z"]})
     assert page_of([row("act_a", "2026-03-01T09:00:00Z", {"rrule": "FREQ=DAILY"})], query, None) == ([], False)
+
+
+def test_a_window_too_large_to_keep_is_merged_page_by_page(monkeypatch: pytest.MonkeyPatch) -> None:
+    from projections import occurrences
+
+    rows = [
+        row("act_x", "2026-03-01T09:00:00Z", {"rrule": "FREQ=HOURLY;INTERVAL=5"}),
+        row("act_y", "2026-03-01T10:00:00Z", {"rrule": "FREQ=DAILY;BYHOUR=10,22", "timezone": "Europe/Berlin"}),
+        row("act_z", "2026-03-15T12:00:00Z"),
+    ]
+    params = {"from": ["2026-03-01T00:00:00Z"], "to": ["2026-04-01T00:00:00Z"], "limit": ["7"]}
+
+    def all_pages() -> list[OccurrenceKey]:
+        query = parse_occurrences_query(params)
+        seen: list[OccurrenceKey] = []
+        after = None
+        while True:
+            keys, more = page_of(rows, query, after)
+            seen += keys
+            if not more:
+                return seen
+            after = keys[-1]
+
+    kept = all_pages()
+    monkeypatch.setattr(occurrences, "MERGED_CACHE_ITEMS", 10)
+    occurrences._MERGED.clear()
+    assert all_pages() == kept and len(kept) == len(set(kept)) > 150 and kept == sorted(kept)
+    assert sum(key.activity_id == "act_z" for key in kept) == 1
