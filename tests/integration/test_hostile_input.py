@@ -679,7 +679,8 @@ def envelope_check(ctx: Any, response: Any, case: Any) -> bool | None:
     """A schemathesis check: the contract's envelope on every /api response, never a 5xx."""
     assert response.status_code < 500, f"{response.status_code}: {response.text[:500]}"
     assert response.headers.get("content-type", [""])[0].startswith("application/json"), response.headers
-    listing = case.operation.path == "/api/v1/crm/activities" and case.method.upper() == "GET"
+    listing = case.operation.path in ("/api/v1/crm/activities", "/api/v1/crm/activities/occurrences")
+    listing = listing and case.method.upper() == "GET"  # both pages: data and meta.next_cursor
     counting = case.operation.path == "/api/v1/crm/activities/stats"
     check_envelope(orjson.loads(response.content), listing=listing, counting=counting)
     return None
@@ -713,7 +714,7 @@ def fuzz_operation(
     return statuses
 
 
-OPERATIONS = 8  # list, get, events, stats, and the four commands' routes
+OPERATIONS = 9  # list, get, events, stats, occurrences, and the four commands' routes
 
 
 @pytest.mark.timeout(300)
