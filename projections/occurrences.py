@@ -223,27 +223,28 @@ def _occurrences_of(row: Mapping[str, Any], start: datetime, end: datetime, sinc
 
 MERGED_CACHE_ENTRIES: Final = 32
 MERGED_CACHE_ITEMS: Final = 10_000
-_MERGED: OrderedDict[tuple[Any, ...], list[Key]] = OrderedDict()
+_MERGED: OrderedDict[tuple[Any, ...], list[Key] | None] = OrderedDict()
 """The series' occurrences of a window, merged, by the window and the series' (id, version): the
 pages of a window and a window asked again (a calendar refreshed) are then a slice of a list. At
 most MERGED_CACHE_ENTRIES windows of MERGED_CACHE_ITEMS occurrences (about 25 MB); a window with
-more is merged page by page. A series that changed has a new version, so a new entry."""
+more is merged page by page (and remembered as such: None). A series that changed has a new
+version, so a new entry."""
 
 
 def _series_stream(rows: Sequence[Mapping[str, Any]], query: OccurrencesQuery, since: datetime | None) -> Iterator[Key]:
     """The occurrences of the candidate series in order, from `since` on."""
     ident = (query.start, query.end, tuple(sorted((row["id"], row["version"]) for row in rows)))
-    merged = _MERGED.get(ident)
-    if merged is None:
+    if ident in _MERGED:
+        merged = _MERGED[ident]
+        _MERGED.move_to_end(ident)
+    else:
         streams = (_occurrences_of(row, query.start, query.end, None) for row in rows)
-        merged = list(itertools.islice(heapq.merge(*streams), MERGED_CACHE_ITEMS + 1))
-        if len(merged) > MERGED_CACHE_ITEMS:
-            return heapq.merge(*(_occurrences_of(row, query.start, query.end, since) for row in rows))
-        _MERGED[ident] = merged
+        expanded = list(itertools.islice(heapq.merge(*streams), MERGED_CACHE_ITEMS + 1))
+        merged = _MERGED[ident] = expanded if len(expanded) <= MERGED_CACHE_ITEMS else None
         if len(_MERGED) > MERGED_CACHE_ENTRIES:
             _MERGED.popitem(last=False)
-    else:
-        _MERGED.move_to_end(ident)
+    if merged is None:  # too many to keep: merged page by page
+        return heapq.merge(*(_occurrences_of(row, query.start, query.end, since) for row in rows))
     if since is None:
         return iter(merged)
     return itertools.islice(merged, bisect.bisect_left(merged, (since, "", -1)), None)
