@@ -465,3 +465,78 @@ async def test_release_1_0_recurrences_still_read(upgraded: Runtime, servers: An
             assert moved["error"]["details"][0]["field"].startswith("recurrence")
     finally:
         await nc.drain()
+
+
+def test_migration_9_columns_bound_every_series(make_database: Callable[[], str]) -> None:
+    """The trigger-derived columns on rows written by the projector's upsert: `is_recurring`, the
+    `recurrence` itself, and `occurrences_end` never before a series' real last occurrence (it only
+    chooses candidates), NULL for what it cannot bound, never an error on garbage."""
+    from activities_client.document import ActivityFields
+    from projections.migrations import migrate
+    from projections.queries import READ_MODEL_TABLE, build_upsert_sql
+
+    url = make_database()
+    migrate(url)
+    template = ActivityFields().to_json()
+    start = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+    cases: list[Any] = [
+        None,
+        {"rrule": "FREQ=DAILY;COUNT=10"},
+        {"rrule": "FREQ=WEEKLY;INTERVAL=3;BYDAY=MO,FR;COUNT=7", "timezone": "America/New_York"},
+        {"rrule": "FREQ=DAILY;BYHOUR=1,23;COUNT=9", "timezone": "Pacific/Kiritimati"},
+        {"rrule": "FREQ=WEEKLY;UNTIL=20260401T120000Z"},
+        {"rrule": "FREQ=DAILY;UNTIL=20260320", "timezone": "Pacific/Pago_Pago"},
+        {"rrule": "FREQ=MONTHLY;BYMONTHDAY=31;COUNT=5"},  # months skip: no COUNT bound
+        {"rrule": "FREQ=WEEKLY;BYDAY=1MO;COUNT=5"},  # an ordinal: no COUNT bound
+        {"rrule": "FREQ=DAILY"},
+        {"rrule": "FREQ=DAILY;UNTIL=20261340"},  # garbage stored by an old release
+        {"freq": "WEEKLY", "count": 4},
+    ]
+    documents = [
+        {
+            **template,
+            "account_id": "acc_1",
+            "id": f"act_{i:026d}",
+            "tenant_id": "t",
+            "app_id": None,
+            "activity_date": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "recurrence": recurrence,
+            "created_at": "2026-01-01T00:00:00Z",
+            "updated_at": "2026-01-01T00:00:00Z",
+            "created_by": "usr-1",
+            "updated_by": "usr-1",
+            "is_deleted": False,
+            "deleted_at": None,
+            "deleted_by": None,
+            "schema_version": 2,
+            "version": 1,
+            "external_key": None,
+            "is_erased": False,
+        }
+        for i, recurrence in enumerate(cases)
+    ]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            build_upsert_sql(READ_MODEL_TABLE),
+            (json.dumps(documents), json.dumps(list(range(len(documents))))),
+        )
+        rows = conn.execute("SELECT is_recurring, recurrence, occurrences_end FROM activities ORDER BY id").fetchall()
+    assert [row[0] for row in rows] == [False] + [True] * (len(cases) - 1)
+    assert [row[1] for row in rows] == cases
+    assert rows[0][2] == start
+    bounded = 0
+    for recurrence, (_, _, end) in zip(cases[1:], rows[1:], strict=True):
+        try:
+            series = parse_series(recurrence, start)
+        except ValueError:
+            assert end is None  # garbage: no bound, served as a one-off
+            continue
+        if series.count is None and series.rule._until is None:
+            assert end is None  # no end
+            continue
+        if end is None:
+            continue  # no bound known: always a candidate
+        last = list(series.occurrences(start, datetime(2030, 1, 1, tzinfo=UTC)))[-1][0]
+        assert last <= end < last + timedelta(days=100), (recurrence, last, end)  # a bound, not far off
+        bounded += 1
+    assert bounded == 5
