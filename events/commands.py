@@ -38,6 +38,7 @@ from activities_client.wire import (
     UpsertActivityBody,
     UpsertReply,
 )
+from events import recurrence as recurrence_rules
 
 
 @dataclass(frozen=True)
@@ -237,9 +238,12 @@ def reject_server_and_unknown_fields(data: dict[str, Any]) -> None:
             raise field_error(name, "is not a field of an Activity")
 
 
-def validate_fields(data: dict[str, Any]) -> ActivityFields:
+def validate_fields(data: dict[str, Any], check_recurrence: bool = True) -> ActivityFields:
     """Validate a complete set of client fields (a create body or a patched document). A server
-    field is named as such; an unknown one is refused by the model (`extra="forbid"`)."""
+    field is named as such; an unknown one is refused by the model (`extra="forbid"`).
+
+    `check_recurrence=False` (a patch that touches neither `recurrence` nor `activity_date`) keeps
+    a recurrence stored before it was checked (release 1.0 took any object) as it is."""
     if not SERVER_FIELDS.isdisjoint(data):
         reject_server_and_unknown_fields(data)
     try:
@@ -248,6 +252,11 @@ def validate_fields(data: dict[str, Any]) -> ActivityFields:
         raise validation_error(error) from None
     if not fields.is_linked():
         raise field_error("account_id", "at least one of account_id, deal_id, contact_id must be set")
+    if check_recurrence and fields.recurrence is not None:
+        try:
+            fields.recurrence = recurrence_rules.check_recurrence(fields.recurrence, fields.activity_date)
+        except recurrence_rules.RecurrenceError as error:
+            raise field_error(error.field, error.message) from None
     if len(orjson.dumps(data)) > MAX_BODY_BYTES:  # after a patch: an event carries the document twice
         raise field_error("body", f"the activity would be larger than {MAX_BODY_BYTES} bytes")
     return fields

@@ -15,6 +15,8 @@ from activities_client.wire import (
     GetActivityBody,
     GetByKeyBody,
     ListActivitiesBody,
+    OccurrencesBody,
+    OccurrencesReply,
     StatsBody,
     StatsReply,
 )
@@ -57,6 +59,13 @@ QUERIES: Final[Mapping[str, QuerySpec]] = {
             "`min_position` waits for the read model.",
             GetByKeyBody,
             ActivityReply,
+        ),
+        QuerySpec(
+            "occurrences",
+            "Every occurrence in a window (`from`, `to`) of the live activities matching the filters, in time "
+            "order (docs/contract.md section 9); follow `next_cursor`.",
+            OccurrencesBody,
+            OccurrencesReply,
         ),
     )
 }

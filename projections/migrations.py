@@ -142,6 +142,86 @@ def _derived_columns_migration() -> Migration:
     )
 
 
+OCCURRENCES_END_SQL: Final = r"""
+CREATE OR REPLACE FUNCTION activities_occurrences_end(doc jsonb) RETURNS timestamptz
+LANGUAGE plpgsql IMMUTABLE AS $end$
+DECLARE
+    rule text := upper(doc->'recurrence'->>'rrule');
+    start timestamptz;
+    m text[];
+BEGIN
+    start := (doc->>'activity_date')::timestamptz;
+    IF jsonb_typeof(doc->'recurrence') IS DISTINCT FROM 'object' THEN
+        RETURN start;
+    END IF;
+    m := regexp_match(rule, '(?:^|;)\s*UNTIL=(\d{8})');
+    IF m IS NOT NULL THEN
+        RETURN to_date(m[1], 'YYYYMMDD')::timestamp AT TIME ZONE 'UTC' + interval '2 days';
+    END IF;
+    IF rule ~ '^(RRULE:)?FREQ=(DAILY|WEEKLY)(;(INTERVAL|COUNT|WKST|BYHOUR|BYMINUTE|BYSECOND)=[0-9A-Z,]+)*$'
+       OR rule ~ '^(RRULE:)?FREQ=WEEKLY(;(INTERVAL|COUNT|WKST|BYHOUR|BYMINUTE|BYSECOND|BYDAY)=[0-9A-Z,]+)*$'
+          AND NOT rule ~ 'BYDAY=[^;]*[0-9]' THEN
+        m := regexp_match(rule, ';COUNT=(\d{1,7})(;|$)');
+        IF m IS NOT NULL THEN
+            RETURN start + (m[1]::int * coalesce((regexp_match(rule, ';INTERVAL=(\d{1,4})(;|$)'))[1]::int, 1))
+                * (CASE WHEN rule ~ 'FREQ=WEEKLY' THEN interval '7 days' ELSE interval '1 day' END)
+                + interval '2 days';
+        END IF;
+    END IF;
+    RETURN NULL;
+EXCEPTION WHEN others THEN
+    RETURN NULL;
+END $end$
+"""
+"""An upper bound of an activity's last occurrence (docs/contract.md section 9), NULL when none is
+known: `activity_date` for a one-off; for a series, its UNTIL date plus two days (a local UNTIL is
+at most a day from UTC), or, for a daily or weekly rule whose every period holds an occurrence, its
+COUNT periods plus two days. Garbage (a recurrence stored before it was checked) gives NULL, never
+an error: the occurrences query then expands it, or serves it as a one-off."""
+
+OCCURRENCE_COLUMNS: Final = (
+    ("is_recurring", "boolean", "coalesce(jsonb_typeof(NEW.document->'recurrence') = 'object', false)"),
+    ("occurrences_end", "timestamptz", "activities_occurrences_end(NEW.document)"),
+    (
+        "recurrence",
+        "jsonb",
+        "CASE WHEN jsonb_typeof(NEW.document->'recurrence') = 'object' THEN NEW.document->'recurrence' END",
+    ),
+)
+"""Columns derived from the document by migration 9's trigger, for the occurrences query's
+candidates: a one-off whose activity_date is in the window, a series started by its end that has
+not ended before its start. `recurrence` is the series' recurrence on its own, so that the query
+reads it from the index (below) instead of taking it out of every candidate's document."""
+
+
+def _occurrences_migration() -> Migration:
+    assignments = "; ".join(f"NEW.{name} := {expression}" for name, _, expression in OCCURRENCE_COLUMNS)
+    return Migration(
+        9,
+        "is_recurring, occurrences_end and recurrence, derived by a trigger, and the recurring activities' indexes",
+        ddl=(
+            *(f"ALTER TABLE {{table}} ADD COLUMN IF NOT EXISTS {name} {kind}" for name, kind, _ in OCCURRENCE_COLUMNS),
+            OCCURRENCES_END_SQL.strip(),
+            "CREATE OR REPLACE FUNCTION activities_read_model_occurrences() RETURNS trigger LANGUAGE plpgsql AS "
+            f"$derive$ BEGIN {assignments}; RETURN NEW; END $derive$",
+            "DROP TRIGGER IF EXISTS {table}_occurrences ON {table}",
+            "CREATE TRIGGER {table}_occurrences BEFORE INSERT OR UPDATE OF document ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION activities_read_model_occurrences()",
+        ),
+        backfill_set="document = t.document",  # fires the triggers, which fill the columns
+        backfill_where="t.is_recurring IS NULL",
+        concurrent=(
+            # Covering (INCLUDE) what the query and the row-level security policy read, for
+            # index-only scans: the series' rows are read without their documents.
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {table}_recurring ON {table} (tenant_id, activity_date) "
+            "INCLUDE (id, version, app_id, owner_id, is_deleted, occurrences_end, recurrence) WHERE is_recurring",
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {table}_recurring_owner ON {table} (tenant_id, owner_id, "
+            "activity_date) INCLUDE (id, version, app_id, is_deleted, occurrences_end, recurrence) "
+            "WHERE is_recurring AND owner_id IS NOT NULL",
+        ),
+    )
+
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "the read model of release 1.0: table, indexes, row-level security", ddl=_release_1_0()),
     Migration(
@@ -208,6 +288,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             "WHERE is_deleted AND NOT is_erased",
         ),
     ),
+    _occurrences_migration(),
 )
 """Every migration, in order. Append; never edit one that has shipped."""
 

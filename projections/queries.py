@@ -436,6 +436,34 @@ class CursorCodec:
         return Keyset(value, last_id)
 
 
+    def sign(self, position: Any, binding: Any, caller: Caller) -> str:
+        """A cursor holding `position` (JSON), bound to `binding` and the caller, for pages other
+        than the list's (the occurrences query binds its window and filters)."""
+        payload = orjson.dumps({"v": 1, "p": position})
+        return _b64encode(payload) + "." + _b64encode(self._bound_signature(payload, binding, caller))
+
+    def verify(self, cursor: str, binding: Any, caller: Caller) -> Any:
+        """The position of a cursor made by `sign` with the same binding and caller, else a
+        validation_error naming `cursor`."""
+        invalid = field_error("cursor", "is not a cursor of this query; start again without it")
+        try:
+            encoded_payload, encoded_signature = cursor.split(".")
+            payload = _b64decode(encoded_payload)
+            signature = _b64decode(encoded_signature)
+        except (ValueError, binascii.Error):
+            raise invalid from None
+        if not hmac.compare_digest(signature, self._bound_signature(payload, binding, caller)):
+            raise invalid
+        try:
+            return orjson.loads(payload)["p"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            raise invalid from None
+
+    def _bound_signature(self, payload: bytes, binding: Any, caller: Caller) -> bytes:
+        message = orjson.dumps([caller.tenant_id, caller.app_id, binding], option=orjson.OPT_SORT_KEYS)
+        return hmac.new(self._key, message + b"\n" + payload, hashlib.sha256).digest()[:18]
+
+
 def keyset_of(row: Mapping[str, Any], sort: Sort) -> Keyset:
     """The keyset of a result row (its sort value as an ISO string)."""
     value = row["sort_value"]

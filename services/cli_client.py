@@ -20,13 +20,15 @@ from pathlib import Path
 from typing import Any, Final
 
 from activities_client import ActivitiesError, Activity, AsyncClient, Event, StartAt, ValidationError
-from activities_client.document import parse_datetime
+from activities_client.document import format_datetime, parse_datetime
 from activities_client.filters import FILTERS_BY_NAME, STATS_GROUPS
 from services.auth import mint_token
 from services.bootstrap import DEV_SECRET_FILE
 from services.config import Settings
 
-CLIENT_COMMANDS: Final = ("create", "get", "list", "stats", "history", "tail", "upsert", "get-by-key", "batch", "erase")
+CLIENT_COMMANDS: Final = (
+    "create", "get", "list", "stats", "history", "tail", "upsert", "get-by-key", "batch", "erase", "occurrences"
+)
 TOKEN_ENV: Final = "ACTIVITIES_TOKEN"
 LIST_COLUMNS: Final = ("id", "type", "subject", "status", "activity_date", "linked_to", "version", "deleted")
 CELL_WIDTH: Final = 40
@@ -84,10 +86,10 @@ def _start(value: str) -> StartAt:
         raise argparse.ArgumentTypeError(f"'new', 'all', a stream sequence or an RFC 3339 time ({exc})") from None
 
 
-def _filter_options(parser: argparse.ArgumentParser) -> None:
+def _filter_options(parser: argparse.ArgumentParser, renames: dict[str, str] | None = None) -> None:
     """Every list filter (also the stats filters) as an option, repeatable ones repeatable."""
     for spec in FILTERS_BY_NAME.values():
-        option = FILTER_OPTIONS.get(spec.name, f"--{spec.name.replace('_', '-')}")
+        option = (FILTER_OPTIONS if renames is None else renames).get(spec.name, f"--{spec.name.replace('_', '-')}")
         if spec.kind == "boolean":  # --overdue / --no-overdue
             parser.add_argument(
                 option, dest=spec.name, action=argparse.BooleanOptionalAction, default=None, help=spec.description
@@ -148,6 +150,19 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     erase.add_argument("id", nargs="?", default=None, help="the activity to erase")
     erase.add_argument("--contact-id", dest="contact_id", default=None, help="erase every activity naming it")
     _connection_options(erase)
+    occurrences = commands.add_parser(
+        "occurrences",
+        help="occurrences of activities in a window, recurring ones expanded (a table)",
+        description="Occurrences in a window: activities occurrences --from 2026-03-01T00:00:00Z "
+        "--to 2026-04-01T00:00:00Z --owner-id usr-... (the activity_date filters are --activity-date-from/-to)",
+    )
+    occurrences.add_argument("--from", dest="window_from", required=True, help="window start (RFC 3339)")
+    occurrences.add_argument("--to", dest="window_to", required=True, help="window end (RFC 3339, at most 366 days on)")
+    _filter_options(occurrences, renames={})
+    occurrences.add_argument("--cursor", default=None)
+    occurrences.add_argument("--limit", type=int, default=None, help="page size (1-200)")
+    occurrences.add_argument("--all", action="store_true", help="follow the cursors to the end")
+    _connection_options(occurrences)
 
     history = commands.add_parser("history", help="the events of one activity (needs the HTTP endpoint)")
     history.add_argument("id")
@@ -373,6 +388,8 @@ async def _run(args: argparse.Namespace, settings: Settings, out: Callable[[str]
                 raise ValidationError("give an activity id or --contact-id, one of the two")
             erased = await activities.erase(args.id, contact_id=args.contact_id)
             out(_json({"erased": erased}) if args.json else f"erased {_count(erased)}")
+        elif args.command == "occurrences":
+            await _occurrences(args, activities, out)
         elif args.command == "history":
             events = await activities.history(args.id)
             if args.json:
@@ -414,6 +431,30 @@ async def _batch(args: argparse.Namespace, activities: Any, out: Callable[[str],
     failed = sum(isinstance(r, ActivitiesError) for r in results)
     if failed:
         raise CliError(f"{failed} of {len(results)} commands failed")
+
+
+OCCURRENCE_COLUMNS: Final = ("occurrence_at", "index", "id", "type", "subject")
+
+
+async def _occurrences(args: argparse.Namespace, activities: Any, out: Callable[[str], None]) -> None:
+    """`activities occurrences`: one page (or every page with --all) as a table or JSON."""
+    params = {name: getattr(args, name) for name in (*LIST_FILTERS, "limit") if getattr(args, name) is not None}
+    params.pop("include_deleted", None)
+    if args.all:
+        found = [o async for o in activities.iterate_occurrences(args.window_from, args.window_to, **params)]
+        cursor = None
+    else:
+        page = await activities.occurrences(args.window_from, args.window_to, cursor=args.cursor, **params)
+        found, cursor = page.data, page.next_cursor
+    if args.json:
+        out(_json({"data": [o.model_dump(mode="json") for o in found], "next_cursor": cursor}))
+        return
+    rows = [
+        (format_datetime(o.occurrence_at), o.index, o.activity_id, o.activity.type, o.activity.subject) for o in found
+    ]
+    out(table(rows, OCCURRENCE_COLUMNS))
+    counted = f"{len(found)} occurrence" + ("" if len(found) == 1 else "s")
+    out(counted + (f"; next page: --cursor {cursor}" if cursor else ""))
 
 
 async def _tail(args: argparse.Namespace, client: AsyncClient, out: Callable[[str], None]) -> None:

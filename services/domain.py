@@ -66,6 +66,9 @@ EventClass = type[
     | ActivityErased
 ]
 
+RECURRENCE_INPUTS: Final = frozenset({"recurrence", "activity_date"})
+"""A patch touching these checks the recurrence (events/recurrence.py); others keep a stored one as it is."""
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -343,7 +346,7 @@ def _decide_change(
             if document["is_deleted"]:
                 raise Gone(f"activity {command.activity_id} is deleted; restore it first")
             merged = merge_patch(client_fields(document), changes)
-            patched = validate_fields(merged).to_json()
+            patched = validate_fields(merged, check_recurrence=not RECURRENCE_INPUTS.isdisjoint(changes)).to_json()
             derived = {**completion(changes, document, now), **rearm(changes, patched, document)}
             patched.update(derived)
             if patched == client_fields(document):

@@ -30,7 +30,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from activities_client.document import ACTIVITY_ID_PATTERN
 from activities_client.errors import ActivitiesError, NotFound, ValidationError, field_error
-from activities_client.filters import LIST_FILTERS, PAGE_PARAMETERS, STATS_GROUPS, STATS_PARAMETERS
+from activities_client.filters import (
+    LIST_FILTERS,
+    OCCURRENCES_PARAMETERS,
+    PAGE_PARAMETERS,
+    STATS_GROUPS,
+    STATS_PARAMETERS,
+)
 from activities_client.subjects import Subjects
 from activities_client.wire import (
     EXTERNAL_KEY_PATTERN,
@@ -38,6 +44,7 @@ from activities_client.wire import (
     ActivityReply,
     ErrorReply,
     EventHistoryReply,
+    OccurrencesReply,
     StatsReply,
 )
 from events.commands import COMMANDS, CommandSpec, HttpRoute, parse_json_object
@@ -158,6 +165,23 @@ def stats_query_string() -> dict[str, Any]:
 
 
 STATS_QUERY_STRING: Final = stats_query_string()
+
+
+def occurrences_query_string() -> dict[str, Any]:
+    """The occurrences parameters: `from` and `to` (required date-times), the list filters and the page."""
+    documented = query_string(
+        frozenset(spec.name for spec in LIST_FILTERS if spec.repeatable),
+        **{name: OCCURRENCES_PARAMETERS[name] for name in ("from", "to")},
+        **{spec.name: spec.description for spec in LIST_FILTERS},
+        **{name: text for name, text in OCCURRENCES_PARAMETERS.items() if name not in ("from", "to")},
+    )
+    for parameter in documented["parameters"][:2]:
+        parameter["required"] = True
+        parameter["schema"] = {"type": "string", "format": "date-time"}
+    return documented
+
+
+OCCURRENCES_QUERY_STRING: Final = occurrences_query_string()
 GET_PARAMETERS = query_string(
     version="the activity as it was at this version",
     include_deleted="true to read a deleted activity",
@@ -254,6 +278,18 @@ def create_http_app(queries: QueryGateway, commands: CommandGateway) -> FastAPI:
         params["external_key"] = [external_key]
         status_code, envelope = await queries.get_by_key(params, request.headers.get("authorization"))
         return json_response(status_code, envelope, etag_headers(status_code, envelope))
+
+    @app.get(
+        BASE + "/occurrences",  # before /{id}, which would take `occurrences` for an id
+        summary="Occurrences of activities in a window, recurring ones expanded (section 9)",
+        tags=["queries"],
+        openapi_extra=OCCURRENCES_QUERY_STRING,
+        responses=replies(200, OccurrencesReply),
+    )
+    async def activity_occurrences(request: Request) -> Response:
+        params = params_from_pairs(request.query_params.multi_items())
+        status_code, envelope = await queries.occurrences(params, request.headers.get("authorization"))
+        return json_response(status_code, envelope)
 
     @app.get(
         BASE + "/{id}",

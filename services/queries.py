@@ -27,9 +27,18 @@ from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from activities_client.document import format_datetime
 from activities_client.errors import ActivitiesError, Gone, InternalError, NotFound, Unavailable, field_error
 from events.activity import activity_uuid, event_body
 from projections.database import conninfo
+from projections.occurrences import (
+    OccurrenceKey,
+    OccurrencesQuery,
+    build_candidates_sql,
+    build_documents_sql,
+    page_of,
+    parse_occurrences_query,
+)
 from projections.queries import (
     READ_MODEL_TABLE,
     TRACKING_TABLE,
@@ -61,6 +70,7 @@ from services.gateway import header
 log = logging.getLogger("activities.queries")
 
 POLL_INTERVAL_S: Final = 0.01
+OCCURRENCE_READ_ATTEMPTS: Final = 3
 NO_ROWS: Final = sql.SQL("SELECT 1 WHERE false")
 
 
@@ -262,6 +272,43 @@ class ReadModel:
         return position, [{"key": row["key"], "count": int(row["count"])} for row in rows]
 
 
+    async def occurrences(
+        self, query: OccurrencesQuery, caller: Caller, codec: CursorCodec
+    ) -> tuple[int, list[dict[str, Any]], str | None]:
+        """(position, occurrences, next cursor) of one page of occurrences (projections/occurrences.py).
+
+        Two reads: the candidates (ids, dates and recurrences), expanded here, then the documents of
+        the page's activities. An activity written between the two (its version moved) makes the
+        page be computed again, so every occurrence is served with the document it came from."""
+        after = OccurrenceKey.from_json(codec.verify(query.cursor, query.binding(), caller)) if query.cursor else None
+        for _ in range(OCCURRENCE_READ_ATTEMPTS):
+            statement, params = build_candidates_sql(self.table, query, caller, after)
+            position, rows = await self._fetch(statement, params, caller)
+            keys, more = page_of(rows, query, after)
+            versions = {row["id"]: row["version"] for row in rows}
+            ids = sorted({key.activity_id for key in keys})
+            documents: dict[str, orjson.Fragment] = {}
+            if ids:
+                statement, params = build_documents_sql(self.table, ids, caller)
+                _, document_rows = await self._fetch(statement, params, caller)
+                changed = any(row["version"] != versions[row["id"]] for row in document_rows)
+                if changed or len(document_rows) != len(ids):
+                    continue  # written in between: compute the page again from fresh candidates
+                documents = {row["id"]: orjson.Fragment(row["document"]) for row in document_rows}
+            data = [
+                {
+                    "activity_id": key.activity_id,
+                    "occurrence_at": format_datetime(key.at),
+                    "index": key.index,
+                    "activity": documents[key.activity_id],
+                }
+                for key in keys
+            ]
+            next_cursor = codec.sign(keys[-1].to_json(), query.binding(), caller) if more else None
+            return position, data, next_cursor
+        raise Unavailable("the activities changed while the page was read; retry")
+
+
 class EventStoreReads:
     """Old versions and histories, read from the event store on its thread pool."""
 
@@ -418,6 +465,18 @@ class QueryGateway:
 
         return await self._guard("stats", work)
 
+    async def occurrences(self, params: Params, authorization: str | None) -> Reply:
+        """One page of the occurrences in a window of the caller's live activities matching the filters."""
+
+        async def work() -> Reply:
+            caller = self._verifier.verify(authorization)
+            query = parse_occurrences_query(params)
+            await self.read_model.wait_for(query.min_position, self._wait_s)
+            position, data, next_cursor = await self.read_model.occurrences(query, caller, self._codec)
+            return 200, {"data": data, "meta": {"next_cursor": next_cursor, "position": position}}
+
+        return await self._guard("occurrences", work)
+
     async def history(self, activity_id: str, params: Params, authorization: str | None) -> Reply:
         """An activity's events, oldest first, as docs/contract.md section 4 bodies."""
 
@@ -451,4 +510,6 @@ class QueryGateway:
             return await self.stats(params, authorization)
         if name == "get_by_key":
             return await self.get_by_key(params, authorization)
+        if name == "occurrences":
+            return await self.occurrences(params, authorization)
         return await self.list(params, authorization)

@@ -177,6 +177,24 @@ class Page(BaseModel):
     position: int | None = Field(default=None, description="how far the read model had got (meta.position)")
 
 
+class ActivityOccurrence(BaseModel):
+    """One occurrence (docs/contract.md section 9): when (UTC), its index in the series (0 is
+    `activity_date`) and the activity."""
+
+    activity_id: str
+    occurrence_at: datetime
+    index: int
+    activity: Activity
+
+
+class OccurrencePage(BaseModel):
+    """One page of occurrences in time order; `next_cursor` None at the end."""
+
+    data: list[ActivityOccurrence]
+    next_cursor: str | None = None
+    position: int | None = Field(default=None, description="how far the read model had got (meta.position)")
+
+
 class HistoryUnavailable(ActivitiesError):
     """`history` was called on a client without `http_url` (see the module docstring for why)."""
 
@@ -791,6 +809,39 @@ class AsyncActivities:
             envelope = await self._client.query("stats", query)
         return [Count.model_validate(item) for item in envelope["data"]]
 
+    async def occurrences(
+        self, from_: datetime | str, to: datetime | str, *, cursor: str | None = None, **filters: Any
+    ) -> OccurrencePage:
+        """One page of the occurrences in [from_, to] (at most 366 days; aware date-times or RFC 3339
+        strings) of the caller's live activities matching the list filters, recurring ones expanded,
+        in time order; `limit` and `cursor` page as in `list`."""
+        query = {name: _query_value(value) for name, value in filters.items() if value is not None}
+        query["from"], query["to"] = _query_value(from_), _query_value(to)
+        if cursor is not None:
+            query["cursor"] = cursor
+        if self._client.position:
+            query["min_position"] = self._client.position
+        if self._client.http_url:
+            envelope = await self._client.http_get(f"{API_PATH}/occurrences", query)
+        else:
+            envelope = await self._client.query("occurrences", query)
+        meta = envelope.get("meta") or {}
+        return OccurrencePage(data=envelope["data"], next_cursor=meta.get("next_cursor"), position=meta.get("position"))
+
+    async def iterate_occurrences(
+        self, from_: datetime | str, to: datetime | str, **filters: Any
+    ) -> AsyncGenerator[ActivityOccurrence, None]:
+        """Every occurrence in the window, following `next_cursor` to the end (as `occurrences`)."""
+        filters.pop("cursor", None)
+        cursor: str | None = None
+        while True:
+            page = await self.occurrences(from_, to, cursor=cursor, **filters)
+            for occurrence in page.data:
+                yield occurrence
+            if not page.next_cursor:
+                return
+            cursor = page.next_cursor
+
     async def history(self, id: str) -> builtins.list[Event]:
         """The activity's events, oldest first (needs `http_url`)."""
         if not self._client.http_url:
@@ -1359,6 +1410,19 @@ class SyncActivities:
     def stats(self, group_by: str, **filters: Any) -> builtins.list[Count]:
         """See `AsyncActivities.stats`."""
         return self._client._run(self._async.stats(group_by, **filters))
+
+    def occurrences(
+        self, from_: datetime | str, to: datetime | str, *, cursor: str | None = None, **filters: Any
+    ) -> OccurrencePage:
+        """See `AsyncActivities.occurrences`."""
+        return self._client._run(self._async.occurrences(from_, to, cursor=cursor, **filters))
+
+    def iterate_occurrences(
+        self, from_: datetime | str, to: datetime | str, **filters: Any
+    ) -> Iterator[ActivityOccurrence]:
+        """See `AsyncActivities.iterate_occurrences`."""
+        iterator = self._async.iterate_occurrences(from_, to, **filters)
+        return self._runner().iterate(iterator, iterator.aclose)
 
     def history(self, id: str) -> Sequence[Event]:
         """See `AsyncActivities.history`."""

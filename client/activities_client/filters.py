@@ -103,3 +103,17 @@ STATS_PARAMETERS: Final = {
 `sort`, `limit` and `cursor` are not stats parameters."""
 
 STATS_QUERY_PARAMETERS: Final = frozenset([*FILTERS_BY_NAME, *STATS_PARAMETERS])
+
+MAX_OCCURRENCE_WINDOW_DAYS: Final = 366
+OCCURRENCES_PARAMETERS: Final = {
+    "from": "required: the window's start, an RFC 3339 date-time with a zone (inclusive)",
+    "to": f"required: the window's end (inclusive), at most {MAX_OCCURRENCE_WINDOW_DAYS} days after `from`",
+    "include_deleted": "only false: occurrences are those of live activities",
+    "limit": PAGE_PARAMETERS["limit"],
+    "cursor": PAGE_PARAMETERS["cursor"],
+    "min_position": PAGE_PARAMETERS["min_position"],
+}
+"""The occurrences parameters that are not filters (every list filter is also an occurrences
+filter): the window and the page; occurrences are in time order, so `sort` is not one."""
+
+OCCURRENCES_QUERY_PARAMETERS: Final = frozenset([*FILTERS_BY_NAME, *OCCURRENCES_PARAMETERS])

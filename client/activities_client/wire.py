@@ -8,6 +8,7 @@ against real replies), and type the bodies for clients.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -19,6 +20,7 @@ from activities_client.filters import (
     DEFAULT_SORT,
     LIST_FILTERS,
     MAX_LIMIT,
+    OCCURRENCES_PARAMETERS,
     PAGE_PARAMETERS,
     STATS_GROUPS,
     STATS_PARAMETERS,
@@ -115,6 +117,23 @@ StatsBody = create_model(
 )
 
 
+_OCCURRENCES_FIELDS: dict[str, Any] = {
+    "from_": (str, Field(alias="from", description=OCCURRENCES_PARAMETERS["from"])),
+    "to": (str, Field(description=OCCURRENCES_PARAMETERS["to"])),
+    **{spec.name: _list_field(spec) for spec in LIST_FILTERS},
+    "include_deleted": (bool, Field(default=False, description=OCCURRENCES_PARAMETERS["include_deleted"])),
+    "limit": (int, Field(default=DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description=OCCURRENCES_PARAMETERS["limit"])),
+    "cursor": (str | None, Field(default=None, description=OCCURRENCES_PARAMETERS["cursor"])),
+    "min_position": (int | None, Field(default=None, ge=0, description=OCCURRENCES_PARAMETERS["min_position"])),
+}
+OccurrencesBody = create_model(
+    "OccurrencesBody",
+    __config__=ConfigDict(extra="forbid", populate_by_name=True),
+    __doc__="`crm.activities.query.occurrences`: `from`, `to` and any list filter (contract section 9) as JSON.",
+    **_OCCURRENCES_FIELDS,
+)
+
+
 class Meta(BaseModel):
     """`meta` of a reply with one activity."""
 
@@ -167,6 +186,23 @@ class StatsReply(BaseModel):
 
     data: list[Count]
     meta: Meta
+
+
+class Occurrence(BaseModel):
+    """One occurrence of an activity: when (UTC), its index in the series (0: `activity_date`,
+    counted before `exdates` are left out) and the activity."""
+
+    activity_id: str
+    occurrence_at: datetime
+    index: int
+    activity: ActivityDocument
+
+
+class OccurrencesReply(BaseModel):
+    """Success of occurrences: one page of occurrences in time order (then activity id, index)."""
+
+    data: list[Occurrence]
+    meta: ListMeta
 
 
 class ErrorDetail(BaseModel):

@@ -689,7 +689,8 @@ def envelope_check(ctx: Any, response: Any, case: Any) -> bool | None:
     """A schemathesis check: the contract's envelope on every /api response, never a 5xx."""
     assert response.status_code < 500, f"{response.status_code}: {response.text[:500]}"
     assert response.headers.get("content-type", [""])[0].startswith("application/json"), response.headers
-    listing = case.operation.path == "/api/v1/crm/activities" and case.method.upper() == "GET"
+    listing = case.operation.path in ("/api/v1/crm/activities", "/api/v1/crm/activities/occurrences")
+    listing = listing and case.method.upper() == "GET"  # both pages: data and meta.next_cursor
     counting = case.operation.path == "/api/v1/crm/activities/stats"
     batch = case.operation.path == "/api/v1/crm/activities/batch"
     erasing = case.operation.path.endswith("/erase")
@@ -725,7 +726,7 @@ def fuzz_operation(
     return statuses
 
 
-OPERATIONS = 13  # list, get, events, stats, get by key, and the seven commands' routes (erase has two)
+OPERATIONS = 14  # list, get, events, stats, get by key, occurrences, and the seven commands' routes (erase has two)
 
 
 @pytest.mark.timeout(300)
