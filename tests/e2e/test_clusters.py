@@ -81,7 +81,10 @@ async def assert_stream_holds_each_event_once_in_order(
         js = nc.jetstream(timeout=5)
 
         async def relayed() -> bool:
-            return (await js.stream_info(settings.stream_name)).state.messages >= len(events)
+            try:
+                return (await js.stream_info(settings.stream_name)).state.messages >= len(events)
+            except nats.errors.TimeoutError:  # the stream's new leader is still being elected: ask again
+                return False
 
         deadline = time.monotonic() + 60
         while not await relayed():

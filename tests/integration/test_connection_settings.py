@@ -55,10 +55,15 @@ async def test_every_connection_of_every_role_carries_the_urls_application_name(
     assert listed["data"], listed
     leaders = [c for c in runtime.components if isinstance(c, TrackedConsumer)]
     for _ in range(100):
-        if all(leader.active for leader in leaders):
+        if all(leader.active for leader in leaders) and runtime.inbox is not None and runtime.inbox.active:
             break
         await asyncio.sleep(0.1)
-    assert {leader.name for leader in leaders if leader.active} == {"activities:relay", "activities:projector"}
+    assert {leader.name for leader in leaders if leader.active} == {
+        "activities:relay",
+        "activities:projector",
+        "activities:scheduler",
+    }
+    assert runtime.inbox is not None and runtime.inbox.active
     assert runtime.servers is not None
     dbname = conninfo_to_dict(runtime.servers.database_url)["dbname"]
     with psycopg.connect(runtime.servers.database_url, application_name="the-test", autocommit=True) as conn:
@@ -69,7 +74,8 @@ async def test_every_connection_of_every_role_carries_the_urls_application_name(
         ).fetchall()
     assert {name for name, _, _ in rows} == {NAME}, rows
     queries = [query for _, query, _ in rows]
-    assert sum(leads for _, _, leads in rows) == 2, rows  # the sessions (lock + LISTEN) of projector and relay
+    # the sessions (lock + LISTEN) of projector, relay and scheduler, and the active inbox's
+    assert sum(leads for _, _, leads in rows) == 4, rows
     assert any("_append\"(" in query for query in queries), queries  # the command store
     assert any("set_config('activities.tenant_id'" in query for query in queries), queries  # the read pool
     assert any('INSERT INTO "activities"' in q or "projection_tracking" in q for q in queries), queries  # projector
