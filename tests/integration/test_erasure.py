@@ -760,3 +760,21 @@ async def test_erasure_deletes_the_activitys_results_from_the_results_stream(
         await asyncio.sleep(0.2)  # the stream cleanup runs every 0.1 s in these tests
     assert hits == []
     assert database_hits(service.database_url, mark) == []
+
+
+async def test_erasure_forgets_the_upsert_key(make_service: Callable[..., Any]) -> None:
+    """An upsert's external key was the client's: erased with its activity (the key table too), after
+    which the key names nothing and an upsert under it creates a new activity."""
+    service = await make_service()
+    mark = marker()
+    key = f"{mark}-crm-key"
+    created = await service.send("upsert", {"external_key": key, "activity": {"account_id": "acc_1", "subject": mark}})
+    assert created["meta"]["created"] is True, created
+    await service.settled()
+    assert database_hits(service.database_url, mark)
+    erased = await service.send("erase", {"id": created["data"]["id"]})
+    assert erased["data"] == {"erased": 1}
+    await service.settled()
+    assert database_hits(service.database_url, mark) == []
+    again = await service.send("upsert", {"external_key": key, "activity": {"account_id": "acc_2"}})
+    assert again["meta"]["created"] is True and again["data"]["id"] != created["data"]["id"], again
