@@ -246,16 +246,11 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     _derived_columns_migration(),
     Migration(
         5,
-        "reads through caller-scoped views instead of row-level security on the owner; a covering index for "
-        "counts by date",
+        "reads through caller-scoped views instead of row-level security on the owner",
         # The views (queries.scoped_views_sql) are (re)made after every migration run, with every column.
         # Their owner, the table's, must read the table unbound by the policy: the policy keeps binding
         # the reader role, which reads through the views.
         ddl=("ALTER TABLE {table} NO FORCE ROW LEVEL SECURITY",),
-        concurrent=(
-            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {table}_counts ON {table} (tenant_id, activity_date) "
-            "INCLUDE (owner_id, type, status, priority, outcome, app_id, is_deleted)",
-        ),
     ),
     Migration(
         6,
@@ -289,6 +284,14 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         ),
     ),
     _occurrences_migration(),
+    Migration(
+        10,
+        "a covering index for counts by date (stats of a period read the index alone)",
+        concurrent=(
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {table}_counts ON {table} (tenant_id, activity_date) "
+            "INCLUDE (owner_id, type, status, priority, outcome, app_id, is_deleted, is_erased)",
+        ),
+    ),
 )
 """Every migration, in order. Append; never edit one that has shipped."""
 
