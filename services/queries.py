@@ -247,7 +247,7 @@ class ReadModel:
         return position, (rows[0]["document"] if rows else None)
 
     async def get_by_key(self, external_key: str, caller: Caller) -> tuple[int, dict[str, Any] | None]:
-        statement, params = build_get_by_key_sql(self.table, external_key, caller)
+        statement, params = build_get_by_key_sql(scoped_view(self.table, caller), external_key, caller)
         position, rows = await self._fetch(statement, params, caller)
         return position, (rows[0]["document"] if rows else None)
 
@@ -282,14 +282,14 @@ class ReadModel:
         page be computed again, so every occurrence is served with the document it came from."""
         after = OccurrenceKey.from_json(codec.verify(query.cursor, query.binding(), caller)) if query.cursor else None
         for _ in range(OCCURRENCE_READ_ATTEMPTS):
-            statement, params = build_candidates_sql(self.table, query, caller, after)
+            statement, params = build_candidates_sql(scoped_view(self.table, caller), query, caller, after)
             position, rows = await self._fetch(statement, params, caller)
             keys, more = page_of(rows, query, after)
             versions = {row["id"]: row["version"] for row in rows}
             ids = sorted({key.activity_id for key in keys})
             documents: dict[str, orjson.Fragment] = {}
             if ids:
-                statement, params = build_documents_sql(self.table, ids, caller)
+                statement, params = build_documents_sql(scoped_view(self.table, caller), ids, caller)
                 _, document_rows = await self._fetch(statement, params, caller)
                 changed = any(row["version"] != versions[row["id"]] for row in document_rows)
                 if changed or len(document_rows) != len(ids):
