@@ -248,8 +248,8 @@ def run(rows: int, targets: int, seconds: float, concurrency: int) -> dict[str, 
         "concurrency": concurrency,
         "loadavg": {"start": loadavg()},
         "note": (
-            "Shared 2-core machine (six helpers' work beside it): absolute numbers are loaded-machine numbers; "
-            "the ratio compares runs taken side by side."
+            "A shared 2-core machine: the load average of each phase is below; the ratio compares runs "
+            "taken side by side."
             + ("" if rows >= 1_000_000 else f" Scaled down to {rows:,} activities to fit the time.")
         ),
     }
