@@ -52,6 +52,7 @@ from events.activity import (
 )
 from projections.consumer import ConsumerSettings, Entry, lock_key
 from projections.database import conninfo
+from projections.errors import describe
 
 log = logging.getLogger("activities.scheduler")
 
@@ -373,7 +374,7 @@ class FiringLoop:
                 raise
             except Exception as exc:  # the database is away: try again, backing off
                 self.failures += 1
-                log.warning("firing loop failed; retrying", extra={"error": repr(exc), "retry_in_s": delay})
+                log.warning("firing loop failed; retrying", extra={"error": describe(exc), "retry_in_s": delay})
                 self._sweep = None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_SLEEP_S)
@@ -432,7 +433,7 @@ class FiringLoop:
             try:
                 positions = await self.fire(rows)
             except Exception as exc:  # a bug or the store: every row of the batch is retried
-                log.warning("firing a batch failed", extra={"error": repr(exc), "rows": len(rows)})
+                log.warning("firing a batch failed", extra={"error": describe(exc), "rows": len(rows)})
                 positions = [None] * len(rows)
             reached = self.index_position()
             failed = 0

@@ -68,6 +68,7 @@ from events.commands import COMMANDS
 from projections.consumer import Backoff, lock_key
 from projections.database import conninfo
 from projections.erasure import remember_published_params, remember_published_sql
+from projections.errors import describe
 from projections.relay import MIN_DUPLICATE_WINDOW_S
 from projections.streams import ensure_stream
 from services.auth import TokenVerifier
@@ -411,7 +412,7 @@ class Inbox:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("inbox session failed", extra={"error": repr(exc)})
+                log.warning("inbox session failed", extra={"error": describe(exc)})
             await self._pause(self.options.leader_retry_s)
 
     async def _pause(self, seconds: float) -> None:
@@ -449,8 +450,9 @@ class Inbox:
         with contextlib.suppress(asyncio.CancelledError):
             await runner
         with contextlib.suppress(Exception):
-            if runner.done() and not runner.cancelled() and runner.exception() is not None:
-                log.warning("inbox term ended", extra={"error": repr(runner.exception())})
+            error = runner.exception() if runner.done() and not runner.cancelled() else None
+            if error is not None:
+                log.warning("inbox term ended", extra={"error": describe(error)})
         self._held.clear()
         self._waiting_unavailable = 0
         self._in_hand = 0
@@ -484,7 +486,7 @@ class Inbox:
                 except NotFoundError:
                     raise  # the consumer is gone: end the term, the next one creates it afresh
                 except Exception as exc:  # disconnected: nats-py reconnects; try again
-                    self.stats.last_error = repr(exc)
+                    self.stats.last_error = describe(exc)
                     messages = []
                     await asyncio.sleep(backoff.next())
                 for message in messages:
@@ -557,8 +559,8 @@ class Inbox:
         except (StopTerm, asyncio.CancelledError):
             pass  # unacked: the next term carries it out
         except Exception as exc:  # NATS failed while publishing the result or the dead letter
-            self.stats.last_error = repr(exc)
-            log.warning("inbox command left for the next term", extra={"error": repr(exc)})
+            self.stats.last_error = describe(exc)
+            log.warning("inbox command left for the next term", extra={"error": describe(exc)})
             self._halt.set()  # end the term: later commands on the same activity must not overtake it
         finally:
             if not done.done():
