@@ -13,6 +13,7 @@ import orjson
 import psycopg
 import pytest
 from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+from nats.js.errors import NotFoundError
 
 from services.config import Settings
 from tests.e2e.processes import ServiceProcess
@@ -55,9 +56,16 @@ async def test_sigterm_during_load_answers_every_request_taken(
                 await asyncio.sleep(0.01)
         await asyncio.gather(*tasks)
 
+    async def relay_has_published() -> bool:
+        try:
+            return (await nc.jetstream().stream_info(settings.stream_name)).state.messages > 0
+        except NotFoundError:
+            return False  # the relay has not created its stream yet
+
     try:
         running = asyncio.create_task(load())
-        while outcomes["ok"] < 200:
+        # SIGTERM once the service has answered 200 and its relay has published: both positions exist to be saved
+        while outcomes["ok"] < 200 or not await relay_has_published():
             await asyncio.sleep(0.01)
         exit_code = await asyncio.get_running_loop().run_in_executor(None, service.terminate)
         await running
