@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -33,7 +34,9 @@ class LeanNatsClient:
         self._writer = writer
         self._inbox = f"_INBOX.{uuid.uuid4().hex}"
         self._tokens = itertools.count()
+        self._inbox_bytes = self._inbox.encode()
         self._pending: dict[bytes, asyncio.Future[Reply]] = {}
+        self._callbacks: dict[bytes, Callable[[Reply | None], None]] = {}
         self._reading: asyncio.Task[None] | None = None
 
     @classmethod
@@ -111,8 +114,26 @@ class LeanNatsClient:
                         self._writer.write(b"PONG\r\n")
             del buffer[:position]
 
+    def send(self, subject: bytes, payload: bytes, head: bytes, on_reply: Callable[[Reply | None], None]) -> bytes:
+        """A request without a future or a timer: `on_reply` gets the reply, or None when no service
+        subscribes; the caller keeps its own deadlines and calls `forget` for a request it gave up on.
+        The cheapest path, for a load generator that must offer several times what the service takes."""
+        token = str(next(self._tokens)).encode()
+        self._callbacks[token] = on_reply
+        self._writer.write(b"HPUB %s %s.%s %d %d\r\n%s%s\r\n"
+                           % (subject, self._inbox_bytes, token, len(head), len(head) + len(payload), head, payload))
+        return token
+
+    def forget(self, token: bytes) -> None:
+        self._callbacks.pop(token, None)
+
     def _deliver(self, subject: bytes, body: bytes, header_size: int) -> None:
-        future = self._pending.get(subject.rsplit(b".", 1)[-1])
+        token = subject.rsplit(b".", 1)[-1]
+        if (callback := self._callbacks.pop(token, None)) is not None:
+            no_responders = header_size and body[:header_size].startswith(b"NATS/1.0 503")
+            callback(None if no_responders else Reply(body[header_size:]))
+            return
+        future = self._pending.get(token)
         if future is None or future.done():
             return
         if header_size and body[:header_size].startswith(b"NATS/1.0 503"):

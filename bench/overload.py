@@ -22,6 +22,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import dataclasses
+import heapq
+import itertools
 import json
 import multiprocessing
 import os
@@ -44,12 +48,14 @@ import orjson
 import psycopg
 import uvloop
 
+from activities_client.throttle import AdaptiveThrottle
 from bench.load import Stats, closed_loop, open_loop
-from bench.nats_client import LeanNatsClient, NoResponders, encode_headers
+from bench.nats_client import LeanNatsClient, Reply, encode_headers
 from bench.run import RESULTS, ROOT, bench_servers, create_body, headers, machine, progress, service_env
 from services.client import RetryPolicy
 
 SUBJECT = "crm.activities.cmd.create"
+SUBJECT_BYTES = SUBJECT.encode()
 OVERLOAD_FACTOR = 3.0
 REQUEST_TIMEOUT_S = 5.0  # the client library's default
 CLIENT_PROCESSES = 1  # --clients; more keep the schedule better but take CPU from the service on 2 cores
@@ -65,17 +71,57 @@ class Durations:
 QUICK = Durations(max_s=3.0, overload_s=5.0, recovery_s=2.0)
 
 
+@dataclass(frozen=True)
+class Cores:
+    """The CPUs of the system under test (PostgreSQL, NATS, the service) and of the load clients.
+
+    On one machine the clients that offer three times the maximum take CPU from the service they
+    measure (here about 0.6 of a core at 3x), as clients on other machines would not. Unless
+    `--no-pin`, the clients get the last CPU and the system all the others, in every phase and for
+    every tree alike, so that the maximum and the overload are measured on the same CPUs."""
+
+    system: frozenset[int] | None
+    clients: frozenset[int] | None
+
+    @classmethod
+    def split(cls, pin: bool) -> Cores:
+        cpus = sorted(os.sched_getaffinity(0))
+        if not pin or len(cpus) < 2:
+            return cls(None, None)
+        return cls(frozenset(cpus[:-1]), frozenset(cpus[-1:]))
+
+    def describe(self) -> str:
+        if self.system is None or self.clients is None:
+            return "not pinned: clients and system share every CPU"
+        return f"system on CPU {sorted(self.system)}, load clients on CPU {sorted(self.clients)}"
+
+
+@contextmanager
+def on_cpus(cpus: frozenset[int] | None) -> Iterator[None]:
+    """This thread, and the processes it starts meanwhile, on `cpus` (None: unchanged)."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 # ---------------------------------------------------------------------------------------------
 # The service process of one source tree, and its memory over time
 # ---------------------------------------------------------------------------------------------
 
 
 @contextmanager
-def service_from(source: Path, database_url: str, nats_url: str, data_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
+def service_from(source: Path, database_url: str, nats_url: str, data_dir: Path,
+                 settings: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
     """`python -m services.cli serve --role commands` with `source` first on the path."""
     data_dir.mkdir(parents=True, exist_ok=True)
     endpoints = data_dir / "endpoints.json"
-    env = service_env(database_url, nats_url, data_dir, PYTHONPATH=str(source))
+    env = service_env(database_url, nats_url, data_dir, PYTHONPATH=str(source), **(settings or {}))
     with (data_dir / "service.log").open("ab") as log:
         process = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--role", "commands"],
                                    cwd=source, env=env, stdout=log, stderr=log)
@@ -148,6 +194,7 @@ class OverloadStats:
     started: float = 0.0
     logical: int = 0  # creates begun
     attempts: int = 0  # requests sent, retries included
+    held_back: int = 0  # attempts the client's adaptive throttle kept from the service
     ok_times: list[float] = field(default_factory=list)  # when each acknowledged create completed
     ok_latencies_ms: list[float] = field(default_factory=list)  # from the first attempt to the success
     answered_ms: list[float] = field(default_factory=list)  # every request that got a reply
@@ -158,38 +205,132 @@ class OverloadStats:
     cpu_s: float = 0.0  # CPU seconds of the load client process(es)
 
 
-async def retrying_create(client: LeanNatsClient, i: int, run: str, stats: OverloadStats, policy: RetryPolicy,
-                          authorization: str) -> None:
-    """One logical create, retried like the client library does, with one Idempotency-Key."""
-    payload = orjson.dumps(create_body(i))
-    head = encode_headers({"Authorization": authorization, "Idempotency-Key": f"{run}-{i}"})
-    first = time.perf_counter()
-    stats.logical += 1
-    for attempt in range(1, policy.attempts + 1):
-        sent = time.perf_counter()
-        stats.attempts += 1
-        try:
-            reply = orjson.loads((await client.start_request(SUBJECT, payload, head, REQUEST_TIMEOUT_S)).data)
-        except (TimeoutError, NoResponders):  # the client library retries both
+class LogicalCreate:
+    """One logical create: retried like the client library does, with one Idempotency-Key."""
+
+    __slots__ = ("attempt", "first", "i", "load", "request", "sent", "token")
+
+    def __init__(self, load: RetryingLoad, i: int) -> None:
+        self.load = load
+        self.i = i
+        self.request: tuple[bytes, bytes] | None = None  # body and headers, made when first sent
+        self.first = time.perf_counter()
+        self.attempt = 0
+        self.sent = 0.0
+        self.token = b""
+
+    def send(self) -> None:
+        self.attempt += 1
+        if self.load.throttle is not None and not self.load.throttle.admits():
+            self.load.stats.held_back += 1  # the client library holds it back: like an `unavailable` reply
+            self.load.retry_or_give_up(self)
+            return
+        self.sent = time.perf_counter()
+        self.load.stats.attempts += 1
+        if self.request is None:
+            key = f"{self.load.run}-{self.i}"
+            self.request = orjson.dumps(create_body(self.i)), encode_headers(
+                {"Authorization": self.load.authorization, "Idempotency-Key": key})
+        self.token = self.load.client.send(SUBJECT_BYTES, *self.request, self.on_reply)
+        self.load.in_flight[self.token] = self
+        self.load.deadlines.append((self.sent + REQUEST_TIMEOUT_S, self.token))
+
+    def on_reply(self, reply: Reply | None) -> None:
+        load, stats = self.load, self.load.stats
+        load.in_flight.pop(self.token, None)
+        if reply is None:  # no responders: the client library retries it like a timeout
             stats.timeouts += 1
+            if load.throttle is not None:
+                load.throttle.unanswered()
+            load.retry_or_give_up(self)
+            return
+        now = time.perf_counter()
+        stats.answered_ms.append((now - self.sent) * 1000)
+        body = orjson.loads(reply.data)
+        if load.throttle is not None and body.get("error", {}).get("code") != "unavailable":
+            load.throttle.accepted()
+        if "data" in body:
+            stats.ok_times.append(now - stats.started)
+            stats.ok_latencies_ms.append((now - self.first) * 1000)
+            return
+        code = body["error"]["code"]
+        stats.codes[code] = stats.codes.get(code, 0) + 1
+        if code == "unavailable":
+            load.retry_or_give_up(self)
         else:
+            stats.failed += 1
+
+    def timed_out(self) -> None:
+        self.load.stats.timeouts += 1
+        if self.load.throttle is not None:
+            self.load.throttle.unanswered()
+        self.load.retry_or_give_up(self)
+
+
+class RetryingLoad:
+    """Logical creates started on an open-loop schedule, each retried with the client library's
+    policy (services/client.py RetryPolicy: 4 attempts, 5 s timeout, full-jitter backoff).
+
+    One loop ticks every `TICK_S`: it starts the creates now due, sends the retries whose backoff
+    has passed and expires the requests past their timeout. Replies arrive as callbacks from the
+    connection's reader. No task, future or timer per request: the schedule has to hold at three
+    times what the service takes, on the same two cores, for the run to measure the service."""
+
+    TICK_S = 0.002
+
+    def __init__(self, client: LeanNatsClient, authorization: str, run: str, stats: OverloadStats,
+                 policy: RetryPolicy) -> None:
+        self.client = client
+        self.authorization = authorization
+        self.run = run
+        self.stats = stats
+        self.policy = policy
+        self.throttle = AdaptiveThrottle(policy.throttle_ratio) if policy.throttle_ratio else None  # as one client
+        self.in_flight: dict[bytes, LogicalCreate] = {}
+        self.deadlines: collections.deque[tuple[float, bytes]] = collections.deque()  # in send order
+        self.backoffs: list[tuple[float, int, LogicalCreate]] = []  # a heap by due time
+        self._sequence = itertools.count()
+
+    def retry_or_give_up(self, create: LogicalCreate) -> None:
+        if create.attempt >= self.policy.attempts:
+            self.stats.failed += 1
+            return
+        due = time.perf_counter() + self.policy.delay(create.attempt)
+        heapq.heappush(self.backoffs, (due, next(self._sequence), create))
+
+    def _expire(self, now: float) -> None:
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, token = self.deadlines.popleft()
+            if (create := self.in_flight.pop(token, None)) is not None:
+                self.client.forget(token)
+                create.timed_out()
+
+    def _resend_due(self, now: float) -> None:
+        while self.backoffs and self.backoffs[0][0] <= now:
+            heapq.heappop(self.backoffs)[2].send()
+
+    async def drive(self, rate: float, seconds: float) -> None:
+        started, total, i = self.stats.started, int(rate * seconds), 0
+        while True:
             now = time.perf_counter()
-            stats.answered_ms.append((now - sent) * 1000)
-            if "data" in reply:
-                stats.ok_times.append(now - stats.started)
-                stats.ok_latencies_ms.append((now - first) * 1000)
+            elapsed = now - started
+            while i < total and i / rate <= elapsed and elapsed <= seconds:
+                self.stats.logical += 1
+                LogicalCreate(self, i).send()
+                i += 1
+            if i < total and elapsed > seconds:
+                total = i  # a client behind its schedule offers less, never for longer (the report says how much)
+            if i >= total and not self.stats.offer_s:
+                self.stats.offer_s = elapsed
+            self._resend_due(now)
+            self._expire(now)
+            if i >= total and not self.in_flight and not self.backoffs:
                 return
-            code = reply["error"]["code"]
-            stats.codes[code] = stats.codes.get(code, 0) + 1
-            if code != "unavailable":
-                stats.failed += 1
-                return
-        if attempt < policy.attempts:
-            await asyncio.sleep(policy.delay(attempt))
-    stats.failed += 1
+            await asyncio.sleep(self.TICK_S)
 
 
-async def overload(nats_url: str, rate: float, seconds: float, run: str, start_at: float) -> OverloadStats:
+async def overload(nats_url: str, rate: float, seconds: float, run: str, start_at: float,
+                   throttle_ratio: float | None) -> OverloadStats:
     """Logical creates started at `rate` for `seconds` from `start_at` (a `perf_counter` time, the
     same clock in every process); returns once every one has finished. One token for all, as one
     calling service would have (the service caches verified tokens)."""
@@ -197,30 +338,22 @@ async def overload(nats_url: str, rate: float, seconds: float, run: str, start_a
     authorization = headers()["Authorization"]
     await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
     stats = OverloadStats(started=start_at)
-    policy = RetryPolicy()
-    tasks: set[asyncio.Task[None]] = set()
     try:
-        for i in range(int(rate * seconds)):
-            # always yield, also when behind schedule: the reader must keep up with the replies
-            await asyncio.sleep(max(0.0, stats.started + i / rate - time.perf_counter()))
-            if time.perf_counter() - stats.started > seconds:
-                break  # a client behind its schedule offers less, never for longer (the report says how much)
-            task = asyncio.create_task(retrying_create(client, i, run, stats, policy, authorization))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        stats.offer_s = time.perf_counter() - stats.started
-        await asyncio.gather(*tasks)
+        policy = dataclasses.replace(RetryPolicy(), throttle_ratio=throttle_ratio)
+        await RetryingLoad(client, authorization, run, stats, policy).drive(rate, seconds)
     finally:
         await client.close()
     stats.cpu_s = time.process_time()
     return stats
 
 
-def overload_process(nats_url: str, rate: float, seconds: float, run: str, start_at: float) -> OverloadStats:
-    return uvloop.run(overload(nats_url, rate, seconds, run, start_at))
+def overload_process(nats_url: str, rate: float, seconds: float, run: str, start_at: float,
+                     throttle_ratio: float | None) -> OverloadStats:
+    return uvloop.run(overload(nats_url, rate, seconds, run, start_at, throttle_ratio))
 
 
-def overload_in_processes(nats_url: str, rate: float, seconds: float, run: str, processes: int) -> OverloadStats:
+def overload_in_processes(nats_url: str, rate: float, seconds: float, run: str, processes: int,
+                          throttle_ratio: float | None) -> OverloadStats:
     """The offered load split over `processes` client processes, merged into one `OverloadStats`.
     On a busy 2-core machine one Python client may not keep to the schedule at three times the
     maximum (the report gives the rate achieved); more clients take CPU from the service."""
@@ -228,12 +361,13 @@ def overload_in_processes(nats_url: str, rate: float, seconds: float, run: str, 
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(processes, mp_context=context) as pool:
         parts = list(pool.map(overload_process, *zip(*[
-            (nats_url, rate / processes, seconds, f"{run}-{n}", start_at) for n in range(processes)
+            (nats_url, rate / processes, seconds, f"{run}-{n}", start_at, throttle_ratio) for n in range(processes)
         ], strict=True)))
     merged = OverloadStats(started=start_at)
     for part in parts:
         merged.logical += part.logical
         merged.attempts += part.attempts
+        merged.held_back += part.held_back
         merged.ok_times += part.ok_times
         merged.ok_latencies_ms += part.ok_latencies_ms
         merged.answered_ms += part.answered_ms
@@ -266,6 +400,7 @@ def summarize(stats: OverloadStats, seconds: float, maximum: float) -> dict[str,
         "logical_creates": stats.logical,
         "attempts": stats.attempts,
         "attempts_per_s": round(stats.attempts / seconds, 1),
+        "held_back_by_clients": stats.held_back,
         "acknowledged": len(stats.ok_times),
         "acknowledged_in_window": in_window,
         "goodput_per_s": round(goodput, 1),
@@ -313,17 +448,36 @@ def maximum_rate(nats_url: str, seconds: float) -> dict[str, Any]:
     return uvloop.run(drive_closed(nats_url, 256, seconds)).summary()
 
 
-def run_tree(name: str, source: Path, servers: Any, root: Path, durations: Durations,
-             offered_rate: float | None, clients: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Tree:
+    """A source tree to run, and whether its clients throttle themselves (its client library's way)."""
+
+    name: str
+    source: Path
+    throttle_ratio: float | None
+
+    @classmethod
+    def of(cls, name: str, source: Path, ratio: float | None = None) -> Tree:
+        throttles = (source / "client" / "activities_client" / "throttle.py").exists()
+        return cls(name, source, (ratio or RetryPolicy().throttle_ratio) if throttles else None)
+
+
+def run_tree(tree: Tree, servers: Any, root: Path, durations: Durations,
+             offered_rate: float | None, clients: int, cores: Cores,
+             service_settings: dict[str, str] | None = None) -> dict[str, Any]:
     """Maximum, overload and recovery of one source tree's service; `offered_rate` None: 3x its own maximum."""
+    name, source = tree.name, tree.source
     database_url = servers.fresh_database()
-    result: dict[str, Any] = {"source": str(source), "commit": commit_of(source)}
-    with service_from(source, database_url, servers.nats_url, root / f"svc-{name}") as process:
+    result: dict[str, Any] = {"source": str(source), "commit": commit_of(source),
+                              "clients_throttle_ratio": tree.throttle_ratio}
+    data_dir = root / f"svc-{name.replace(' ', '-').replace(',', '')}"
+    with service_from(source, database_url, servers.nats_url, data_dir, service_settings) as process:
         memory = MemorySampler(process.pid)
         try:
             memory.phase = "maximum"
             progress(f"  {name}: maximum rate of creates (256 in flight, {durations.max_s:g} s)")
-            result["maximum"] = maximum_rate(servers.nats_url, durations.max_s)
+            with on_cpus(cores.clients):
+                result["maximum"] = maximum_rate(servers.nats_url, durations.max_s)
             maximum = result["maximum"]["rate_per_s"]
             rate = offered_rate or OVERLOAD_FACTOR * maximum
             result["reference_maximum_per_s"] = round(rate / OVERLOAD_FACTOR, 1)
@@ -332,8 +486,9 @@ def run_tree(name: str, source: Path, servers: Any, root: Path, durations: Durat
             memory.phase = "overload"
             progress(f"  {name}: {rate:.0f} creates/s offered for {durations.overload_s:g} s by retrying clients")
             started, service_cpu = time.monotonic(), cpu_s(process.pid)
-            stats = overload_in_processes(servers.nats_url, rate, durations.overload_s, f"{name}-{os.getpid()}",
-                                          clients)
+            with on_cpus(cores.clients):
+                stats = overload_in_processes(servers.nats_url, rate, durations.overload_s, f"{name}-{os.getpid()}",
+                                              clients, tree.throttle_ratio)
             wall = time.monotonic() - started - 3.0  # less the clients' start
             result["overload_wall_s"] = round(wall, 1)
             result["overload_cpu_share"] = {"service": round((cpu_s(process.pid) - service_cpu) / wall, 2),
@@ -344,8 +499,9 @@ def run_tree(name: str, source: Path, servers: Any, root: Path, durations: Durat
             result["overload"]["stored"] = stored_events(database_url) - before_overload
             memory.phase = "recovery"
             progress(f"  {name}: recovery at half the maximum ({durations.recovery_s:g} s)")
-            result["recovery"] = uvloop.run(drive_open(servers.nats_url, rate / OVERLOAD_FACTOR / 2,
-                                                       durations.recovery_s)).summary()
+            with on_cpus(cores.clients):
+                result["recovery"] = uvloop.run(drive_open(servers.nats_url, rate / OVERLOAD_FACTOR / 2,
+                                                           durations.recovery_s)).summary()
             memory.phase = "end"
             time.sleep(1)
         finally:
@@ -375,7 +531,8 @@ def commit_of(source: Path) -> str:
 def table(results: dict[str, Any]) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
     for name, tree in results["trees"].items():
-        label = f"{name} ({tree['commit']})"
+        ratio = tree.get("clients_throttle_ratio")
+        label = f"{name} ({tree['commit']}, clients {f'throttle at {ratio:g}x accepts' if ratio else 'never throttle'})"
         maximum = tree["reference_maximum_per_s"]
         own = tree["maximum"]["rate_per_s"]
         o = tree["overload"]
@@ -386,7 +543,8 @@ def table(results: dict[str, Any]) -> list[dict[str, str]]:
              "ratio": f"{own / maximum:.2f}x reference maximum ({maximum:.0f}/s)", "target": "-"},
             {"measure": f"{label}: offered, retrying clients", "value":
                 f"{o['offered_per_s']:.0f} creates/s scheduled, {o['offered_achieved_per_s']:.0f}/s started; "
-             f"{o['attempts_per_s']:.0f} requests/s with retries",
+             f"{o['attempts_per_s']:.0f} requests/s sent with retries, "
+             f"{o.get('held_back_by_clients', 0) / results['overload_s']:.0f}/s held back by the clients' throttle",
              "ratio": f"{o['offered_achieved_per_s'] / maximum:.2f}x maximum achieved", "target": "3x"},
             {"measure": f"{label}: goodput (creates acknowledged/s during the {results['overload_s']:g} s)",
              "value": f"{o['goodput_per_s']:.0f}/s", "ratio": f"{o['goodput_ratio']:.2f}x maximum",
@@ -422,7 +580,7 @@ def write_report(results: dict[str, Any], stem: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
     lines = [f"Overload run {results['date']} on {results['machine']}: {OVERLOAD_FACTOR:g}x the maximum rate "
-             f"of creates for {results['overload_s']:g} s from retrying clients", "",
+             f"of creates for {results['overload_s']:g} s from retrying clients ({results['cpus']})", "",
              "| measure | value | ratio | target |", "|---|---|---|---|"]
     lines += [f"| {r['measure']} | {r['value']} | {r['ratio']} | {r['target']} |" for r in results["table"]]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
@@ -435,23 +593,37 @@ def main(argv: list[str] | None = None) -> int:
                         help="another source tree (e.g. a worktree of an older commit) to run the same phases on")
     parser.add_argument("--quick", action="store_true", help="short phases (a smoke run)")
     parser.add_argument("--clients", type=int, default=CLIENT_PROCESSES, help="load client processes")
+    parser.add_argument("--throttle-ratio", type=float, default=None,
+                        help="this tree's clients' throttle ratio (default: the client library's RetryPolicy)")
+    parser.add_argument("--set", action="append", default=[], metavar="ACTIVITIES_X=VALUE",
+                        help="a setting of the service processes (e.g. ACTIVITIES_COMMAND_CONCURRENCY=256)")
+    parser.add_argument("--unthrottled-too", action="store_true",
+                        help="also run this tree with clients that never throttle themselves")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="let the load clients share the system's CPUs (see Cores)")
     args = parser.parse_args(argv)
+    cores = Cores.split(pin=not args.no_pin)
     durations = QUICK if args.quick else Durations()
-    trees = {"this": ROOT, **{f"compare-{i + 1}" if len(args.compare) > 1 else "compare": path.resolve()
-                              for i, path in enumerate(args.compare)}}
+    trees = [Tree.of("this", ROOT, args.throttle_ratio)]
+    if args.unthrottled_too:
+        trees.append(Tree("this, clients without throttle", ROOT, None))
+    trees += [Tree.of(f"compare-{i + 1}" if len(args.compare) > 1 else "compare", path.resolve())
+              for i, path in enumerate(args.compare)]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers and the service on SIGTERM too
     root = Path(tempfile.mkdtemp(prefix="activities-overload-"))
     started = datetime.now(UTC)
     results: dict[str, Any] = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
                                "quick": args.quick, "overload_s": durations.overload_s,
-                               "client_processes": args.clients, "trees": {}}
+                               "client_processes": args.clients, "cpus": cores.describe(),
+                               "service_settings": args.set, "trees": {}}
     try:
-        with bench_servers(root) as servers:
+        with on_cpus(cores.system), bench_servers(root) as servers:  # the servers and services inherit it
             offered: float | None = None
-            for name, source in trees.items():
-                progress(f"[{name}] {source}")
-                results["trees"][name] = run_tree(name, source, servers, root, durations, offered, args.clients)
-                offered = offered or results["trees"][name]["overload"]["offered_per_s"]  # the same for every tree
+            for tree in trees:
+                progress(f"[{tree.name}] {tree.source}, clients' throttle ratio {tree.throttle_ratio}")
+                results["trees"][tree.name] = run_tree(tree, servers, root, durations, offered, args.clients, cores,
+                                                       dict(setting.split("=", 1) for setting in args.set))
+                offered = offered or results["trees"][tree.name]["overload"]["offered_per_s"]  # the same for all
     finally:
         shutil.rmtree(root, ignore_errors=True)
     results["table"] = table(results)

@@ -81,6 +81,7 @@ from activities_client.errors import (
     error_from_envelope,
 )
 from activities_client.subjects import Subjects
+from activities_client.throttle import AdaptiveThrottle
 from activities_client.wire import Count
 
 ERASE_BY_CONTACT_TIMEOUT_S = 300.0
@@ -208,6 +209,9 @@ class RetryPolicy:
     attempts: int = 4
     backoff_s: float = 0.2
     max_backoff_s: float = 3.0
+    throttle_ratio: float | None = 1.5
+    """While the service refuses requests, send at most about this many per request it accepts
+    (activities_client/throttle.py); None never throttles."""
 
     def delay(self, attempt: int) -> float:
         """Full-jitter exponential backoff before attempt `attempt + 1` (attempts count from 1)."""
@@ -329,6 +333,7 @@ class AsyncClient:
         self.stream_name = stream_name
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
+        self.throttle = AdaptiveThrottle(self.retry.throttle_ratio) if self.retry.throttle_ratio else None
         self.position = 0
         """The global position of this client's latest command (sent as `min_position` on reads)."""
         self._nc: NatsClient | None = None
@@ -454,20 +459,29 @@ class AsyncClient:
         """Run `attempt` until it gives a reply, retrying timeouts and `unavailable` with backoff."""
         last: str = ""
         for number in range(1, self.retry.attempts + 1):
+            if self.throttle is not None and not self.throttle.admits():
+                last = "the service refused most recent requests, so this client held this one back"
+                if number < self.retry.attempts:
+                    await asyncio.sleep(self.retry.delay(number))
+                continue
             try:
                 envelope = await attempt()
             except Unavailable as unreachable:  # no connection could be made (see _ensure_connected)
+                self._unanswered()
                 if self._nc_url is None:
                     raise  # no endpoints.json: nothing to retry
                 last = unreachable.message
             except (nats.errors.TimeoutError, httpx.TimeoutException):
+                self._unanswered()
                 if self._nc is not None and not self._nc.is_connected:
                     last = f"no service at {self.target} (connection lost; reconnecting)"
                 else:
                     last = f"no reply within {self.timeout}s"
             except nats.errors.NoRespondersError:
+                self._unanswered()
                 last = f"no service at {self.target} (no instance is listening)"
             except httpx.TransportError as exc:
+                self._unanswered()
                 last = f"no service at {self.http_url} ({_reason(exc)})"
             except (
                 nats.errors.ConnectionClosedError,
@@ -475,17 +489,24 @@ class AsyncClient:
                 nats.errors.StaleConnectionError,
                 nats.errors.OutboundBufferLimitError,
             ) as exc:
+                self._unanswered()
                 last = f"no service at {self.target} (connection lost: {_reason(exc)})"
             else:
-                if "error" not in envelope:
+                error = error_from_envelope(envelope) if "error" in envelope else None
+                if self.throttle is not None and not isinstance(error, Unavailable):
+                    self.throttle.accepted()
+                if error is None:
                     return envelope
-                error = error_from_envelope(envelope)
                 if not isinstance(error, Unavailable) or number == self.retry.attempts:
                     raise error
                 last = error.message
             if number < self.retry.attempts:
                 await asyncio.sleep(self.retry.delay(number))
         raise Unavailable(f"{last} ({what}, {self.retry.attempts} attempts)")
+
+    def _unanswered(self) -> None:
+        if self.throttle is not None:
+            self.throttle.unanswered()
 
     async def _nats_request(
         self, subject: str, body: Any, headers: dict[str, str], timeout: float | None = None
@@ -600,6 +621,7 @@ class AsyncClient:
                 nats.errors.StaleConnectionError,
                 nats.errors.OutboundBufferLimitError,
             ) as exc:
+                self._unanswered()
                 last = f"no service at {self.target} (connection lost: {_reason(exc)})"
             except nats.js.errors.APIError as exc:
                 raise Unavailable(f"JetStream refused the command: {exc.description or exc}") from None

@@ -339,3 +339,43 @@ async def test_slow_handler_over_a_fetched_batch_sees_no_redelivery(
         assert slow_seen == ids, "the slow worker handles its whole batch, in order"
         assert other_seen == [], "nothing of the slow worker's batch is delivered again"
         await nc.jetstream().delete_consumer(runtime.settings.stream_name, durable)
+
+
+# ---------------------------------------------------------------------------------------------
+# A client throttles itself while the service refuses (activities_client/throttle.py)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("throttle_ratio", [1.5, None])
+async def test_a_client_holds_back_what_a_refusing_service_would_refuse(
+    servers: TestServers, token: Callable[..., str], throttle_ratio: float | None
+) -> None:
+    """A service at capacity (a responder on the command subject that answers `unavailable` to
+    everything, over real NATS): the throttled client sends only a fraction of its 300 one-attempt
+    creates, the unthrottled one every one; both raise `Unavailable` for each."""
+    prefix = f"throttle{os.getpid()}{throttle_ratio or 0:g}".replace(".", "")
+    received = 0
+    nc = await nats.connect(servers.nats_url)
+
+    async def refuse(message: Any) -> None:
+        nonlocal received
+        received += 1
+        await message.respond(json.dumps({"error": {"code": "unavailable", "message": "at capacity",
+                                                    "details": []}}).encode())
+
+    await nc.subscribe(f"{prefix}.cmd.create", cb=refuse)
+    await nc.flush()
+    retry = RetryPolicy(attempts=1, throttle_ratio=throttle_ratio)
+    try:
+        async with AsyncClient(nats_url=servers.nats_url, token=token(), subject_prefix=prefix, retry=retry) as client:
+            for n in range(300):
+                with pytest.raises(Unavailable):
+                    await client.customer.activities.create(account_id=f"acc_{n}")
+    finally:
+        await nc.close()
+    if throttle_ratio is None:
+        assert received == 300
+    else:
+        # the first 20 (min_requests) always go; then, with nothing accepted, each goes with
+        # probability 1 / (requests + 1): about ln(300 / 20) = 3 more
+        assert 20 <= received < 40, received

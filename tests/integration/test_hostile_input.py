@@ -687,9 +687,18 @@ async def test_http_hostile_ids_and_filters(runtime: Runtime, store: psycopg.Con
 HTTP_EXAMPLES_PER_MODE = 15
 
 
+def waited_for_a_position_not_reached(response: Any, case: Any) -> bool:
+    """The documented 503 of a read asked for a `min_position` the read model has not reached (a
+    generated position beyond this database's log): `unavailable`, never a server fault."""
+    return (response.status_code == 503 and (case.query or {}).get("min_position") is not None
+            and orjson.loads(response.content)["error"]["code"] == "unavailable")
+
+
 def envelope_check(ctx: Any, response: Any, case: Any) -> bool | None:
-    """A schemathesis check: the contract's envelope on every /api response, never a 5xx."""
-    assert response.status_code < 500, f"{response.status_code}: {response.text[:500]}"
+    """A schemathesis check: the contract's envelope on every /api response, never a 5xx but the
+    documented `unavailable` of a position not reached."""
+    assert response.status_code < 500 or waited_for_a_position_not_reached(response, case), (
+        f"{response.status_code}: {response.text[:500]}")
     assert response.headers.get("content-type", [""])[0].startswith("application/json"), response.headers
     listing = case.operation.path in ("/api/v1/crm/activities", "/api/v1/crm/activities/occurrences")
     listing = listing and case.method.upper() == "GET"  # both pages: data and meta.next_cursor
@@ -706,8 +715,7 @@ def fuzz_operation(
     """Schemathesis cases of one operation: the checks pass (every reply's status and body are the
     ones the OpenAPI document gives for that route), and a rejected request stores nothing."""
     checks = [
-        envelope_check,
-        schemathesis.checks.not_a_server_error,
+        envelope_check,  # in place of schemathesis.checks.not_a_server_error, which refuses the documented 503
         schemathesis.checks.status_code_conformance,
         schemathesis.checks.response_schema_conformance,
     ]
