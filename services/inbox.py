@@ -341,6 +341,48 @@ class StopTerm(Exception):
     """The term ends (stop, lost lock, or a NATS failure): leave the command unacked."""
 
 
+Remembered = tuple[int, UUID]  # a result's stream sequence and an activity it names
+
+
+class GroupedWrites:
+    """Rows that concurrent tasks each need written before they go on, written together: the
+    rows added while one write is in flight make the next one (one statement and one commit for
+    all of them, as the command batcher does for commands). Each `add` returns once its rows are
+    written, or raises what the write raised."""
+
+    def __init__(self, write: Callable[[list[Remembered]], Awaitable[Any]]) -> None:
+        self._write = write
+        self._rows: list[Remembered] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def add(self, rows: Sequence[Remembered]) -> None:
+        loop = asyncio.get_running_loop()
+        written: asyncio.Future[None] = loop.create_future()
+        self._rows.extend(rows)
+        self._waiters.append(written)
+        if self._writer is None or self._writer.done():
+            self._writer = loop.create_task(self._write_all())
+        await written
+
+    async def _write_all(self) -> None:
+        while self._waiters:
+            rows, self._rows = self._rows, []
+            waiters, self._waiters = self._waiters, []
+            try:
+                await self._write(rows)
+            except BaseException as exc:
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(exc if isinstance(exc, Exception) else StopTerm())
+                if not isinstance(exc, Exception):
+                    raise
+            else:
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+
+
 class Inbox:
     """The `inbox` role: a Component (`start`/`stop`)."""
 
@@ -362,6 +404,7 @@ class Inbox:
         self.subjects = streams.subjects
         self._database_url = database_url
         self._remember_sql = remember_published_sql(schema)
+        self._remembered = GroupedWrites(self._write_remembered)
         self._conn: psycopg.AsyncConnection[Any] | None = None  # the active term's session
         self.options = options or InboxOptions()
         self._admit = admit or (lambda: True)
@@ -604,12 +647,14 @@ class Inbox:
         acked: an erased activity's results are deleted from the results stream with its events.
         A rerun after a crash publishes the same message (its Nats-Msg-Id) and remembers it then."""
         activities = activities_of(envelope)
-        if not activities:
-            return
+        if activities:
+            await self._remembered.add([(ack.seq, activity) for activity in activities])
+
+    async def _write_remembered(self, messages: list[Remembered]) -> None:
+        """The results of the commands carried out meanwhile, remembered in one statement."""
         if self._conn is None:
             raise StopTerm()
-        messages = [(ack.seq, activity) for activity in activities]
-        await self._conn.execute(self._remember_sql, remember_published_params(ack.stream, messages))
+        await self._conn.execute(self._remember_sql, remember_published_params(self.streams.results, messages))
 
     async def _attempt(
         self, op: str, message: Msg, authorization: str | None, key: str, headers: dict[str, str]
