@@ -16,7 +16,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Annotated, Any, Final
 
 import orjson
@@ -49,7 +49,7 @@ from activities_client.wire import (
 )
 from events.commands import COMMANDS, CommandSpec, HttpRoute, parse_json_object
 from events.queries import QUERIES
-from projections.queries import params_from_pairs
+from projections.queries import Params, params_from_pairs
 from services.gateway import CommandGateway
 from services.logs import start_request
 from services.nats_app import RequestServer
@@ -196,6 +196,23 @@ def json_response(status: int, envelope: dict[str, Any], headers: dict[str, str]
     return Response(orjson.dumps(envelope), status_code=status, media_type="application/json", headers=all_headers)
 
 
+ReadQuery = Callable[[Params, str | None], Awaitable[tuple[int, dict[str, Any]]]]
+
+
+async def answer_read(request: Request, read: ReadQuery, from_path: tuple[str, str] | None = None,
+                      etag: bool = False) -> Response:
+    """A read route: the query string (and a parameter taken from the path, which the query string
+    may not give too) read by the query gateway for the caller, its reply as the response."""
+    params = params_from_pairs(request.query_params.multi_items())
+    if from_path is not None:
+        name, value = from_path
+        if name in params:
+            return error_response(field_error(name, "is taken from the path"))
+        params[name] = [value]
+    status_code, envelope = await read(params, request.headers.get("authorization"))
+    return json_response(status_code, envelope, etag_headers(status_code, envelope) if etag else None)
+
+
 def etag_headers(status: int, envelope: dict[str, Any]) -> dict[str, str]:
     data = envelope.get("data")
     if status < 300 and isinstance(data, dict) and "version" in data:
@@ -248,9 +265,7 @@ def create_http_app(queries: QueryGateway, commands: CommandGateway) -> FastAPI:
         responses=replies(200, ActivityListReply),
     )
     async def list_activities(request: Request) -> Response:
-        params = params_from_pairs(request.query_params.multi_items())
-        status_code, envelope = await queries.list(params, request.headers.get("authorization"))
-        return json_response(status_code, envelope)
+        return await answer_read(request, queries.list)
 
     @app.get(
         BASE + "/stats",  # before /{id}, which would take `stats` for an id
@@ -260,9 +275,7 @@ def create_http_app(queries: QueryGateway, commands: CommandGateway) -> FastAPI:
         responses=replies(200, StatsReply),
     )
     async def activity_stats(request: Request) -> Response:
-        params = params_from_pairs(request.query_params.multi_items())
-        status_code, envelope = await queries.stats(params, request.headers.get("authorization"))
-        return json_response(status_code, envelope)
+        return await answer_read(request, queries.stats)
 
     @app.get(
         BASE + "/by-key/{external_key:path}",  # before /{id}/events, which would take `by-key` for an id
@@ -272,12 +285,7 @@ def create_http_app(queries: QueryGateway, commands: CommandGateway) -> FastAPI:
         responses=replies(200, ActivityReply, 404, 410),
     )
     async def get_activity_by_key(request: Request, external_key: ExternalKey) -> Response:
-        params = params_from_pairs(request.query_params.multi_items())
-        if "external_key" in params:
-            return error_response(field_error("external_key", "is taken from the path"))
-        params["external_key"] = [external_key]
-        status_code, envelope = await queries.get_by_key(params, request.headers.get("authorization"))
-        return json_response(status_code, envelope, etag_headers(status_code, envelope))
+        return await answer_read(request, queries.get_by_key, ("external_key", external_key), etag=True)
 
     @app.get(
         BASE + "/occurrences",  # before /{id}, which would take `occurrences` for an id
@@ -287,9 +295,7 @@ def create_http_app(queries: QueryGateway, commands: CommandGateway) -> FastAPI:
         responses=replies(200, OccurrencesReply),
     )
     async def activity_occurrences(request: Request) -> Response:
-        params = params_from_pairs(request.query_params.multi_items())
-        status_code, envelope = await queries.occurrences(params, request.headers.get("authorization"))
-        return json_response(status_code, envelope)
+        return await answer_read(request, queries.occurrences)
 
     @app.get(
         BASE + "/{id}",
@@ -299,12 +305,7 @@ def create_http_app(queries: QueryGateway, commands: CommandGateway) -> FastAPI:
         responses=replies(200, ActivityReply, 404, 410),
     )
     async def get_activity(request: Request, activity_id: ActivityId) -> Response:
-        params = params_from_pairs(request.query_params.multi_items())
-        if "id" in params:
-            return error_response(field_error("id", "is taken from the path"))
-        params["id"] = [activity_id]
-        status_code, envelope = await queries.get(params, request.headers.get("authorization"))
-        return json_response(status_code, envelope, etag_headers(status_code, envelope))
+        return await answer_read(request, queries.get, ("id", activity_id), etag=True)
 
     @app.get(
         BASE + "/{id}/events",

@@ -65,8 +65,7 @@ from activities_client.errors import ActivitiesError, ValidationError, field_err
 from activities_client.subjects import Subjects
 from events.activity import activity_uuid
 from events.commands import COMMANDS
-from projections.consumer import Backoff, lock_key
-from projections.database import conninfo
+from projections.consumer import Backoff, lead_while_locked, lock_key
 from projections.erasure import remember_published_params, remember_published_sql
 from projections.errors import describe
 from projections.relay import MIN_DUPLICATE_WINDOW_S
@@ -114,37 +113,28 @@ class InboxStreams:
     def configs(self) -> list[StreamConfig]:
         """The inbox (work queue), the results (7 days) and the DLQ (kept until managed), all on file."""
         subjects = self.subjects
-        window = max(self.duplicate_window_s, MIN_DUPLICATE_WINDOW_S)
         return [
-            StreamConfig(
-                name=self.inbox,
-                subjects=[subjects.all_inbox],
-                retention=RetentionPolicy.WORK_QUEUE,
-                storage=StorageType.FILE,
-                num_replicas=self.replicas,
-                duplicate_window=window,
-                description="Durable asynchronous commands (docs/contract.md section 10)",
-            ),
-            StreamConfig(
-                name=self.results,
-                subjects=[subjects.all_results],
-                retention=RetentionPolicy.LIMITS,
-                storage=StorageType.FILE,
-                num_replicas=self.replicas,
-                duplicate_window=window,
-                max_age=RESULTS_MAX_AGE_S,
-                description="Reply envelopes of the inbox's commands, per tenant (docs/contract.md section 10)",
-            ),
-            StreamConfig(
-                name=self.dlq,
-                subjects=[subjects.all_dlq],
-                retention=RetentionPolicy.LIMITS,
-                storage=StorageType.FILE,
-                num_replicas=self.replicas,
-                duplicate_window=window,
-                description="Inbox commands that could not be carried out (activities inbox dlq ...)",
-            ),
+            self._config(self.inbox, subjects.all_inbox, RetentionPolicy.WORK_QUEUE,
+                         "Durable asynchronous commands (docs/contract.md section 10)"),
+            self._config(self.results, subjects.all_results, RetentionPolicy.LIMITS,
+                         "Reply envelopes of the inbox's commands, per tenant (docs/contract.md section 10)",
+                         max_age=RESULTS_MAX_AGE_S),
+            self._config(self.dlq, subjects.all_dlq, RetentionPolicy.LIMITS,
+                         "Inbox commands that could not be carried out (activities inbox dlq ...)"),
         ]
+
+    def _config(self, name: str, subject: str, retention: RetentionPolicy, description: str,
+                max_age: float | None = None) -> StreamConfig:
+        return StreamConfig(
+            name=name,
+            subjects=[subject],
+            retention=retention,
+            storage=StorageType.FILE,
+            num_replicas=self.replicas,
+            duplicate_window=max(self.duplicate_window_s, MIN_DUPLICATE_WINDOW_S),
+            max_age=max_age,
+            description=description,
+        )
 
 
 async def ensure_inbox_streams(js: JetStreamContext, streams: InboxStreams) -> None:
@@ -441,26 +431,12 @@ class Inbox:
     # Leadership -------------------------------------------------------------------------------
 
     async def _supervise(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                async with await psycopg.AsyncConnection.connect(
-                    conninfo(self._database_url, connect_timeout=5), autocommit=True
-                ) as conn:
-                    while not self._stopped.is_set():
-                        row = await (await conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,))).fetchone()
-                        if row and row[0]:
-                            await self._lead(conn)
-                            break
-                        await self._pause(self.options.leader_retry_s)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("inbox session failed", extra={"error": describe(exc)})
-            await self._pause(self.options.leader_retry_s)
+        await lead_while_locked(self._database_url, self._key, self._stopped, self.options.leader_retry_s,
+                                self._lead, self._session_failed)
 
-    async def _pause(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopped.wait(), seconds)
+    @staticmethod
+    def _session_failed(exc: Exception) -> None:
+        log.warning("inbox session failed", extra={"error": describe(exc)})
 
     async def _lead(self, conn: psycopg.AsyncConnection[Any]) -> None:
         log.info("became the active inbox")
