@@ -19,6 +19,9 @@ from services.config import Settings
 from tests.integration.test_commands import LINK, error_code, holding_the_append_lock, stored_events
 
 
+COMMANDS_ONLY = ("commands",)  # the write path alone: what these tests stall and overload
+
+
 class Sender:
     """Creates over NATS with the test's token, optionally under an Idempotency-Key."""
 
@@ -49,7 +52,7 @@ async def timed(reply: asyncio.Task[dict[str, Any]] | Any) -> tuple[dict[str, An
 async def test_commands_beyond_the_queue_bound_are_refused_at_once(
     make_settings: Callable[..., Settings], nc: Any, token: Callable[..., str]
 ) -> None:
-    runtime = Runtime(make_settings(command_queue_max=3, request_timeout_s=10.0))
+    runtime = Runtime(make_settings(command_queue_max=3, request_timeout_s=10.0), COMMANDS_ONLY)
     await runtime.start()
     send = Sender(runtime, nc, token())
     try:
@@ -87,7 +90,7 @@ def runtime_refused(runtime: Runtime) -> int:
 async def test_a_command_past_its_deadline_before_its_batch_began_is_never_carried_out(
     make_settings: Callable[..., Settings], nc: Any, token: Callable[..., str]
 ) -> None:
-    runtime = Runtime(make_settings(request_timeout_s=1.0))
+    runtime = Runtime(make_settings(request_timeout_s=1.0), COMMANDS_ONLY)
     await runtime.start()
     send = Sender(runtime, nc, token())
     try:
@@ -113,7 +116,7 @@ async def test_requests_beyond_the_concurrency_are_refused_at_once_not_buffered(
 ) -> None:
     """Requests past the handler concurrency used to wait in nats-py's buffer (no deadline, no
     bound) and were carried out after their callers had given up."""
-    runtime = Runtime(make_settings(command_concurrency=2, request_timeout_s=10.0))
+    runtime = Runtime(make_settings(command_concurrency=2, request_timeout_s=10.0), COMMANDS_ONLY)
     await runtime.start()
     send = Sender(runtime, nc, token())
     try:
