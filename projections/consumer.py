@@ -46,7 +46,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
@@ -125,42 +125,6 @@ class Backoff:
 def lock_key(name: str) -> int:
     """A stable signed 64-bit advisory lock key for a name."""
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-
-
-async def pause(stopped: asyncio.Event, seconds: float) -> None:
-    """Wait `seconds`, or less when `stopped` is set meanwhile."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stopped.wait(), seconds)
-
-
-async def lead_while_locked(
-    database_url: str,
-    key: int,
-    stopped: asyncio.Event,
-    retry_s: float,
-    lead: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]],
-    on_failure: Callable[[Exception], None],
-) -> None:
-    """One active instance among many: take the advisory lock `key` on a session of its own and
-    `lead` on that session while it lives; when the term ends, the session fails or the database
-    is away, try again every `retry_s` (a new session each term: the old one may be broken) until
-    `stopped` is set. Every other instance waits here as a standby."""
-    while not stopped.is_set():
-        try:
-            async with await psycopg.AsyncConnection.connect(
-                conninfo(database_url, connect_timeout=5), autocommit=True
-            ) as conn:
-                while not stopped.is_set():
-                    row = await (await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))).fetchone()
-                    if row and row[0]:
-                        await lead(conn)
-                        break
-                    await pause(stopped, retry_s)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the database is away, or the session dropped: try again
-            on_failure(exc)
-        await pause(stopped, retry_s)
 
 
 @contextlib.contextmanager
@@ -249,11 +213,26 @@ class TrackedConsumer(Generic[H]):
     # Leadership: the lock and LISTEN connection -----------------------------------------------
 
     async def _supervise(self) -> None:
-        await lead_while_locked(self.database_url, self._key, self._stopped, self.settings.leader_retry_s,
-                                self._lead, self._session_failed)
+        while not self._stopped.is_set():
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    conninfo(self.database_url, connect_timeout=5), autocommit=True
+                ) as conn:
+                    while not self._stopped.is_set():
+                        row = await (await conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,))).fetchone()
+                        if row and row[0]:
+                            await self._lead(conn)
+                            break  # a new session for the next term: this one may be broken
+                        await self._pause(self.settings.leader_retry_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database is away, or the session dropped: try again
+                log.warning("consumer session failed", extra={"consumer": self.name, "error": describe(exc)})
+            await self._pause(self.settings.leader_retry_s)
 
-    def _session_failed(self, exc: Exception) -> None:
-        log.warning("consumer session failed", extra={"consumer": self.name, "error": describe(exc)})
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), seconds)
 
     async def _lead(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Consume while the session holding the lock lives; on any end, wind down before the

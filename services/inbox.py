@@ -65,7 +65,8 @@ from activities_client.errors import ActivitiesError, ValidationError, field_err
 from activities_client.subjects import Subjects
 from events.activity import activity_uuid
 from events.commands import COMMANDS
-from projections.consumer import Backoff, lead_while_locked, lock_key
+from projections.consumer import Backoff, lock_key
+from projections.database import conninfo
 from projections.erasure import remember_published_params, remember_published_sql
 from projections.errors import describe
 from projections.relay import MIN_DUPLICATE_WINDOW_S
@@ -431,12 +432,26 @@ class Inbox:
     # Leadership -------------------------------------------------------------------------------
 
     async def _supervise(self) -> None:
-        await lead_while_locked(self._database_url, self._key, self._stopped, self.options.leader_retry_s,
-                                self._lead, self._session_failed)
+        while not self._stopped.is_set():
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    conninfo(self._database_url, connect_timeout=5), autocommit=True
+                ) as conn:
+                    while not self._stopped.is_set():
+                        row = await (await conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,))).fetchone()
+                        if row and row[0]:
+                            await self._lead(conn)
+                            break
+                        await self._pause(self.options.leader_retry_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("inbox session failed", extra={"error": describe(exc)})
+            await self._pause(self.options.leader_retry_s)
 
-    @staticmethod
-    def _session_failed(exc: Exception) -> None:
-        log.warning("inbox session failed", extra={"error": describe(exc)})
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), seconds)
 
     async def _lead(self, conn: psycopg.AsyncConnection[Any]) -> None:
         log.info("became the active inbox")
