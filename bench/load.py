@@ -50,6 +50,11 @@ class Stats:
 
 BodyMaker = Callable[[int], Any]
 ReplyCheck = Callable[[dict[str, Any]], None]
+Headers = dict[str, str] | Callable[[int], dict[str, str]]  # the same for every request, or made for the i-th
+
+
+def headers_for(headers: Headers, i: int) -> dict[str, str]:
+    return headers(i) if callable(headers) else headers
 
 
 async def _one(nc: NatsClient, subject: str, payload: bytes, headers: dict[str, str], stats: Stats,
@@ -78,7 +83,7 @@ async def closed_loop(
     nc: NatsClient,
     subject: str,
     make_body: BodyMaker,
-    headers: dict[str, str],
+    headers: Headers,
     concurrency: int,
     duration_s: float,
     on_reply: ReplyCheck | None = None,
@@ -90,7 +95,8 @@ async def closed_loop(
 
     async def worker() -> None:
         while time.perf_counter() < deadline:
-            await _one(nc, subject, orjson.dumps(make_body(next(counter))), headers, stats, on_reply)
+            i = next(counter)
+            await _one(nc, subject, orjson.dumps(make_body(i)), headers_for(headers, i), stats, on_reply)
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -102,7 +108,7 @@ async def open_loop(
     nc: NatsClient,
     subject: str,
     make_body: BodyMaker,
-    headers: dict[str, str],
+    headers: Headers,
     rate: float,
     duration_s: float,
     on_reply: ReplyCheck | None = None,
@@ -117,7 +123,9 @@ async def open_loop(
         delay = target - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        task = asyncio.create_task(_one(nc, subject, orjson.dumps(make_body(i)), headers, stats, on_reply))
+        task = asyncio.create_task(
+            _one(nc, subject, orjson.dumps(make_body(i)), headers_for(headers, i), stats, on_reply)
+        )
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     await asyncio.gather(*tasks)

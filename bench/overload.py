@@ -427,25 +427,32 @@ def stored_events(database_url: str) -> int:
     return int(row[0]) if row else 0
 
 
-async def drive_closed(nats_url: str, concurrency: int, seconds: float) -> Stats:
+def keyed_headers(phase: str) -> Any:
+    """Every create with its own Idempotency-Key, as the client library sends them (and the
+    overload's retrying clients): the maximum is measured on the same requests as the overload."""
+    authorization = headers()
+    return lambda i: {**authorization, "Idempotency-Key": f"{phase}-{i}"}
+
+
+async def drive_closed(nats_url: str, concurrency: int, seconds: float, phase: str) -> Stats:
     client = await LeanNatsClient.connect(nats_url)
     try:
-        return await closed_loop(client, SUBJECT, create_body, headers(), concurrency, seconds)
+        return await closed_loop(client, SUBJECT, create_body, keyed_headers(phase), concurrency, seconds)
     finally:
         await client.close()
 
 
-async def drive_open(nats_url: str, rate: float, seconds: float) -> Stats:
+async def drive_open(nats_url: str, rate: float, seconds: float, phase: str) -> Stats:
     client = await LeanNatsClient.connect(nats_url)
     try:
-        return await open_loop(client, SUBJECT, create_body, headers(), rate, seconds)
+        return await open_loop(client, SUBJECT, create_body, keyed_headers(phase), rate, seconds)
     finally:
         await client.close()
 
 
-def maximum_rate(nats_url: str, seconds: float) -> dict[str, Any]:
-    uvloop.run(drive_closed(nats_url, 8, 1))  # warm-up
-    return uvloop.run(drive_closed(nats_url, 256, seconds)).summary()
+def maximum_rate(nats_url: str, seconds: float, phase: str) -> dict[str, Any]:
+    uvloop.run(drive_closed(nats_url, 8, 1, f"{phase}-warm-up"))
+    return uvloop.run(drive_closed(nats_url, 256, seconds, phase)).summary()
 
 
 @dataclass(frozen=True)
@@ -476,8 +483,12 @@ def run_tree(tree: Tree, servers: Any, root: Path, durations: Durations,
         try:
             memory.phase = "maximum"
             progress(f"  {name}: maximum rate of creates (256 in flight, {durations.max_s:g} s)")
+            run = f"{name}-{os.getpid()}"
+            service_cpu = cpu_s(process.pid)
             with on_cpus(cores.clients):
-                result["maximum"] = maximum_rate(servers.nats_url, durations.max_s)
+                result["maximum"] = maximum_rate(servers.nats_url, durations.max_s, f"{run}-maximum")
+            result["maximum"]["service_cpu_us_per_create"] = round(
+                1e6 * (cpu_s(process.pid) - service_cpu) / max(1, result["maximum"]["ok"]), 1)
             maximum = result["maximum"]["rate_per_s"]
             rate = offered_rate or OVERLOAD_FACTOR * maximum
             result["reference_maximum_per_s"] = round(rate / OVERLOAD_FACTOR, 1)
@@ -487,21 +498,24 @@ def run_tree(tree: Tree, servers: Any, root: Path, durations: Durations,
             progress(f"  {name}: {rate:.0f} creates/s offered for {durations.overload_s:g} s by retrying clients")
             started, service_cpu = time.monotonic(), cpu_s(process.pid)
             with on_cpus(cores.clients):
-                stats = overload_in_processes(servers.nats_url, rate, durations.overload_s, f"{name}-{os.getpid()}",
+                stats = overload_in_processes(servers.nats_url, rate, durations.overload_s, run,
                                               clients, tree.throttle_ratio)
+            overload_cpu = cpu_s(process.pid) - service_cpu
             wall = time.monotonic() - started - 3.0  # less the clients' start
             result["overload_wall_s"] = round(wall, 1)
-            result["overload_cpu_share"] = {"service": round((cpu_s(process.pid) - service_cpu) / wall, 2),
+            result["overload_cpu_share"] = {"service": round(overload_cpu / wall, 2),
                                             "load_clients": round(stats.cpu_s / wall, 2)}
             result["overload"] = {"offered_per_s": round(rate, 1),
                                   **summarize(stats, durations.overload_s, rate / OVERLOAD_FACTOR)}
             time.sleep(1)  # anything still being saved
             result["overload"]["stored"] = stored_events(database_url) - before_overload
+            result["overload"]["service_cpu_us_per_create"] = round(
+                1e6 * overload_cpu / max(1, result["overload"]["acknowledged"]), 1)
             memory.phase = "recovery"
             progress(f"  {name}: recovery at half the maximum ({durations.recovery_s:g} s)")
             with on_cpus(cores.clients):
                 result["recovery"] = uvloop.run(drive_open(servers.nats_url, rate / OVERLOAD_FACTOR / 2,
-                                                           durations.recovery_s)).summary()
+                                                           durations.recovery_s, f"{run}-recovery")).summary()
             memory.phase = "end"
             time.sleep(1)
         finally:
@@ -567,6 +581,10 @@ def table(results: dict[str, Any]) -> list[dict[str, str]]:
             {"measure": f"{label}: CPU during the overload phase (cores)", "value":
                 f"service {tree['overload_cpu_share']['service']}, load clients "
                 f"{tree['overload_cpu_share']['load_clients']}; phase lasted {tree['overload_wall_s']} s",
+             "ratio": "-", "target": "-"},
+            {"measure": f"{label}: service CPU per acknowledged create, at the maximum / during the overload",
+             "value": f"{tree['maximum'].get('service_cpu_us_per_create', '-')} / "
+                      f"{o.get('service_cpu_us_per_create', '-')} us",
              "ratio": "-", "target": "-"},
             {"measure": f"{label}: service RSS before / max during / after", "value":
                 f"{rss['before_overload']} / {rss['max_during_overload']} / {rss['end']} MB",

@@ -132,6 +132,13 @@ class ActivitiesRecorder(PostgresApplicationRecorder):
     events: one round trip instead of seven (BEGIN, SET, LOCK, NOTIFY, INSERT, key writes,
     COMMIT), which were most of the CPU of a small batch.
 
+    A key is recorded by one insert that replaces it only when it expired (`ON CONFLICT ... DO
+    UPDATE ... WHERE`); a live key, another process's meanwhile, fails the append with a unique
+    violation (a conflict, retried). Every key is one probe of the primary key whatever the plan:
+    a `DELETE` of the expired keys joined with the batch's keys, its plan cached by PL/pgSQL while
+    the table was small, read the whole table on every append (at 3x the maximum rate the
+    connection's CPU doubled within 20 s; with a day of keys it would have been millions of rows).
+
     Appends are serialised by a transaction advisory lock, not by the library's
     `LOCK TABLE ... IN EXCLUSIVE MODE`: that table lock conflicts with autovacuum's, so every
     autovacuum or autoanalyze of the events table stalled all appends for `deadlock_timeout`
@@ -161,17 +168,23 @@ class ActivitiesRecorder(PostgresApplicationRecorder):
                 "CREATE OR REPLACE FUNCTION {schema}.{append}("
                 "ids uuid[], versions bigint[], topics text[], states bytea[], keys jsonb, key_ttl_s float8) "
                 "RETURNS SETOF bigint LANGUAGE plpgsql AS $body$ "
+                "DECLARE written bigint; "
                 "BEGIN "
                 "  PERFORM set_config('lock_timeout', {lock_timeout}, true); "
                 "  PERFORM pg_advisory_xact_lock({append_lock}); "
                 "  PERFORM pg_notify({channel}, ''); "
                 "  IF jsonb_array_length(keys) > 0 THEN "
-                "    DELETE FROM {schema}.{table} k USING jsonb_to_recordset(keys) AS q(tenant_id text, key text) "
-                "     WHERE k.tenant_id = q.tenant_id AND k.key = q.key "
-                "       AND k.created_at < now() - make_interval(secs => key_ttl_s); "
-                "    INSERT INTO {schema}.{table} (tenant_id, key, fingerprint, originator_id, originator_version) "
+                "    INSERT INTO {schema}.{table} AS k (tenant_id, key, fingerprint, originator_id, originator_version) "
                 "     SELECT * FROM jsonb_to_recordset(keys) AS q(tenant_id text, key text, fingerprint text, "
-                "       originator_id uuid, originator_version bigint); "
+                "       originator_id uuid, originator_version bigint) "
+                "     ON CONFLICT (tenant_id, key) DO UPDATE SET fingerprint = excluded.fingerprint, "
+                "       originator_id = excluded.originator_id, originator_version = excluded.originator_version, "
+                "       created_at = now() "
+                "     WHERE k.created_at < now() - make_interval(secs => key_ttl_s); "
+                "    GET DIAGNOSTICS written = ROW_COUNT; "
+                "    IF written < jsonb_array_length(keys) THEN "
+                "      RAISE unique_violation USING MESSAGE = 'an Idempotency-Key of the batch is already recorded'; "
+                "    END IF; "
                 "  END IF; "
                 "  RETURN QUERY INSERT INTO {schema}.{events} (originator_id, originator_version, topic, state) "
                 "   SELECT * FROM unnest(ids, versions, topics, states) RETURNING notification_id; "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 from uuid import UUID
@@ -225,3 +226,38 @@ def test_after_a_broken_connection_the_cache_is_forgotten_so_a_lost_commit_leave
     assert results, outcomes  # the broken session answers `unavailable` once at most, then it works
     assert [result.document["version"] for result in results] == list(range(2, 2 + len(results)))
     assert results[0].document["subject"] == f"after {len(outcomes) - len(results)}"
+
+
+def test_recording_idempotency_keys_probes_their_index_not_the_whole_table(
+    make_service: Callable[[], CommandService],
+) -> None:
+    """Every append records its batch's keys. It once deleted the expired ones first with a join
+    that PL/pgSQL planned, and cached, as a full scan of the keys table: every append read every
+    key of the last day."""
+    service = make_service()
+    batches, size = 8, 100
+
+    async def appends() -> None:
+        try:
+            for b in range(batches):
+                requests = [
+                    CommandRequest(parse_create({"account_id": "acc_1"}), CALLER, f"key-{b}-{i}", f"fp-{b}-{i}")
+                    for i in range(size)
+                ]
+                outcomes = await service.execute(requests)
+                assert all(isinstance(outcome, CommandResult) for outcome in outcomes), outcomes
+        finally:
+            await service.close()
+
+    asyncio.run(appends())
+    with service.app.activities_recorder.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as cursor:
+        for _ in range(50):  # the closed session's statistics arrive shortly after it ends
+            counts = cursor.execute(
+                "SELECT n_tup_ins, seq_tup_read FROM pg_stat_user_tables WHERE relname = 'activities_idempotency'"
+            ).fetchone()
+            if counts is not None and counts[0] >= batches * size:
+                break
+            cursor.execute("SELECT pg_stat_clear_snapshot()")
+            time.sleep(0.1)
+    assert counts is not None and counts[0] == batches * size, counts
+    assert counts[1] == 0, f"appends read {counts[1]} rows of the keys table by scanning it"
