@@ -81,7 +81,7 @@ from activities_client.errors import (
     error_from_envelope,
 )
 from activities_client.subjects import Subjects
-from activities_client.throttle import AdaptiveThrottle
+from activities_client.throttle import DEFAULT_RATIO, AdaptiveThrottle
 from activities_client.wire import Count
 
 ERASE_BY_CONTACT_TIMEOUT_S = 300.0
@@ -209,7 +209,7 @@ class RetryPolicy:
     attempts: int = 4
     backoff_s: float = 0.2
     max_backoff_s: float = 3.0
-    throttle_ratio: float | None = 1.5
+    throttle_ratio: float | None = DEFAULT_RATIO
     """While the service refuses requests, send at most about this many per request it accepts
     (activities_client/throttle.py); None never throttles."""
 
