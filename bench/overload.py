@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.overload                                   # this tree only
     .venv/bin/python -m bench.overload --compare /path/to/other/checkout  # and another, side by side
+    .venv/bin/python -m bench.overload --rounds 3 --unthrottled-too --compare /path/to/other/checkout
 
 For each source tree (this one, and the one given with --compare, e.g. a worktree of an older
 commit), in turn and on the same servers: start `activities serve --role commands` from that tree,
@@ -31,6 +32,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -601,6 +603,8 @@ def write_report(results: dict[str, Any], stem: str) -> Path:
              f"of creates for {results['overload_s']:g} s from retrying clients ({results['cpus']})", "",
              "| measure | value | ratio | target |", "|---|---|---|---|"]
     lines += [f"| {r['measure']} | {r['value']} | {r['ratio']} | {r['target']} |" for r in results["table"]]
+    lines += ["", "Median goodput over the rounds, as a ratio to each round's maximum: " + "; ".join(
+        f"{name} {ratio:.2f}x" for name, ratio in results.get("median_goodput_ratio", {}).items())]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     return RESULTS / f"{stem}.md"
 
@@ -619,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run this tree with clients that never throttle themselves")
     parser.add_argument("--no-pin", action="store_true",
                         help="let the load clients share the system's CPUs (see Cores)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat every tree's phases; the report gives each round and the median goodput")
     args = parser.parse_args(argv)
     cores = Cores.split(pin=not args.no_pin)
     durations = QUICK if args.quick else Durations()
@@ -636,14 +642,23 @@ def main(argv: list[str] | None = None) -> int:
                                "service_settings": args.set, "trees": {}}
     try:
         with on_cpus(cores.system), bench_servers(root) as servers:  # the servers and services inherit it
-            offered: float | None = None
-            for tree in trees:
-                progress(f"[{tree.name}] {tree.source}, clients' throttle ratio {tree.throttle_ratio}")
-                results["trees"][tree.name] = run_tree(tree, servers, root, durations, offered, args.clients, cores,
-                                                       dict(setting.split("=", 1) for setting in args.set))
-                offered = offered or results["trees"][tree.name]["overload"]["offered_per_s"]  # the same for all
+            for round_ in range(1, args.rounds + 1):
+                offered: float | None = None  # each round: 3x the maximum of its first tree, for every tree
+                for tree in trees:
+                    name = tree.name if args.rounds == 1 else f"{tree.name}, round {round_}"
+                    progress(f"[{name}] {tree.source}, clients' throttle ratio {tree.throttle_ratio}")
+                    results["trees"][name] = run_tree(tree, servers, root, durations, offered, args.clients, cores,
+                                                      dict(setting.split("=", 1) for setting in args.set))
+                    offered = offered or results["trees"][name]["overload"]["offered_per_s"]
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    results["median_goodput_ratio"] = {
+        tree.name: statistics.median(
+            result["overload"]["goodput_ratio"] for name, result in results["trees"].items()
+            if name == tree.name or name.startswith(f"{tree.name}, round ")
+        )
+        for tree in trees
+    }
     results["table"] = table(results)
     stem = started.strftime("%Y-%m-%d-%H%M") + "-overload" + ("-quick" if args.quick else "")
     print(write_report(results, stem).read_text())
