@@ -7,7 +7,9 @@ One `activities serve --role commands,inbox` process (embedded PostgreSQL with f
 NATS, all on 127.0.0.1), then, alternating for `--rounds` rounds on the same process:
 
 - request/reply: creates over NATS request/reply with 256 in flight for `--seconds` (the baseline,
-  the same load as bench/run.py's create_256);
+  bench/run.py's create_256 load), each with its own Idempotency-Key, as the client library sends
+  every command and as every inbox command must carry one (until 2026-12-07 the baseline carried
+  none, so it skipped the key lookup and write that the inbox's commands pay);
 - inbox: as many create commands JetStream-published to `crm.activities.inbox.create` (1,024
   publishes awaiting their JetStream ack, each with its Idempotency-Key as Nats-Msg-Id), timed from
   the first publish to the last result received on `crm.activities.results.bench`: commands
@@ -38,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,7 +51,7 @@ import uvloop
 
 from bench.load import Stats
 from bench.nats_client import LeanNatsClient, encode_headers
-from bench.run import RESULTS, bench_servers, create_body, drive, headers, machine, progress, service
+from bench.run import RESULTS, bench_servers, create_body, drive, headers, keyed_headers, machine, progress, service
 
 INBOX_SUBJECT = "crm.activities.inbox.create"
 RESULTS_SUBJECT = "crm.activities.results.bench"
@@ -183,7 +186,8 @@ async def inbox_latency(nats_url: str, rate: float, seconds: float, tag: str) ->
 async def request_latency(nats_url: str, rate: float, seconds: float) -> dict[str, Any]:
     from bench.run import drive_rate
 
-    stats = await drive_rate(nats_url, "crm.activities.cmd.create", create_body, rate, seconds)
+    stats = await drive_rate(nats_url, "crm.activities.cmd.create", create_body, rate, seconds,
+                             keyed_headers(f"rr-latency-{uuid.uuid4().hex}"))
     return {"target_rate": rate, **stats.summary()}
 
 
@@ -218,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             uvloop.run(inbox_throughput(url, 500, "warm"))
             for number in range(args.rounds):
                 progress(f"round {number + 1}: request/reply creates, {IN_FLIGHT} in flight, {args.seconds:g} s")
-                baseline = uvloop.run(drive(url, "crm.activities.cmd.create", create_body, IN_FLIGHT, args.seconds))
+                baseline = uvloop.run(drive(url, "crm.activities.cmd.create", create_body, IN_FLIGHT, args.seconds,
+                                            head=keyed_headers(f"rr-{number}-{uuid.uuid4().hex}")))
                 count = max(500, int(baseline.rate * args.seconds))
                 progress(f"round {number + 1}: {count} inbox creates, publish to last result")
                 inbox = uvloop.run(inbox_throughput(url, count, f"r{number}"))

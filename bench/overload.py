@@ -53,7 +53,7 @@ import uvloop
 from activities_client.throttle import AdaptiveThrottle
 from bench.load import Stats, closed_loop, open_loop
 from bench.nats_client import LeanNatsClient, Reply, encode_headers
-from bench.run import RESULTS, ROOT, bench_servers, create_body, headers, machine, progress, service_env
+from bench.run import RESULTS, ROOT, bench_servers, create_body, headers, keyed_headers, machine, progress, service_env
 from services.client import RetryPolicy
 
 SUBJECT = "crm.activities.cmd.create"
@@ -427,13 +427,6 @@ def stored_events(database_url: str) -> int:
     with psycopg.connect(database_url) as conn:
         row = conn.execute("SELECT count(*) FROM activities_events").fetchone()
     return int(row[0]) if row else 0
-
-
-def keyed_headers(phase: str) -> Any:
-    """Every create with its own Idempotency-Key, as the client library sends them (and the
-    overload's retrying clients): the maximum is measured on the same requests as the overload."""
-    authorization = headers()
-    return lambda i: {**authorization, "Idempotency-Key": f"{phase}-{i}"}
 
 
 async def drive_closed(nats_url: str, concurrency: int, seconds: float, phase: str) -> Stats:

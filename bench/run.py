@@ -35,7 +35,7 @@ import psycopg
 import uvloop
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from bench.load import Stats, closed_loop, open_loop
+from bench.load import Headers, Stats, closed_loop, open_loop
 from bench.machine_probe import machine_probe
 from bench.nats_client import LeanNatsClient
 from services.auth import mint_token
@@ -153,6 +153,13 @@ def headers(tenant: str = "bench") -> dict[str, str]:
     return {"Authorization": f"Bearer {mint_token(SECRET, tenant, 'usr-bench')}"}
 
 
+def keyed_headers(phase: str, tenant: str = "bench") -> Callable[[int], dict[str, str]]:
+    """Every request with its own Idempotency-Key, as the client library sends commands (the
+    inbox and the overload's retrying clients too): baselines measured on the same requests."""
+    authorization = headers(tenant)
+    return lambda i: {**authorization, "Idempotency-Key": f"{phase}-{i}"}
+
+
 def create_body(i: int) -> dict[str, Any]:
     return {
         "account_id": f"acc_{i % 1000}",
@@ -214,18 +221,19 @@ def raw_insert_limit(database_url: str, rows: int, batch: int = 500) -> dict[str
 
 
 async def drive(nats_url: str, subject: str, make: Callable[[int], Any], concurrency: int, seconds: float,
-                on_reply: Callable[[dict[str, Any]], None] | None = None) -> Stats:
+                on_reply: Callable[[dict[str, Any]], None] | None = None, head: Headers | None = None) -> Stats:
     client = await LeanNatsClient.connect(nats_url)
     try:
-        return await closed_loop(client, subject, make, headers(), concurrency, seconds, on_reply)
+        return await closed_loop(client, subject, make, head or headers(), concurrency, seconds, on_reply)
     finally:
         await client.close()
 
 
-async def drive_rate(nats_url: str, subject: str, make: Callable[[int], Any], rate: float, seconds: float) -> Stats:
+async def drive_rate(nats_url: str, subject: str, make: Callable[[int], Any], rate: float, seconds: float,
+                     head: Headers | None = None) -> Stats:
     client = await LeanNatsClient.connect(nats_url)
     try:
-        return await open_loop(client, subject, make, headers(), rate, seconds)
+        return await open_loop(client, subject, make, head or headers(), rate, seconds)
     finally:
         await client.close()
 
