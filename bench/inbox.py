@@ -23,8 +23,10 @@ Then latency at a steady 500 commands/s for `--latency-seconds`: each command pu
 scheduled time (open loop), its latency the time from the publish to its result message; and the
 request/reply creates at the same rate side by side. Both load generators speak the NATS protocol
 through bench/nats_client.py's lean client (a JetStream publish is a request answered by the
-stream's ack), so the client's CPU is the same on both sides; the results are received with
-nats-py. The machine's load average is recorded before and after (the machine is shared).
+stream's ack), so the client's CPU is the same on both sides; the results are received by the
+same lean client's subscription (they were received with nats-py, several times the CPU per
+message, until 2026-12-07). The machine's load average is recorded before and after (the machine
+is shared).
 Results go to bench/results/<date>-<HHMM>-inbox/ (inbox.json, inbox.md).
 """
 
@@ -45,7 +47,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import nats
 import orjson
 import uvloop
 
@@ -68,11 +69,12 @@ class ResultWatcher:
         self.errors: dict[str, int] = {}
         self.changed = asyncio.Event()
 
-    async def on_message(self, message: Any) -> None:
-        key = (message.headers or {}).get("Idempotency-Key", "")
+    def on_message(self, head: bytes, body: bytes) -> None:
+        start = head.find(b"Idempotency-Key: ") + len(b"Idempotency-Key: ")
+        key = head[start : head.find(b"\r\n", start)].decode()
         self.arrived.setdefault(key, time.perf_counter())
-        if b'"error"' in message.data[:20]:
-            code = str(orjson.loads(message.data)["error"]["code"])
+        if b'"error"' in body[:20]:
+            code = str(orjson.loads(body)["error"]["code"])
             self.errors[code] = self.errors.get(code, 0) + 1
         self.changed.set()
 
@@ -95,9 +97,8 @@ def inbox_head(key: str) -> bytes:
 async def inbox_throughput(nats_url: str, count: int, tag: str) -> dict[str, Any]:
     """Publish `count` creates (IN_FLIGHT at a time) and time them to the last result."""
     watcher = ResultWatcher()
-    receiver = await nats.connect(nats_url)
-    await receiver.subscribe(RESULTS_SUBJECT, cb=watcher.on_message)
-    await receiver.flush()
+    receiver = await LeanNatsClient.connect(nats_url)
+    await receiver.subscribe(RESULTS_SUBJECT, watcher.on_message)
     client = await LeanNatsClient.connect(nats_url)
     keys = [f"{tag}-{i}" for i in range(count)]
     slots = asyncio.Semaphore(PUBLISH_IN_FLIGHT)
@@ -131,9 +132,8 @@ async def inbox_throughput(nats_url: str, count: int, tag: str) -> dict[str, Any
 async def backlog_drain(nats_url: str, pid: int, count: int, tag: str) -> dict[str, Any]:
     """Pause the service (SIGSTOP), publish `count` creates, resume it: time to the last result."""
     watcher = ResultWatcher()
-    receiver = await nats.connect(nats_url)
-    await receiver.subscribe(RESULTS_SUBJECT, cb=watcher.on_message)
-    await receiver.flush()
+    receiver = await LeanNatsClient.connect(nats_url)
+    await receiver.subscribe(RESULTS_SUBJECT, watcher.on_message)
     client = await LeanNatsClient.connect(nats_url)
     keys = [f"{tag}-{i}" for i in range(count)]
     slots = asyncio.Semaphore(PUBLISH_IN_FLIGHT)
@@ -159,9 +159,8 @@ async def backlog_drain(nats_url: str, pid: int, count: int, tag: str) -> dict[s
 async def inbox_latency(nats_url: str, rate: float, seconds: float, tag: str) -> dict[str, Any]:
     """Publish at a steady rate (open loop); latency = publish to result."""
     watcher = ResultWatcher()
-    receiver = await nats.connect(nats_url)
-    await receiver.subscribe(RESULTS_SUBJECT, cb=watcher.on_message)
-    await receiver.flush()
+    receiver = await LeanNatsClient.connect(nats_url)
+    await receiver.subscribe(RESULTS_SUBJECT, watcher.on_message)
     client = await LeanNatsClient.connect(nats_url)
     total = int(rate * seconds)
     keys = [f"{tag}-{i}" for i in range(total)]
