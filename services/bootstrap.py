@@ -73,6 +73,36 @@ class Servers:
     embedded: list[EmbeddedPostgres | EmbeddedNats] = field(default_factory=list)
 
 
+SLOW_STOP_S = 30.0
+
+
+async def stop_watched(part: str, stopping: Any) -> None:
+    """Await a part's stop; when it takes longer than SLOW_STOP_S, log once which part it is and
+    where every task of the loop waits (a stop that never ends is otherwise silent)."""
+    task = asyncio.ensure_future(stopping)
+    done, _ = await asyncio.wait({task}, timeout=SLOW_STOP_S)
+    if not done:
+        log.warning("a part is slow to stop", extra={"part": part, "waiting_s": SLOW_STOP_S, "tasks": task_stacks()})
+    await task
+
+
+def task_stacks() -> list[str]:
+    """Each task of the running loop: its name and the chain of awaits it is suspended in."""
+    described = []
+    for task in asyncio.all_tasks():
+        awaits: list[str] = []
+        awaited: Any = task.get_coro()
+        while awaited is not None and len(awaits) < 12:
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+            if frame is None:
+                awaits.append(type(awaited).__name__)  # a future, or a finished coroutine
+                break
+            awaits.append(f"{frame.f_code.co_name} ({frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno})")
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+        described.append(f"{task.get_name()}: {' -> '.join(awaits)}")
+    return described
+
+
 def resolve_servers(settings: Settings) -> Servers:
     """Configured URLs, or embedded servers under the data dir (started or adopted)."""
     embedded: list[EmbeddedPostgres | EmbeddedNats] = []
@@ -366,9 +396,9 @@ class Runtime:
         """Graceful: stop taking requests, answer those in flight, stop the parts, then the servers."""
         self._remove_endpoints()  # first: no client should find a service that is going away
         for component in reversed(self.components):
-            await component.stop()
+            await stop_watched(type(component).__name__, component.stop())
         if self.batcher is not None:
-            await self.batcher.stop()
+            await stop_watched("CommandBatcher", self.batcher.stop())
         if self.command_service is not None:
             await self.command_service.close()
         if self.broker is not None:
