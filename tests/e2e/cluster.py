@@ -192,8 +192,23 @@ class NatsCluster:
             node.start()
         wait_until(lambda: all(node.healthy() for node in self.nodes), timeout_s, "the NATS cluster healthy")
 
-    def wait_healthy(self, timeout_s: float = 30) -> None:
-        wait_until(lambda: all(node.healthy() for node in self.nodes if node.running), timeout_s, "NATS healthy")
+    def wait_healthy(self, timeout_s: float = 60) -> None:
+        """Every running node healthy: a restarted node catches up the replicated streams first,
+        which under load has taken more than 30 s on this machine."""
+
+        def healthy(node: NatsNode) -> bool:
+            try:
+                return node.healthy()
+            except httpx.HTTPError:  # restarting: its monitoring port not open yet
+                return False
+
+        def unhealthy() -> list[str]:
+            return [node.name for node in self.nodes if node.running and not healthy(node)]
+
+        try:
+            wait_until(lambda: not unhealthy(), timeout_s, "NATS healthy")
+        except TimeoutError:
+            raise TimeoutError(f"NATS not healthy after {timeout_s:g} s: {', '.join(unhealthy())}") from None
 
     def node_of_port(self, port: int) -> NatsNode | None:
         return next((node for node in self.nodes if node.client_port == port), None)
@@ -485,6 +500,16 @@ class RetryingLoad:
         assert self._nc is not None
         await self._nc.close()
         return self.report
+
+    async def abandon(self) -> None:
+        """After a failed test: stop at once and close the connection, so that no client of this
+        load goes on reconnecting (and logging) into the tests that follow. Idempotent."""
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._nc is not None and not self._nc.is_closed:
+            await self._nc.close()
 
     def acked_count(self) -> int:
         return len(self.report.acked)

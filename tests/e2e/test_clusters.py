@@ -186,6 +186,7 @@ async def test_killing_the_stream_leader_node_and_a_service_node_loses_and_repea
             f"{after_leader:.2f}s, after killing {victim.name} (a command process's node) {after_victim:.2f}s"
         )
     finally:
+        await load.abandon()
         for process in processes:
             process.stop()
         cluster.stop()
@@ -258,6 +259,7 @@ async def test_primary_failover_to_the_promoted_standby_without_a_restart(
                 assert version == 1 or (activity_id, version - 1) in events, (activity_id, version)
             await assert_every_activity_takes_a_patch(servers.nats_url, settings, token(), events)
     finally:
+        await load.abandon()
         for process in processes:
             process.stop()
         pair.stop()
