@@ -19,8 +19,9 @@ the throttle only acts on a rate worth throttling). A refused attempt is retried
 The ratio is 1.2, not the book's 2: here a refusal costs the service's machine about a quarter of
 what an accepted create costs (NATS carries the request and the reply, the service reads it and
 answers), so every request sent beyond what is accepted takes CPU from the accepted ones. At three
-times the maximum rate, five runs each (docs/performance.md, "Overload"): goodput 0.77x-0.84x the
-maximum with 1.2, 0.73x-0.79x with 1.5. The price of a small ratio is a slower climb when the
+times the maximum rate, single runs on one morning (docs/performance.md, "Overload"): goodput
+0.73x-0.84x the maximum with 1.2 (six runs, median 0.80x), 0.75x-0.79x with 1.5 (three runs,
+median 0.77x). The price of a small ratio is a slower climb when the
 service's capacity grows during an overload (another instance starting): the accepted rate can
 grow by about 4% a second with 1.2 and a 10 s window, against 9% with 1.5.
 """
