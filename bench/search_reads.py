@@ -563,9 +563,14 @@ def aim_of(name: str) -> float:
     return AIMS["q"] if name.startswith("q_") else AIMS["stats"] if is_stats(name) else AIMS["filter"]
 
 
+PREPARED_KEYS = ("seed", "size_before", "migration_4", "size_after_in_place", "derived_columns",
+                 "new_column_bytes", "size_after_compacted")
+
+
 def run(rows: int, seconds: float, per_class: int, compact: bool, only: list[str] | None,
-        tries: bool, save: Any) -> dict[str, Any]:
-    root = Path(tempfile.mkdtemp(prefix="activities-search-"))
+        tries: bool, save: Any, keep: Path | None = None) -> dict[str, Any]:
+    root = keep or Path(tempfile.mkdtemp(prefix="activities-search-"))
+    prepared = root / "prepared.json"  # with --keep: the seeded, migrated read model of an earlier run
     started = datetime.now(UTC)
     raw: dict[str, list[float]] = {}
     results: dict[str, Any] = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
@@ -573,34 +578,44 @@ def run(rows: int, seconds: float, per_class: int, compact: bool, only: list[str
                                "page_limit": PAGE, "loadavg": {"start": loadavg()}}
     try:
         with bench_servers(root) as servers:
-            url = servers.fresh_database()
+            if prepared.exists():
+                url = json.loads(prepared.read_text())["database_url"]
+            else:
+                url = servers.fresh_database()
             words = vocabulary()
             results["vocabulary"] = {"size": len(words), "top_20": words[:20], "zipf_s": 1.0}
-            progress(f"[1/6] read model with migrations 1-3 (and 8, whose column the projector's upsert writes); "
-                     f"seeding {rows} activities through the projector's upsert")
-            before_search = [m for m in MIGRATIONS if m.version in (1, 2, 3, 8)]
-            migrate(url, migrations=before_search, after_first=grant_reader)
-            results["seed"] = seed(url, rows, words)
-            results["loadavg"]["after_seed"] = loadavg()
-            progress("[2/6] sizes before migration 4")
-            with psycopg.connect(url, autocommit=True) as conn:
-                conn.execute("VACUUM (ANALYZE) activities")
-            results["size_before"] = sizes(url)
-            progress("[3/6] migration 4 in place (columns, trigger, backfill, indexes CONCURRENTLY)")
-            t0 = time.perf_counter()
-            applied = migrate(url, after_first=grant_reader)
-            results["migration_4"] = {"applied": applied, "elapsed_s": round(time.perf_counter() - t0, 1)}
-            with psycopg.connect(url, autocommit=True) as conn:
-                conn.execute("VACUUM (ANALYZE) activities")
-            results["size_after_in_place"] = sizes(url)
-            results["derived_columns"] = derived_check(url)
-            save(results)
-            results["new_column_bytes"] = column_bytes(url)
-            if compact:
-                t0 = time.perf_counter()
+            if prepared.exists():
+                progress(f"[1-3/6] reusing the read model prepared in {root}")
+                results.update({k: v for k, v in json.loads(prepared.read_text()).items() if k in PREPARED_KEYS})
+            else:
+                progress(f"[1/6] read model with migrations 1-3 (and 8, whose column the projector's upsert writes); "
+                         f"seeding {rows} activities through the projector's upsert")
+                before_search = [m for m in MIGRATIONS if m.version in (1, 2, 3, 8)]
+                migrate(url, migrations=before_search, after_first=grant_reader)
+                results["seed"] = seed(url, rows, words)
+                results["loadavg"]["after_seed"] = loadavg()
+                progress("[2/6] sizes before migration 4")
                 with psycopg.connect(url, autocommit=True) as conn:
-                    conn.execute("VACUUM (FULL, ANALYZE) activities")
-                results["size_after_compacted"] = {**sizes(url), "vacuum_full_s": round(time.perf_counter() - t0, 1)}
+                    conn.execute("VACUUM (ANALYZE) activities")
+                results["size_before"] = sizes(url)
+                progress("[3/6] migration 4 in place (columns, trigger, backfill, indexes CONCURRENTLY)")
+                t0 = time.perf_counter()
+                applied = migrate(url, after_first=grant_reader)
+                results["migration_4"] = {"applied": applied, "elapsed_s": round(time.perf_counter() - t0, 1)}
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute("VACUUM (ANALYZE) activities")
+                results["size_after_in_place"] = sizes(url)
+                results["derived_columns"] = derived_check(url)
+                save(results)
+                results["new_column_bytes"] = column_bytes(url)
+                if compact:
+                    t0 = time.perf_counter()
+                    with psycopg.connect(url, autocommit=True) as conn:
+                        conn.execute("VACUUM (FULL, ANALYZE) activities")
+                    results["size_after_compacted"] = {**sizes(url), "vacuum_full_s": round(time.perf_counter() - t0, 1)}
+                if keep:
+                    prepared.write_text(json.dumps({"database_url": url,
+                                                    **{k: results[k] for k in PREPARED_KEYS if k in results}}))
             progress(f"  derived columns: {results['derived_columns']}")
             classes = query_classes(words, rows, per_class)
             if only:
@@ -651,7 +666,8 @@ def run(rows: int, seconds: float, per_class: int, compact: bool, only: list[str
                 results["tried"] = try_changes(url, servers.nats_url, root, counted, seconds)
             results["loadavg"]["end"] = loadavg()
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if keep is None:
+            shutil.rmtree(root, ignore_errors=True)
     results["slowest_class"] = max(results["classes"], key=lambda n: results["classes"][n]["p99_ms"] / aim_of(n))
     return results
 
@@ -759,6 +775,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compact", action="store_true", help="skip VACUUM FULL after the migration")
     parser.add_argument("--no-tries", action="store_true", help="skip the changes tried after the measurement")
     parser.add_argument("--only", nargs="*", help="run only these classes")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep the servers' data in this directory and, when it already holds a prepared "
+                             "read model (an earlier --keep run), skip seeding and migrating (steps 1-3)")
     parser.add_argument("--out", default=None, help="results directory name (default <date-time>-search)")
     args = parser.parse_args(argv)
     started = datetime.now(UTC)
@@ -768,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
     def save(partial: dict[str, Any]) -> None:  # as it goes: a run cut short keeps what it measured
         (directory / "results.partial.json").write_text(json.dumps(partial, indent=2))
 
-    results = run(args.rows, args.seconds, args.per_class, not args.no_compact, args.only, not args.no_tries, save)
+    results = run(args.rows, args.seconds, args.per_class, not args.no_compact, args.only, not args.no_tries, save, args.keep)
     (directory / "results.partial.json").unlink(missing_ok=True)
     (directory / "results.json").write_text(json.dumps(results, indent=2))
     (directory / "results.md").write_text(report(results))

@@ -282,6 +282,85 @@ def search_query(words: Sequence[str]) -> str:
     return " & ".join(f"{word}:*" for word in words)
 
 
+SEARCH_PREFIX_CHARS: Final = 12
+"""The longest word prefix the prefix index holds (read-model migration 11): every prefix of 1 to
+12 characters of every word of the search text."""
+
+def prefix_lexemes(word: str) -> tuple[list[str], bool]:
+    """The prefix index's lexemes for a search word, and whether they find exactly its matches.
+
+    A word of letters and digits of at most SEARCH_PREFIX_CHARS characters is one lexeme, exact.
+    A longer word gives its first SEARCH_PREFIX_CHARS characters, and a word with `_` its parts
+    (the text search parser splits on `_`, making the word a phrase), each a superset of the word's
+    matches: the search vector's `word:*` then decides among them."""
+    parts = [part[:SEARCH_PREFIX_CHARS] for part in word.split("_") if part]
+    return parts, parts == [word]
+
+
+SEARCH_PREFIXES_SQL: Final = f"""
+CREATE OR REPLACE FUNCTION activities_search_prefixes(words tsvector) RETURNS tsvector
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE COST 1000 AS $prefixes$
+    SELECT array_to_tsvector(ARRAY(
+        SELECT left(word, n)
+        FROM unnest(tsvector_to_array(words)) AS word,
+            generate_series(1, least(length(word), {SEARCH_PREFIX_CHARS})) AS n
+    ))
+$prefixes$
+"""
+"""Every prefix (1 to SEARCH_PREFIX_CHARS characters) of every lexeme of a search vector, the
+lexemes of the prefix index: `pric` is then one exact lexeme of every text with `pricing`, where
+`pric:*` on the search vector unions the postings of every word it begins and rechecks each row.
+It takes 60-150 µs a row, so it must never be evaluated row by row: its COST (1000, 400 times
+`@@` on the stored vector) makes the planner combine the prefix index with another filter's
+index rather than check it on that index's rows, and build_list_sql keeps it out of sort-order
+walks. A higher COST made the planner start parallel workers for every search (3-4 ms each)."""
+
+
+def searches_by_prefix_index(words: Sequence[str]) -> bool:
+    """Whether the prefix index could serve a search of these words (one of them at least)."""
+    return any(prefix_lexemes(word)[0] for word in words)
+
+
+def plan_reads_search_index(plan: Any) -> bool:
+    """Whether a plan (EXPLAIN (FORMAT JSON) of a page with the search vector's condition) finds
+    the matches in the search index, rather than checking the rows of a walk in sort order: the
+    planner expects few matches, so the prefix index, which finds them exactly, serves better."""
+    nodes = list(plan) if isinstance(plan, list) else [plan]
+    while nodes:
+        node = nodes.pop()
+        if not isinstance(node, dict):
+            continue
+        if node.get("Node Type") == "Bitmap Index Scan" and "search @@" in str(node.get("Index Cond", "")):
+            return True
+        nodes += [node.get("Plan"), *node.get("Plans", [])]
+    return False
+
+
+def search_conditions(words: Sequence[str], prefix_index: bool) -> tuple[list[sql.Composable], list[Any]]:
+    """The WHERE terms of `q`: `search @@ 'w1:* & w2:*'`, the search vector's own condition, which
+    the planner can also check row by row while walking a sort index (a common word: 51 matches
+    are met soon); or, with `prefix_index`, the prefix index's lexemes of every word, and that
+    condition only for the words the lexemes do not find exactly (prefix_lexemes)."""
+    if not prefix_index:
+        return [sql.SQL("search @@ to_tsquery('simple', %s)")], [search_query(words)]
+    lexemes: dict[str, None] = {}
+    inexact: list[str] = []
+    for word in words:
+        found, exact = prefix_lexemes(word)
+        lexemes.update(dict.fromkeys(found))
+        if not exact:
+            inexact.append(word)
+    terms: list[sql.Composable] = []
+    params: list[Any] = []
+    if lexemes:
+        terms.append(sql.SQL("activities_search_prefixes(search) @@ to_tsquery('simple', %s)"))
+        params.append(" & ".join(lexemes))
+    if inexact:
+        terms.append(sql.SQL("search @@ to_tsquery('simple', %s)"))
+        params.append(search_query(inexact))
+    return terms, params
+
+
 def parse_filters(params: Params) -> tuple[dict[str, Any], bool]:
     """(the filters given, include_deleted): what a list and the stats select."""
     filters = {spec.name: parse_filter(spec, params) for spec in LIST_FILTERS}
@@ -586,7 +665,7 @@ FILTER_SQL: Final[dict[str, FilterSql]] = {
     "activity_date_to": _compare("activity_date", "<="),
     "updated_since": _compare("updated_at", ">="),
     "external_key": _equals("external_key"),
-    "q": lambda words: (sql.SQL("search @@ to_tsquery('simple', %s)"), [search_query(words)]),
+    "q": lambda words: _conjunction(*search_conditions(words, prefix_index=False)),
     "priority": _equals("priority"),
     "direction": _equals("direction"),
     "outcome": _equals("outcome"),
@@ -603,14 +682,22 @@ FILTER_SQL: Final[dict[str, FilterSql]] = {
 tests/unit/test_queries.py checks that every filter has one."""
 
 
-def list_filters(query: ListQuery) -> tuple[list[sql.Composable], list[Any]]:
-    """The WHERE terms of the list filters (without scope and keyset)."""
+def _conjunction(terms: list[sql.Composable], params: list[Any]) -> tuple[sql.Composable, list[Any]]:
+    return sql.SQL("({})").format(sql.SQL(" AND ").join(terms)), params
+
+
+def list_filters(query: ListQuery, prefix_index: bool = False) -> tuple[list[sql.Composable], list[Any]]:
+    """The WHERE terms of the list filters (without scope and keyset); `q` by the prefix index
+    with `prefix_index` (search_conditions)."""
     where: list[sql.Composable] = []
     params: list[Any] = []
     for spec in LIST_FILTERS:
         value = query.filters.get(spec.name)
         if value is not None:
-            condition, values = FILTER_SQL[spec.name](value)
+            if spec.name == "q":
+                condition, values = _conjunction(*search_conditions(value, prefix_index))
+            else:
+                condition, values = FILTER_SQL[spec.name](value)
             where.append(condition)
             params += values
     if not query.include_deleted:
@@ -620,7 +707,7 @@ def list_filters(query: ListQuery) -> tuple[list[sql.Composable], list[Any]]:
 
 
 def build_list_sql(
-    table: str, query: ListQuery, caller: Caller, after: Keyset | None = None
+    table: str, query: ListQuery, caller: Caller, after: Keyset | None = None, prefix_index: bool = False
 ) -> tuple[sql.Composed, list[Any]]:
     """One page (limit + 1 rows, to know whether there is a next page) as (statement, params).
 
@@ -631,21 +718,33 @@ def build_list_sql(
     17 ms keys first). After a keyset
     with a value on a nullable sort, the page is the union of two index ranges (the values
     further on, then the rows without one), each limited, then ordered and limited again.
+
+    With `prefix_index` (a search of rare words, see search_conditions), every match is taken
+    from the prefix index and then sorted: the matches are selected in a subquery of their own
+    (`OFFSET 0` keeps the planner from merging it), so the planner cannot walk a sort index
+    instead and compute the prefixes of each row it passes.
     """
     where, params = _scope(caller)
-    filters, filter_params = list_filters(query)
+    filters, filter_params = list_filters(query, prefix_index)
     where += filters
     params += filter_params
     rows = query.limit + 1
     ranges: list[tuple[list[sql.Composable], list[Any]]] = [([], [])]
     if after is not None:
         ranges = [([condition], values) for condition, values in _after(query.sort, after)]
+    page = (
+        "SELECT id, sort_value FROM (SELECT id, {sort} AS sort_value FROM {table} WHERE {where} OFFSET 0) AS matches "
+        "ORDER BY {sorted} LIMIT %s"
+        if prefix_index
+        else "SELECT id, {sort} AS sort_value FROM {table} WHERE {where} ORDER BY {order} LIMIT %s"
+    )
     pages = [
-        sql.SQL("SELECT id, {sort} AS sort_value FROM {table} WHERE {where} ORDER BY {order} LIMIT %s").format(
+        sql.SQL(page).format(
             sort=sql.Identifier(query.sort.field),
             table=table_identifier(table),
             where=sql.SQL(" AND ").join([*where, *conditions]),
             order=_order(query.sort),
+            sorted=_order(query.sort, sql.Identifier("sort_value")),
         )
         for conditions, _ in ranges
     ]
@@ -680,11 +779,14 @@ GROUP_BY_SQL: Final[dict[str, sql.Composable]] = {
 tests/unit/test_queries.py checks that every group has one."""
 
 
-def build_stats_sql(table: str, query: StatsQuery, caller: Caller) -> tuple[sql.Composed, list[Any]]:
+def build_stats_sql(
+    table: str, query: StatsQuery, caller: Caller, prefix_index: bool = False
+) -> tuple[sql.Composed, list[Any]]:
     """The counts of the caller's activities matching the filters, by `group_by`, as rows of `key`
-    and `count`: largest count first, ties by key (bytewise, as any client sorts strings), NULL last."""
+    and `count`: largest count first, ties by key (bytewise, as any client sorts strings), NULL last.
+    `prefix_index`: `q` by the prefix index, when it is there (a count reads every match anyway)."""
     where, params = _scope(caller)
-    filters, filter_params = list_filters(query.list_query())
+    filters, filter_params = list_filters(query.list_query(), prefix_index)
     statement = sql.SQL(
         "SELECT {key} AS key, count(*) AS count FROM {table} WHERE {where} "
         'GROUP BY 1 ORDER BY count(*) DESC, ({key}) COLLATE "C" ASC NULLS LAST'

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -59,7 +60,9 @@ from projections.queries import (
     parse_get_query,
     parse_list_query,
     parse_stats_query,
+    plan_reads_search_index,
     scoped_view,
+    searches_by_prefix_index,
 )
 from projections.read_model import READER_ROLE
 from services.application import ActivitiesApplication
@@ -72,6 +75,35 @@ log = logging.getLogger("activities.queries")
 POLL_INTERVAL_S: Final = 0.01
 OCCURRENCE_READ_ATTEMPTS: Final = 3
 NO_ROWS: Final = sql.SQL("SELECT 1 WHERE false")
+SEARCH_PLAN_TTL_S: Final = 60.0
+SEARCH_PLANS_KEPT: Final = 4096
+
+
+class SearchPlans:
+    """Which index each search reads, decided once a minute per search (its caller's scope, filters
+    and sort), so that the pages of one search and the same search repeated cost one EXPLAIN.
+
+    The planner chooses between walking a sort index, checking each row's search vector (right for
+    a common word: 51 matches are met soon), and finding every match in the search index first
+    (right for rare words). In the second case the prefix index (read-model migration 11) finds
+    the same rows exactly, without the search index's union of every word a prefix begins and
+    the recheck of each row: `page` then asks for it instead (projections.queries.build_list_sql)."""
+
+    def __init__(self, ttl_s: float = SEARCH_PLAN_TTL_S, kept: int = SEARCH_PLANS_KEPT) -> None:
+        self._ttl_s = ttl_s
+        self._kept = kept
+        self._plans: dict[Any, tuple[float, bool]] = {}
+
+    def get(self, key: Any) -> bool | None:
+        found = self._plans.get(key)
+        if found is None or found[0] < time.monotonic():
+            return None
+        return found[1]
+
+    def put(self, key: Any, by_prefix_index: bool) -> None:
+        if len(self._plans) >= self._kept:
+            self._plans.clear()  # plans are cheap to make again; a bound is what matters
+        self._plans[key] = (time.monotonic() + self._ttl_s, by_prefix_index)
 
 
 STORE_DISCONNECTED: Final = (psycopg.OperationalError, StoreOperationalError, StoreInterfaceError, OSError)
@@ -110,6 +142,8 @@ class ReadModel:
         self._advanced = asyncio.Condition()
         self._poller: asyncio.Task[None] | None = None
         self._waiters = 0
+        self._search_plans = SearchPlans()
+        self._prefix_index_checked = (-float("inf"), False)  # (when, whether the prefix index is usable)
 
     @staticmethod
     async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -257,7 +291,9 @@ class ReadModel:
         """(position, documents, next cursor) of one page; each document is its stored JSON text,
         which `orjson.dumps` writes into the reply as it is."""
         after = codec.decode(query.cursor, query, caller) if query.cursor else None
-        statement, params = build_list_sql(scoped_view(self.table, caller), query, caller, after)
+        view = scoped_view(self.table, caller)
+        prefix_index = await self._search_by_prefix_index(view, query, caller)
+        statement, params = build_list_sql(view, query, caller, after, prefix_index)
         position, rows = await self._fetch(statement, params, caller)
         next_cursor = None
         if len(rows) > query.limit:
@@ -265,9 +301,40 @@ class ReadModel:
             next_cursor = codec.encode(keyset_of(rows[-1], query.sort), query, caller)
         return position, [orjson.Fragment(row["document"]) for row in rows], next_cursor
 
+    async def _search_by_prefix_index(self, view: str, query: ListQuery, caller: Caller) -> bool:
+        """Whether a list's `q` reads the prefix index (SearchPlans): when the planner would find
+        the matches of the search vector's condition in its index."""
+        words = query.filters.get("q")
+        if not words or not searches_by_prefix_index(words) or not await self._prefix_index_usable():
+            return False
+        key = (caller.tenant_id, caller.app_id, orjson.dumps(query.binding(), option=orjson.OPT_SORT_KEYS))
+        decided = self._search_plans.get(key)
+        if decided is None:
+            statement, params = build_list_sql(view, query, caller)
+            _, rows = await self._fetch(sql.SQL("EXPLAIN (FORMAT JSON) {}").format(statement), params, caller)
+            decided = bool(rows) and plan_reads_search_index(rows[0]["QUERY PLAN"])
+            self._search_plans.put(key, decided)
+        return decided
+
+    async def _prefix_index_usable(self) -> bool:
+        """Whether the prefix index exists and is built (read-model migration 11 applied; not while
+        another process builds it), looked up once a minute."""
+        checked_at, usable = self._prefix_index_checked
+        if time.monotonic() - checked_at < SEARCH_PLAN_TTL_S:
+            return usable
+        _, rows = await self._fetch(
+            "SELECT i.indisvalid AS usable FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "WHERE c.relname = %s",
+            [f"{self.table}_search_prefixes"],
+        )
+        usable = bool(rows) and bool(rows[0]["usable"])
+        self._prefix_index_checked = (time.monotonic(), usable)
+        return usable
+
     async def stats(self, query: StatsQuery, caller: Caller) -> tuple[int, list[dict[str, Any]]]:
         """(position, counts): `{"key", "count"}` rows, largest count first."""
-        statement, params = build_stats_sql(scoped_view(self.table, caller), query, caller)
+        prefix_index = "q" in query.filters and await self._prefix_index_usable()
+        statement, params = build_stats_sql(scoped_view(self.table, caller), query, caller, prefix_index)
         position, rows = await self._fetch(statement, params, caller)
         return position, [{"key": row["key"], "count": int(row["count"])} for row in rows]
 

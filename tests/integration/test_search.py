@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from projections.queries import ListQuery, build_list_sql, scoped_view
+from projections.queries import ListQuery, StatsQuery, build_list_sql, build_stats_sql, scoped_view, search_words
 from services.bootstrap import Runtime
 from services.domain import Caller
 
@@ -116,3 +117,95 @@ async def test_search_and_the_new_filters_use_their_indexes_as_the_service_reads
     assert "activities_search" in plans["search"], plans["search"]
     assert "activities_participants" in plans["participant"], plans["participant"]
     assert "activities_priority" in plans["priority"], plans["priority"]
+
+
+def as_reader(conn: psycopg.Connection[Any], statement: sql.Composable, params: list[Any]) -> list[Any]:
+    """Rows of a statement read exactly as the service reads: the reader role, the caller's scope."""
+    with conn.transaction():
+        conn.execute("SET LOCAL activities.reader = 'on'")
+        conn.execute("SET LOCAL ROLE activities_reader")
+        conn.execute(
+            "SELECT set_config('activities.tenant_id', 'acme', true), set_config('activities.app_id', '', true)"
+        )
+        return conn.execute(statement, params).fetchall()
+
+
+TEXTS = [
+    {"subject": "Pricing call", "description": "talked about the e-mail budget"},
+    {"subject": "x1y found 2026 issues", "notes": "pi is 3.14, abc2026 and 2026abc"},
+    {"subject": "Ärger mit dem Budget", "description": "ÉTÉ Kick-off"},
+    {"subject": "snake_case_name here", "notes": "supercalifragilisticexpialidocious"},
+    {"subject": "Prices", "description": "a b c"},
+    {"subject": "nothing in common"},
+]
+SEARCHES = [
+    "p", "pr", "pric", "pricing", "prices", "PRICE", "x1", "x1y", "2026", "202", "3", "14", "ärg", "ÄRGER", "été",
+    "e", "mail", "e mail", "kick off", "snake", "snake_case", "snake_cas", "case_name", "supercalifra",
+    "supercalifragi", "supercalifragilisticexpialidociousness", "pric budget", "ricing", "a b", "budget x1y",
+    "abc2", "2026a", "abc2026", "snake_case_name", "_snake", "case_", "found_issues",
+    "supercalifragilisticexpialidocious",
+]
+
+
+async def test_the_prefix_index_finds_exactly_what_the_search_vector_finds(
+    runtime: Runtime, request_command: Send
+) -> None:
+    """Both shapes of `q` (the search vector's `word:*`, and the prefix index with it for the words
+    the index does not hold) select the same rows, for every kind of word: prefixes of 1 to 12
+    characters, longer words, digits, non-ASCII letters in any case, words the parser splits."""
+    assert runtime.servers is not None
+    position = 0
+    for body in TEXTS:
+        position = (await request_command("create", {"account_id": "acc_1", **body}))["meta"]["position"]
+    assert "data" in await request_command("list", {"min_position": position}, kind="query")
+    caller = Caller("acme", "usr-1")
+    found: dict[str, list[str]] = {}
+    with psycopg.connect(runtime.servers.database_url, autocommit=True) as conn:
+        for text in SEARCHES:
+            query = ListQuery(filters={"q": search_words("q", text)}, limit=100)
+            shapes = [build_list_sql(scoped_view("activities", caller), query, caller, prefix_index=by_index)
+                      for by_index in (False, True)]
+            by_vector, by_prefixes = ([row[0] for row in as_reader(conn, *shape)] for shape in shapes)
+            assert by_prefixes == by_vector, text
+            counts = [
+                as_reader(conn, *build_stats_sql(scoped_view("activities", caller),
+                                                 StatsQuery("type", filters=query.filters), caller, by_index))
+                for by_index in (False, True)
+            ]
+            assert counts[0] == counts[1] and sum(row[1] for row in counts[0]) == len(by_vector), text
+            found[text] = by_vector
+    assert len(found["pric"]) == 2 and len(found["p"]) == 3 and len(found["202"]) == 1  # the test finds things
+    assert found["ricing"] == [] and found["supercalifragilisticexpialidociousness"] == []
+    assert len(found["snake_cas"]) == 1 and len(found["supercalifragi"]) == 1 and len(found["été"]) == 1
+
+
+async def test_a_search_the_planner_would_find_in_the_search_index_reads_the_prefix_index(
+    runtime: Runtime, request_command: Send
+) -> None:
+    """The service asks the planner (EXPLAIN) how it would read the search vector's condition; when
+    it would find the matches in the search index (rare words), the list reads the prefix index."""
+    assert runtime.servers is not None
+    created = await request_command("create", {"account_id": "acc_plan", "subject": "Pricing", "participants": []})
+    at = {"min_position": created["meta"]["position"]}
+    assert "data" in await request_command("get", {"id": created["data"]["id"], **at}, kind="query")
+    with psycopg.connect(runtime.servers.database_url, autocommit=True) as conn:
+        conn.execute(CLONES, (created["data"]["id"],))
+        conn.execute("ANALYZE activities")
+
+        def prefix_index_scans() -> int:
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            row = conn.execute(
+                "SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = 'activities_search_prefixes'"
+            ).fetchone()
+            assert row is not None, "read-model migration 11 made the prefix index"
+            return int(row[0])
+
+        before = prefix_index_scans()
+        rare = await request_command("list", {"q": "pric", **at}, kind="query")
+        assert [d["subject"] for d in rare["data"]] == ["Pricing"]
+        deadline = asyncio.get_running_loop().time() + 20
+        while prefix_index_scans() == before and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)  # a backend reports its statistics when idle, within about 10 s
+        assert prefix_index_scans() > before
+        common = await request_command("list", {"q": "filler", "limit": 5, **at}, kind="query")
+        assert len(common["data"]) == 5
