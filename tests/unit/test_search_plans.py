@@ -13,7 +13,7 @@ from projections.queries import (
     StatsQuery,
     build_list_sql,
     build_stats_sql,
-    plan_reads_search_index,
+    plan_prefers_prefix_index,
     prefix_lexemes,
     search_conditions,
     searches_by_prefix_index,
@@ -113,6 +113,7 @@ WALK = {
             {
                 "Node Type": "Index Scan",
                 "Index Name": "activities_activity_date_desc",
+                "Plan Rows": 130554,
                 "Filter": "(search @@ '''which'':*'::tsquery)",
             }
         ],
@@ -123,11 +124,15 @@ OTHER_BITMAP = {
 }
 
 
-def test_the_plan_tells_whether_the_planner_finds_the_matches_in_the_search_index() -> None:
-    assert plan_reads_search_index([BITMAP]) is True
-    assert plan_reads_search_index([WALK]) is False  # a common word: the walk checks each row's vector
-    assert plan_reads_search_index([OTHER_BITMAP]) is False  # another index finds the rows
-    assert plan_reads_search_index([]) is False
+def test_the_plan_tells_whether_the_prefix_index_serves_the_search_better() -> None:
+    assert plan_prefers_prefix_index([BITMAP]) is True
+    assert plan_prefers_prefix_index([WALK]) is False  # a common word: the walk checks each row's vector
+    assert plan_prefers_prefix_index([OTHER_BITMAP]) is False  # another index finds the rows
+    assert plan_prefers_prefix_index([]) is False
+    # a walk the planner chose though it expects few matches in all: sorting them costs less
+    rare_walk = {"Plan": {**WALK["Plan"], "Plans": [{**WALK["Plan"]["Plans"][0], "Plan Rows": 2730}]}}
+    assert plan_prefers_prefix_index([rare_walk]) is True
+    assert plan_prefers_prefix_index([rare_walk], max_matches=2000) is False
 
 
 def test_search_plans_are_kept_for_their_time_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
