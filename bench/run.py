@@ -84,8 +84,8 @@ class BenchServers:
 
 
 @contextmanager
-def bench_servers(root: Path) -> Iterator[BenchServers]:
-    postgres = EmbeddedPostgres(root / "pg", fsync=True)
+def bench_servers(root: Path, shared_buffers: str | None = None) -> Iterator[BenchServers]:
+    postgres = EmbeddedPostgres(root / "pg", fsync=True, shared_buffers=shared_buffers)
     nats_server = EmbeddedNats(root / "nats", port=None)
     url = postgres.start()
     try:

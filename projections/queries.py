@@ -321,18 +321,35 @@ def searches_by_prefix_index(words: Sequence[str]) -> bool:
     return any(prefix_lexemes(word)[0] for word in words)
 
 
-PREFIX_INDEX_MATCHES: Final = 4000
-"""Up to this many expected matches a search reads the prefix index whatever the planner's choice:
-sorting every match by date then costs at most about 7 ms (1.6 µs a match, measured on 1,000,000
-activities), where a walk in date order checks 51 / (matches / rows) rows (13 ms for 2,700
-matches of 1,000,000, 0.7 µs a row), which the planner underrates with the heap in memory."""
+MATCHES_FIRST_ROWS: Final = 4000
+"""Up to this many expected matches, a page of a filter that an index finds exactly (`q`,
+`participant`, `tag`) is chosen among all its matches, found in that index, whatever the
+planner's choice: sorting them then costs at most about 7 ms (1.6 µs a match, measured on
+1,000,000 activities), where a walk in date order checks 51 / (matches / rows) rows (13 ms for
+2,700 matches of 1,000,000, 0.7 µs a row), which the planner underrates with the heap in memory."""
+
+MATCHES_FIRST_FILTERS: Final = ("q", "participant", "tag")
+"""The filters whose GIN index finds their matches exactly (`search` and the prefix index,
+`participant_ids`, `tags`)."""
+_MATCH_CONDITIONS: Final = ("search @@", "participant_ids @>", "tags @>")
 
 
-def plan_prefers_prefix_index(plan: Any, max_matches: int = PREFIX_INDEX_MATCHES) -> bool:
-    """Whether a page of a search, planned with the search vector's condition (EXPLAIN (FORMAT
-    JSON)), is better served by the prefix index: the planner would find the matches in the search
-    index (it expects few), or it would walk a sort index checking each row but expects at most
-    `max_matches` matches in all."""
+@dataclass(frozen=True)
+class ListPlan:
+    """How a page is read. `matches_first`: every match is selected apart (its GIN index finds
+    them), then sorted, instead of a walk of a sort index that checks each row; `prefix_index`
+    (with `matches_first` only): `q` by the prefix index (search_conditions)."""
+
+    matches_first: bool = False
+    prefix_index: bool = False
+
+
+def plan_prefers_matches_first(plan: Any, max_rows: int = MATCHES_FIRST_ROWS) -> bool:
+    """Whether a page planned as usual (EXPLAIN (FORMAT JSON)) is better read matches first: the
+    planner would find the matches in the search index (it expects few, and the prefix index finds
+    them exactly, without the union of every word a prefix begins and the recheck of each row), or
+    it would walk a sort index checking a GIN-indexed condition on each row though it expects at
+    most `max_rows` matches in all."""
     nodes = list(plan) if isinstance(plan, list) else [plan]
     while nodes:
         node = nodes.pop()
@@ -340,7 +357,9 @@ def plan_prefers_prefix_index(plan: Any, max_matches: int = PREFIX_INDEX_MATCHES
             continue
         if node.get("Node Type") == "Bitmap Index Scan" and "search @@" in str(node.get("Index Cond", "")):
             return True
-        if "search @@" in str(node.get("Filter", "")) and node.get("Plan Rows", max_matches + 1) <= max_matches:
+        checks = str(node.get("Filter", ""))
+        expected = node.get("Plan Rows", max_rows + 1)
+        if any(condition in checks for condition in _MATCH_CONDITIONS) and expected <= max_rows:
             return True
         nodes += [node.get("Plan"), *node.get("Plans", [])]
     return False
@@ -717,7 +736,7 @@ def list_filters(query: ListQuery, prefix_index: bool = False) -> tuple[list[sql
 
 
 def build_list_sql(
-    table: str, query: ListQuery, caller: Caller, after: Keyset | None = None, prefix_index: bool = False
+    table: str, query: ListQuery, caller: Caller, after: Keyset | None = None, plan: ListPlan = ListPlan()
 ) -> tuple[sql.Composed, list[Any]]:
     """One page (limit + 1 rows, to know whether there is a next page) as (statement, params).
 
@@ -729,13 +748,12 @@ def build_list_sql(
     with a value on a nullable sort, the page is the union of two index ranges (the values
     further on, then the rows without one), each limited, then ordered and limited again.
 
-    With `prefix_index` (a search of rare words, see search_conditions), every match is taken
-    from the prefix index and then sorted: the matches are selected in a subquery of their own
-    (`OFFSET 0` keeps the planner from merging it), so the planner cannot walk a sort index
-    instead and compute the prefixes of each row it passes.
+    With `plan.matches_first` the matches are selected in a subquery of their own (`OFFSET 0`
+    keeps the planner from merging it), then sorted: the planner cannot walk a sort index instead
+    (and, with `plan.prefix_index`, compute the prefixes of each row it passes).
     """
     where, params = _scope(caller)
-    filters, filter_params = list_filters(query, prefix_index)
+    filters, filter_params = list_filters(query, plan.matches_first and plan.prefix_index)
     where += filters
     params += filter_params
     rows = query.limit + 1
@@ -745,7 +763,7 @@ def build_list_sql(
     page = (
         "SELECT id, sort_value FROM (SELECT id, {sort} AS sort_value FROM {table} WHERE {where} OFFSET 0) AS matches "
         "ORDER BY {sorted} LIMIT %s"
-        if prefix_index
+        if plan.matches_first
         else "SELECT id, {sort} AS sort_value FROM {table} WHERE {where} ORDER BY {order} LIMIT %s"
     )
     pages = [

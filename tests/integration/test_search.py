@@ -8,7 +8,15 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from projections.queries import ListQuery, StatsQuery, build_list_sql, build_stats_sql, scoped_view, search_words
+from projections.queries import (
+    ListPlan,
+    ListQuery,
+    StatsQuery,
+    build_list_sql,
+    build_stats_sql,
+    scoped_view,
+    search_words,
+)
 from services.bootstrap import Runtime
 from services.domain import Caller
 
@@ -163,8 +171,8 @@ async def test_the_prefix_index_finds_exactly_what_the_search_vector_finds(
     with psycopg.connect(runtime.servers.database_url, autocommit=True) as conn:
         for text in SEARCHES:
             query = ListQuery(filters={"q": search_words("q", text)}, limit=100)
-            shapes = [build_list_sql(scoped_view("activities", caller), query, caller, prefix_index=by_index)
-                      for by_index in (False, True)]
+            view = scoped_view("activities", caller)
+            shapes = [build_list_sql(view, query, caller, plan=ListPlan(first, first)) for first in (False, True)]
             by_vector, by_prefixes = ([row[0] for row in as_reader(conn, *shape)] for shape in shapes)
             assert by_prefixes == by_vector, text
             counts = [

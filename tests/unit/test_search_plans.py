@@ -9,17 +9,18 @@ from psycopg import sql
 
 from projections.queries import (
     SEARCH_PREFIX_CHARS,
+    ListPlan,
     ListQuery,
     StatsQuery,
     build_list_sql,
     build_stats_sql,
-    plan_prefers_prefix_index,
+    plan_prefers_matches_first,
     prefix_lexemes,
     search_conditions,
     searches_by_prefix_index,
 )
 from services.domain import Caller
-from services.queries import SearchPlans
+from services.queries import ListPlans
 
 ACME = Caller("acme", "usr-1")
 
@@ -65,7 +66,7 @@ def test_search_conditions_keep_the_vector_condition_for_the_words_the_index_doe
 def test_a_list_by_the_prefix_index_selects_its_matches_apart_then_sorts_them() -> None:
     query = ListQuery(filters={"q": ("pric",), "owner_id": "usr-9"})
     walked, walked_params = build_list_sql("activities", query, ACME)
-    fenced, fenced_params = build_list_sql("activities", query, ACME, prefix_index=True)
+    fenced, fenced_params = build_list_sql("activities", query, ACME, plan=ListPlan(True, True))
     assert "search @@" in text(walked) and "OFFSET" not in text(walked)
     # the subquery with OFFSET 0 keeps the planner from walking the date index and computing the
     # prefixes of each row it passes: the index decides which rows match
@@ -125,20 +126,23 @@ OTHER_BITMAP = {
 
 
 def test_the_plan_tells_whether_the_prefix_index_serves_the_search_better() -> None:
-    assert plan_prefers_prefix_index([BITMAP]) is True
-    assert plan_prefers_prefix_index([WALK]) is False  # a common word: the walk checks each row's vector
-    assert plan_prefers_prefix_index([OTHER_BITMAP]) is False  # another index finds the rows
-    assert plan_prefers_prefix_index([]) is False
+    assert plan_prefers_matches_first([BITMAP]) is True
+    assert plan_prefers_matches_first([WALK]) is False  # a common word: the walk checks each row's vector
+    assert plan_prefers_matches_first([OTHER_BITMAP]) is False  # another index finds the rows
+    assert plan_prefers_matches_first([]) is False
     # a walk the planner chose though it expects few matches in all: sorting them costs less
     rare_walk = {"Plan": {**WALK["Plan"], "Plans": [{**WALK["Plan"]["Plans"][0], "Plan Rows": 2730}]}}
-    assert plan_prefers_prefix_index([rare_walk]) is True
-    assert plan_prefers_prefix_index([rare_walk], max_matches=2000) is False
+    assert plan_prefers_matches_first([rare_walk]) is True
+    assert plan_prefers_matches_first([rare_walk], max_rows=2000) is False
+    participant_walk = {"Plan": {**WALK["Plan"]["Plans"][0], "Plan Rows": 2904,
+                                 "Filter": "((NOT is_deleted) AND (participant_ids @> '{ctc_00038}'::text[]))"}}
+    assert plan_prefers_matches_first([participant_walk]) is True
 
 
 def test_search_plans_are_kept_for_their_time_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [1000.0]
     monkeypatch.setattr(time, "monotonic", lambda: now[0])
-    plans = SearchPlans(ttl_s=60, kept=2)
+    plans = ListPlans(ttl_s=60, kept=2)
     plans.put("a", True)
     assert plans.get("a") is True and plans.get("b") is None
     now[0] += 61
