@@ -60,14 +60,19 @@ from bench.read_side import QUERY_CONCURRENCY, settle
 from bench.run import RESULTS, SECRET, bench_servers, machine, peak_rss_mb, progress, service
 from projections.migrations import MIGRATIONS, migrate
 from projections.queries import (
+    MATCHES_FIRST_FILTERS,
     READ_MODEL_TABLE,
+    ListPlan,
     build_list_sql,
     build_stats_sql,
     build_upsert_sql,
     params_from_pairs,
     parse_list_query,
     parse_stats_query,
+    plan_prefers_matches_first,
     scoped_view,
+    search_words,
+    searches_by_prefix_index,
 )
 from projections.read_model import READER_ROLE, grant_reader
 from services.auth import mint_token
@@ -380,14 +385,30 @@ def is_stats(name: str) -> bool:
     return name.startswith("stats")
 
 
-def statement(name: str, params: dict[str, str]) -> tuple[Any, list[Any]]:
-    """The SQL the service runs for a request of the class (the same builders, the same caller)."""
+def statement(name: str, params: dict[str, str], plan: ListPlan | None = None) -> tuple[Any, list[Any]]:
+    """The SQL of a request of the class (the same builders, the same caller), read as `plan` says
+    (stats: `q` by the prefix index when `plan.prefix_index`)."""
     caller = Caller(TENANT, "usr-bench")
     pairs = params_from_pairs(params.items())
     view = scoped_view(READ_MODEL_TABLE, caller)
+    plan = plan or ListPlan()
     if is_stats(name):
-        return build_stats_sql(view, parse_stats_query(pairs), caller)
-    return build_list_sql(view, parse_list_query({**pairs, "limit": [str(PAGE)]}), caller)
+        return build_stats_sql(view, parse_stats_query(pairs), caller, plan.prefix_index)
+    return build_list_sql(view, parse_list_query({**pairs, "limit": [str(PAGE)]}), caller, plan=plan)
+
+
+def service_plan(conn: psycopg.Connection[Any], name: str, params: dict[str, str]) -> ListPlan:
+    """How the service reads the request (services/queries.py, ReadModel._list_plan): the usual
+    statement's plan says whether matches first, and `q` then reads the prefix index."""
+    words = search_words("q", params["q"]) if "q" in params else None
+    if is_stats(name):
+        return ListPlan(prefix_index=bool(words))
+    if not any(key in params for key in MATCHES_FIRST_FILTERS):
+        return ListPlan()
+    query, values = statement(name, params)
+    row = conn.execute(f"EXPLAIN (FORMAT JSON) {psycopg.ClientCursor(conn).mogrify(query, values)}").fetchone()
+    first = row is not None and plan_prefers_matches_first(row[0])
+    return ListPlan(first, first and bool(words) and searches_by_prefix_index(words or ()))
 
 
 def matches(database_url: str, name: str, params: dict[str, str]) -> int:
@@ -402,15 +423,17 @@ def matches(database_url: str, name: str, params: dict[str, str]) -> int:
 
 def explain(database_url: str, name: str, params: dict[str, str], as_reader: bool = True) -> str:
     """EXPLAIN (ANALYZE, BUFFERS) of the request's statement as the service runs it: the reader
-    role, the caller's scope set in the transaction, the parameters bound on the client
+    role, no parallel workers, the caller's scope set in the transaction, the plan it chooses
+    (service_plan), the parameters bound on the client
     (`as_reader=False`: as the superuser, whom row-level security does not bind, for comparison)."""
-    query, values = statement(name, params)
     with psycopg.connect(database_url) as conn:
         if as_reader:
             conn.execute("SET activities.reader = 'on'")
             conn.execute(f"SET ROLE {READER_ROLE}")
+        conn.execute("SET max_parallel_workers_per_gather = 0")  # as the service's readers
         conn.execute("SELECT set_config('activities.tenant_id', %s, true), set_config('activities.app_id', '', true)",
                      (TENANT,))
+        query, values = statement(name, params, service_plan(conn, name, params))
         text = psycopg.ClientCursor(conn).mogrify(query, values)
         rows = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS) {text}").fetchall()
         conn.rollback()
