@@ -135,8 +135,12 @@ class ReadModelRecorder(PostgresTrackingRecorder):
                 curs.execute("SET LOCAL max_parallel_maintenance_workers = 0")  # the parallelism is ours
                 curs.execute(sql.SQL(statement))
 
+        builds = [statement for statement in self.index_statements if statement.upper().startswith("CREATE INDEX")]
         with ThreadPoolExecutor(workers, thread_name_prefix="rebuild-index") as pool:
-            list(pool.map(build, self.index_statements))
+            list(pool.map(build, builds))
+        for statement in self.index_statements:  # the built indexes' settings (migrations' after_indexes)
+            if statement not in builds:
+                build(statement)
 
     def create_table(self) -> None:
         """A new table (a rebuild's copy aside, a test's) with every migration. The live table is
