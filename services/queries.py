@@ -77,6 +77,9 @@ log = logging.getLogger("activities.queries")
 POLL_INTERVAL_S: Final = 0.01
 OCCURRENCE_READ_ATTEMPTS: Final = 3
 NO_ROWS: Final = sql.SQL("SELECT 1 WHERE false")
+READ_LOCK_TIMEOUT: Final = "100ms"
+READ_LOCK_WAITS: Final = 8
+READ_LOCK_PAUSE_S: Final = 0.02
 SEARCH_PLAN_TTL_S: Final = 60.0
 SEARCH_PLANS_KEPT: Final = 4096
 
@@ -157,6 +160,7 @@ class ReadModel:
         set_json_loads(orjson.loads, conn)
         await conn.execute("SET activities.reader = 'on'")
         await conn.execute("SET max_parallel_workers_per_gather = 0")
+        await conn.execute(f"SET lock_timeout = '{READ_LOCK_TIMEOUT}'")  # see _fetch
         with contextlib.suppress(psycopg.Error):  # no such role, or not allowed: FORCE RLS binds the owner
             await conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(READER_ROLE)))
 
@@ -203,21 +207,31 @@ class ReadModel:
 
         Connections are not checked when they leave the pool (a round trip per read): a read on a
         connection that broke since its last use (PostgreSQL restarted) is retried once, on a
-        fresh one."""
+        fresh one. A read that waited READ_LOCK_TIMEOUT for a lock (a rebuild switching the table,
+        a migration's DDL) gives up its locks and is tried again after a pause: waiting on, it
+        could hold the view's lock that the switch needs next, a deadlock PostgreSQL breaks only
+        after a second (`deadlock_timeout`), failing one side."""
         await self.open()
-        for attempt in range(2):
+        reconnected = False
+        for lock_wait in range(READ_LOCK_WAITS):
             try:
                 async with self._pool.connection() as conn:
                     try:
                         return await self._read(conn, statement, params, caller)
-                    except psycopg.OperationalError:
-                        if attempt == 0 and conn.broken:
-                            # the others may be dead too (a failover): check the idle ones first
-                            await self._pool.check()
-                            continue
+                    except psycopg.errors.LockNotAvailable:
                         raise
+                    except psycopg.OperationalError:
+                        if reconnected or not conn.broken:
+                            raise
+                    # the others may be dead too (a failover): check the idle ones first
+                    reconnected = True
+                    await self._pool.check()
+                    continue
             except psycopg.errors.UndefinedTable:
                 return 0, []  # the projector has not created the read model yet: nothing is there
+            except psycopg.errors.LockNotAvailable:
+                await asyncio.sleep(READ_LOCK_PAUSE_S * (lock_wait + 1))  # the table is being switched
+                continue
             except (psycopg.OperationalError, PoolTimeout) as exc:
                 raise Unavailable("the read model is unavailable; retry") from exc
         raise Unavailable("the read model is unavailable; retry")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -288,3 +289,34 @@ async def test_projections_status(
     assert await asyncio.get_running_loop().run_in_executor(None, main, ["projections", "status"]) == 0
     text = capsys.readouterr().out
     assert "lag: 1" in text and "rows: 3" in text
+
+
+async def test_a_read_waiting_on_a_switch_gives_its_locks_up_instead_of_deadlocking(
+    runtime: Runtime, request_command: Send
+) -> None:
+    """A rebuild's switch locks the live table, then drops it with the views that depend on it. A
+    read that arrives meanwhile has locked its view and waits for the table: the switch then waits
+    for the read, a deadlock PostgreSQL breaks only after `deadlock_timeout` (1 s) by failing one
+    side. A read gives up after READ_LOCK_TIMEOUT instead, releasing its view, and is tried again
+    once the switch is done: the switch waits about that long, and the read is answered."""
+    assert runtime.servers is not None
+    created = await request_command("create", {"account_id": "acc_switch"})
+    at = {"account_id": "acc_switch", "min_position": created["meta"]["position"]}
+    assert len((await request_command("list", at, kind="query"))["data"]) == 1
+    loop = asyncio.get_running_loop()
+    with psycopg.connect(runtime.servers.database_url) as switch:
+        switch.execute("LOCK TABLE activities IN ACCESS EXCLUSIVE MODE")  # as _switch does first
+        read = asyncio.ensure_future(request_command("list", at, kind="query"))
+        await asyncio.sleep(0.3)  # the read has locked its view and waits for the table
+
+        def lock_the_view() -> float:
+            started = time.perf_counter()
+            switch.execute("LOCK TABLE activities_of_tenant IN ACCESS EXCLUSIVE MODE")  # as the drop does
+            return time.perf_counter() - started
+
+        waited = await loop.run_in_executor(None, lock_the_view)
+        await asyncio.sleep(0.2)
+        switch.commit()
+    reply = await read
+    assert waited < 0.5, f"the switch waited {waited:.3f} s for the read's view lock"
+    assert [d["account_id"] for d in reply["data"]] == ["acc_switch"], reply
