@@ -320,6 +320,17 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         # held a rebuild's switch for a second. Reads decide from `search`'s statistics instead.
         after_indexes=("ALTER INDEX {table}_search_prefixes ALTER COLUMN 1 SET STATISTICS 0",),
     ),
+    Migration(
+        12,
+        "a covering date index for the participant filter (its walks read the index alone)",
+        concurrent=(
+            # A contact in 0.3% of the activities: a walk of the date index checks 17,000 rows for
+            # a page, each a heap page (12 ms); in this index each is an index tuple.
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {table}_participants_by_date ON {table} "
+            "(tenant_id, activity_date DESC NULLS LAST, id DESC) "
+            "INCLUDE (app_id, is_deleted, is_erased, participant_ids)",
+        ),
+    ),
 )
 """Every migration, in order. Append; never edit one that has shipped."""
 
