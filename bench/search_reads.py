@@ -63,13 +63,15 @@ from projections.queries import (
     MATCHES_FIRST_FILTERS,
     READ_MODEL_TABLE,
     ListPlan,
+    PlannedList,
+    Sort,
     build_list_sql,
+    build_sort_span_sql,
     build_stats_sql,
     build_upsert_sql,
     params_from_pairs,
     parse_list_query,
     parse_stats_query,
-    plan_prefers_matches_first,
     scoped_view,
     search_words,
     searches_by_prefix_index,
@@ -398,8 +400,9 @@ def statement(name: str, params: dict[str, str], plan: ListPlan | None = None) -
 
 
 def service_plan(conn: psycopg.Connection[Any], name: str, params: dict[str, str]) -> ListPlan:
-    """How the service reads the request (services/queries.py, ReadModel._list_plan): the usual
-    statement's plan says whether matches first, and `q` then reads the prefix index."""
+    """How the service reads the request (services/queries.py, ReadModel._list_plan, with the same
+    PlannedList): the usual statement's plan says whether matches first and in which windows,
+    and `q` then reads the prefix index. `conn` reads as the caller (explain)."""
     words = search_words("q", params["q"]) if "q" in params else None
     if is_stats(name):
         return ListPlan(prefix_index=bool(words))
@@ -407,8 +410,12 @@ def service_plan(conn: psycopg.Connection[Any], name: str, params: dict[str, str
         return ListPlan()
     query, values = statement(name, params)
     row = conn.execute(f"EXPLAIN (FORMAT JSON) {psycopg.ClientCursor(conn).mogrify(query, values)}").fetchone()
-    first = row is not None and plan_prefers_matches_first(row[0])
-    return ListPlan(first, first and bool(words) and searches_by_prefix_index(words or ()))
+    planned = PlannedList.from_plan(row[0] if row else None)
+    if planned.needs_span:
+        caller = Caller(TENANT, "usr-bench")
+        span = conn.execute(*build_sort_span_sql(scoped_view(READ_MODEL_TABLE, caller), Sort(), caller)).fetchone()
+        planned = planned.with_span(*span) if span else planned
+    return planned.plan(PAGE + 1, bool(words) and searches_by_prefix_index(words or ()))
 
 
 def matches(database_url: str, name: str, params: dict[str, str]) -> int:
@@ -495,6 +502,26 @@ async def run_class(http_url: str, name: str, queries: list[dict[str, str]], sec
         "cpu_steal_share": round((steal_1 - steal_0) / max(1, ticks_1 - ticks_0), 4),
         "_latencies": latencies,
     }
+
+
+NEXT_PAGE_SUFFIX: Final = "_next_page"
+"""A class named `<class>_next_page` asks for the second page of each of its class's queries
+(the cursor its first page returned): a page after a keyset."""
+
+
+async def next_pages(http_url: str, queries: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Each query with the `cursor` of its first page (queries with one page only dropped)."""
+    http = KeepAliveClient(http_url, {"Authorization": f"Bearer {mint_token(SECRET, TENANT, 'usr-bench')}"})
+    out = []
+    for params in queries:
+        status, body = await http.get(LIST, {**params, "limit": PAGE})
+        if status != 200:
+            raise RuntimeError(f"{params}: HTTP {status} {body[:300]!r}")
+        cursor = orjson.loads(body)["meta"].get("next_cursor")
+        if cursor:
+            out.append({**params, "cursor": cursor})
+    await http.close()
+    return out
 
 
 async def returned_rows(http_url: str, name: str, queries: list[dict[str, str]]) -> list[int]:
@@ -659,6 +686,8 @@ def run(rows: int, seconds: float, per_class: int, compact: bool, only: list[str
                 if name == "q_rare_word":
                     kept = kept[:per_class]
                 counted[name] = kept
+            if "q_rare_word" in counted and (not only or f"q_rare_word{NEXT_PAGE_SUFFIX}" in only):
+                counted[f"q_rare_word{NEXT_PAGE_SUFFIX}"] = counted["q_rare_word"]
             settle(url)
             results["loadavg"]["before_queries"] = loadavg()
             progress("[5/6] the service over HTTP, 4 in flight per class")
@@ -667,6 +696,9 @@ def run(rows: int, seconds: float, per_class: int, compact: bool, only: list[str
                 http_url = endpoints["http_url"]
                 for name, kept in counted.items():
                     queries: list[dict[str, str]] = [k["params"] for k in kept]
+                    if name.endswith(NEXT_PAGE_SUFFIX):
+                        queries = uvloop.run(next_pages(http_url, queries))
+                        kept = [k for k in kept if k["params"] in [{"q": q["q"]} for q in queries]]
                     returned = uvloop.run(returned_rows(http_url, name, queries))
                     point = uvloop.run(run_class(http_url, name, queries, seconds))
                     point["queries"] = [{**k, "returned": r, "median_ms": m, "p99_ms": p}

@@ -49,12 +49,14 @@ from projections.queries import (
     ListPlan,
     ListQuery,
     Params,
+    PlannedList,
     StatsQuery,
     build_get_by_key_sql,
     build_get_sql,
     build_history_sql,
     build_list_sql,
     build_position_sql,
+    build_sort_span_sql,
     build_stats_sql,
     keyset_of,
     params_from_json,
@@ -62,7 +64,6 @@ from projections.queries import (
     parse_get_query,
     parse_list_query,
     parse_stats_query,
-    plan_prefers_matches_first,
     scoped_view,
     searches_by_prefix_index,
 )
@@ -93,23 +94,26 @@ class ListPlans:
     common: 51 are met soon), and finding every match in the GIN index first, then sorting (right
     for rare ones). `projections.queries.plan_prefers_matches_first` corrects its choice where it
     walks though it expects few matches, and reads `q` by the prefix index (read-model migration
-    11) where it would read the search index, which finds the same rows more slowly."""
+    11) where it would read the search index, which finds the same rows more slowly. Matches
+    first, a list of a thousand matches or more is read in windows of its sort value
+    (sort_windows), sized from the planner's expected matches and the scope's span of values,
+    which a new activity may pass within the minute: the last window is open."""
 
     def __init__(self, ttl_s: float = SEARCH_PLAN_TTL_S, kept: int = SEARCH_PLANS_KEPT) -> None:
         self._ttl_s = ttl_s
         self._kept = kept
-        self._plans: dict[Any, tuple[float, bool]] = {}
+        self._plans: dict[Any, tuple[float, PlannedList]] = {}
 
-    def get(self, key: Any) -> bool | None:
+    def get(self, key: Any) -> PlannedList | None:
         found = self._plans.get(key)
         if found is None or found[0] < time.monotonic():
             return None
         return found[1]
 
-    def put(self, key: Any, matches_first: bool) -> None:
+    def put(self, key: Any, planned: PlannedList) -> None:
         if len(self._plans) >= self._kept:
             self._plans.clear()  # plans are cheap to make again; a bound is what matters
-        self._plans[key] = (time.monotonic() + self._ttl_s, matches_first)
+        self._plans[key] = (time.monotonic() + self._ttl_s, planned)
 
 
 STORE_DISCONNECTED: Final = (psycopg.OperationalError, StoreOperationalError, StoreInterfaceError, OSError)
@@ -156,7 +160,7 @@ class ReadModel:
         """Every read-model connection is a scoped reader (row-level security, schema.sql), and
         plans without parallel workers: reads are many small queries side by side, and starting
         two workers (1-3 ms) cost a search of rare words more than they saved (10.3 against 3.7 ms
-        for 2,700 matches of 1,000,000)."""
+        for 2,700 matches of 1,000,000). Lists read in windows rely on it too (build_list_sql)."""
         set_json_loads(orjson.loads, conn)
         await conn.execute("SET activities.reader = 'on'")
         await conn.execute("SET max_parallel_workers_per_gather = 0")
@@ -324,21 +328,30 @@ class ReadModel:
 
     async def _list_plan(self, view: str, query: ListQuery, caller: Caller) -> ListPlan:
         """How a list is read (ListPlans): matches first when the planner's plan for it says so
-        (plan_prefers_matches_first), and then `q` by the prefix index when it is built."""
+        (plan_prefers_matches_first), then `q` by the prefix index when it is built, and in windows
+        of the sort value when it expects many matches."""
         if not any(name in query.filters for name in MATCHES_FIRST_FILTERS):
             return ListPlan()
         key = (caller.tenant_id, caller.app_id, orjson.dumps(query.binding(), option=orjson.OPT_SORT_KEYS))
-        matches_first = self._list_plans.get(key)
-        if matches_first is None:
-            statement, params = build_list_sql(view, query, caller)
-            _, rows = await self._fetch(sql.SQL("EXPLAIN (FORMAT JSON) {}").format(statement), params, caller)
-            matches_first = bool(rows) and plan_prefers_matches_first(rows[0]["QUERY PLAN"])
-            self._list_plans.put(key, matches_first)
+        planned = self._list_plans.get(key)
+        if planned is None:
+            planned = await self._plan_list(view, query, caller)
+            self._list_plans.put(key, planned)
         words = query.filters.get("q")
         prefix_index = bool(
-            matches_first and words and searches_by_prefix_index(words) and await self._prefix_index_usable()
+            planned.matches_first and words and searches_by_prefix_index(words) and await self._prefix_index_usable()
         )
-        return ListPlan(matches_first, prefix_index)
+        return planned.plan(query.limit + 1, prefix_index)
+
+    async def _plan_list(self, view: str, query: ListQuery, caller: Caller) -> PlannedList:
+        statement, params = build_list_sql(view, query, caller)
+        _, rows = await self._fetch(sql.SQL("EXPLAIN (FORMAT JSON) {}").format(statement), params, caller)
+        planned = PlannedList.from_plan(rows[0]["QUERY PLAN"] if rows else None)
+        if not planned.needs_span:
+            return planned
+        span_sql, span_params = build_sort_span_sql(view, query.sort, caller)
+        _, span = await self._fetch(span_sql, span_params, caller)
+        return planned.with_span(span[0]["first"], span[0]["last"]) if span else planned
 
     async def _prefix_index_usable(self) -> bool:
         """Whether the prefix index exists and is built (read-model migration 11 applied; not while

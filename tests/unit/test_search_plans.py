@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from psycopg import sql
 
 from projections.queries import (
     SEARCH_PREFIX_CHARS,
+    WINDOW_GROWTH,
+    WINDOW_MAX_SHARE,
+    WINDOW_PAGES,
+    WINDOWS_MIN_MATCHES,
+    Keyset,
     ListPlan,
     ListQuery,
+    PlannedList,
+    Sort,
     StatsQuery,
     build_list_sql,
+    build_sort_span_sql,
     build_stats_sql,
+    expected_matches,
     plan_prefers_matches_first,
     prefix_lexemes,
     search_conditions,
     searches_by_prefix_index,
+    sort_windows,
 )
 from services.domain import Caller
 from services.queries import ListPlans
@@ -147,11 +158,93 @@ def test_search_plans_are_kept_for_their_time_and_bounded(monkeypatch: pytest.Mo
     now = [1000.0]
     monkeypatch.setattr(time, "monotonic", lambda: now[0])
     plans = ListPlans(ttl_s=60, kept=2)
-    plans.put("a", True)
-    assert plans.get("a") is True and plans.get("b") is None
+    first, walk = PlannedList(True, 3000.0), PlannedList(False)
+    plans.put("a", first)
+    assert plans.get("a") is first and plans.get("b") is None
     now[0] += 61
     assert plans.get("a") is None  # decided again once a minute: the statistics move
-    plans.put("a", False)
-    plans.put("b", True)
-    plans.put("c", True)  # over the bound: the kept plans are dropped, not grown without end
-    assert plans.get("a") is None and plans.get("c") is True
+    plans.put("a", walk)
+    plans.put("b", first)
+    plans.put("c", first)  # over the bound: the kept plans are dropped, not grown without end
+    assert plans.get("a") is None and plans.get("c") is first
+
+
+def test_the_expected_matches_are_the_rows_under_the_pages_limit() -> None:
+    assert expected_matches([WALK]) == 130554
+    sorted_matches = {"Plan": {"Node Type": "Nested Loop", "Plans": [
+        {"Node Type": "Limit", "Plan Rows": 51, "Plans": [{"Node Type": "Sort", "Plan Rows": 2499}]}]}}
+    assert expected_matches([sorted_matches]) == 2499
+    assert expected_matches([OTHER_BITMAP]) is None and expected_matches([]) is None
+
+
+NEWEST = datetime(2026, 12, 1, tzinfo=UTC)
+OLDEST = NEWEST - timedelta(days=1000)
+
+
+def test_windows_are_sized_from_the_expected_matches_and_the_span() -> None:
+    # 5,100 matches over 1,000 days: the first window holds two pages (102 rows) if spread evenly
+    ends = sort_windows(NEWEST, OLDEST, 5100.0, 51)
+    first_share = WINDOW_PAGES * 51 / 5100
+    assert ends[0] == timedelta(days=1000) * first_share
+    assert ends[1] == ends[0] * WINDOW_GROWTH
+    assert all(end <= timedelta(days=1000) * WINDOW_MAX_SHARE for end in ends) and len(ends) == 2
+    assert sort_windows(OLDEST, NEWEST, 5100.0, 51) == ends  # ascending: the same widths
+    # too few matches (their heap pages cost what a window would), no span, or a page too big
+    assert sort_windows(NEWEST, OLDEST, WINDOWS_MIN_MATCHES - 1.0, 51) == ()
+    assert sort_windows(None, None, 5100.0, 51) == ()
+    assert sort_windows(NEWEST, OLDEST, 5100.0, 300) == ()  # the first window would span 12% of the values
+
+
+def test_a_planned_list_needs_the_span_only_for_windows() -> None:
+    assert PlannedList.from_plan([WALK]) == PlannedList(False)
+    assert PlannedList.from_plan(None) == PlannedList(False)
+    many = PlannedList(True, 5100.0)
+    assert many.needs_span and not PlannedList(True, 900.0).needs_span and not PlannedList(False).needs_span
+    plan = many.with_span(NEWEST, OLDEST).plan(51, True)
+    assert plan == ListPlan(True, True, sort_windows(NEWEST, OLDEST, 5100.0, 51), NEWEST)
+    assert PlannedList(False).plan(51, True) == ListPlan()
+    assert PlannedList(True, 900.0).plan(51, False) == ListPlan(True, False)
+
+
+def test_the_span_is_two_probes_of_the_sort_index() -> None:
+    statement, params = build_sort_span_sql("activities", Sort("due_date", descending=True), ACME)
+    assert text(statement) == (
+        'SELECT max("due_date") AS first, min("due_date") AS last FROM "activities" WHERE tenant_id = %s'
+    )
+    assert params == ["acme"]
+    ascending, _ = build_sort_span_sql("activities", Sort("created_at", descending=False), ACME)
+    assert text(ascending).startswith('SELECT min("created_at") AS first, max("created_at") AS last')
+
+
+def test_a_list_in_windows_reads_them_in_sort_order_and_stops_at_its_limit() -> None:
+    query = ListQuery(filters={"q": ("pric",)})
+    ends = (timedelta(days=2), timedelta(days=8))
+    statement, params = build_list_sql("activities", query, ACME, plan=ListPlan(True, True, ends, NEWEST))
+    sql_text = text(statement)
+    # three windows, the rest last and open to rows without a date; under one LIMIT, no ORDER BY
+    assert sql_text.count("OFFSET 0) AS matches") == 3
+    assert 'NOT is_erased AND "activity_date" > %s OFFSET 0)' in sql_text
+    assert 'NOT is_erased AND "activity_date" > %s AND NOT "activity_date" > %s OFFSET 0)' in sql_text
+    assert '("activity_date" > %s) IS NOT TRUE' in sql_text
+    assert ") AS windows LIMIT %s) AS page" in sql_text and "AS ranges" not in sql_text
+    edges = [value for value in params if isinstance(value, datetime)]
+    assert edges == [NEWEST - ends[0], NEWEST - ends[1], NEWEST - ends[0], NEWEST - ends[1]]
+    assert params[-1] == 51
+    # a next page counts its windows from its keyset
+    after = Keyset((NEWEST - timedelta(days=100)).isoformat(), "act_x")
+    _, next_params = build_list_sql("activities", query, ACME, after, ListPlan(True, True, ends, NEWEST))
+    start = NEWEST - timedelta(days=100)
+    assert [v for v in next_params if isinstance(v, datetime)] == [start - ends[0], start - ends[1], start - ends[0],
+                                                                   start - ends[1]]
+    # ascending: the windows go up from the start
+    up = ListQuery(filters={"q": ("pric",)}, sort=Sort("activity_date", descending=False))
+    up_statement, up_params = build_list_sql("activities", up, ACME, plan=ListPlan(True, True, ends[:1], OLDEST))
+    assert '"activity_date" < %s' in text(up_statement) and '("activity_date" < %s) IS NOT TRUE' in text(up_statement)
+    assert [v for v in up_params if isinstance(v, datetime)] == [OLDEST + ends[0], OLDEST + ends[0]]
+    # after a row without a date only the rows without one are left: no windows
+    nulls = Keyset(None, "act_x")
+    assert "AS windows" not in text(build_list_sql("activities", query, ACME, nulls, ListPlan(True, True, ends,
+                                                                                              NEWEST))[0])
+    # windows are read matches first only
+    assert "AS windows" not in text(build_list_sql("activities", query, ACME, plan=ListPlan(False, False, ends,
+                                                                                            NEWEST))[0])
