@@ -503,7 +503,13 @@ def search_conditions(words: Sequence[str], prefix_index: bool) -> tuple[list[sq
     terms: list[sql.Composable] = []
     params: list[Any] = []
     if lexemes:
-        terms.append(sql.SQL("activities_search_prefixes(search) @@ to_tsquery('simple', %s)"))
+        # The query is a subquery's value, unknown when the statement is planned: the planner then
+        # takes the whole condition for 0.5% of the rows, as for one word. With the words known, and
+        # no statistics for the index's expression, it multiplies 0.5% per word and expects 25
+        # rows of 1,000,000 for two common words that share 3,800: it then reads every match
+        # rather than combine the index with a window's span of the sort index (two words'
+        # class p99 34.4 against 30.2 ms with this, 2026-12-07).
+        terms.append(sql.SQL("activities_search_prefixes(search) @@ (SELECT to_tsquery('simple', %s))"))
         params.append(" & ".join(lexemes))
     if inexact:
         terms.append(sql.SQL("search @@ to_tsquery('simple', %s)"))

@@ -63,7 +63,7 @@ def test_the_prefix_index_lexemes_of_a_word(word: str, lexemes: list[str], exact
 def test_search_conditions_keep_the_vector_condition_for_the_words_the_index_does_not_find_exactly() -> None:
     terms, params = search_conditions(("pric", "snake_case", "budget", "representations"), prefix_index=True)
     assert [text(term) for term in terms] == [
-        "activities_search_prefixes(search) @@ to_tsquery('simple', %s)",
+        "activities_search_prefixes(search) @@ (SELECT to_tsquery('simple', %s))",
         "search @@ to_tsquery('simple', %s)",
     ]
     assert params == ["pric & snake & case & budget & representati", "snake_case:* & representations:*"]
@@ -83,7 +83,8 @@ def test_a_list_by_the_prefix_index_selects_its_matches_apart_then_sorts_them() 
     # prefixes of each row it passes: the index decides which rows match
     assert (
         'FROM (SELECT id, "activity_date" AS sort_value FROM "activities" WHERE tenant_id = %s AND "owner_id" = %s '
-        "AND (activities_search_prefixes(search) @@ to_tsquery('simple', %s)) AND NOT is_deleted AND NOT is_erased "
+        "AND (activities_search_prefixes(search) @@ (SELECT to_tsquery('simple', %s))) AND NOT is_deleted "
+        "AND NOT is_erased "
         'OFFSET 0) AS matches ORDER BY "sort_value" DESC NULLS LAST, id DESC LIMIT %s'
     ) in text(fenced)
     assert walked_params == ["acme", "usr-9", "pric:*", 51] and fenced_params == ["acme", "usr-9", "pric", 51]
