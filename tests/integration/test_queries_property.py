@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from projections.queries import ListPlan, PlannedList
 from services.bootstrap import Runtime
 
 ACCOUNTS = ["acc_1", "acc_2"]
@@ -207,9 +208,24 @@ HYPOTHESIS = settings(max_examples=25, deadline=None, suppress_health_check=list
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("in_windows", [False, True], ids=["as-planned", "in-windows"])
 async def test_list_equals_python_filter_and_paging_visits_each_match_once(
-    runtime: Runtime, request_command: Send, token: Callable[..., str]
+    runtime: Runtime, request_command: Send, token: Callable[..., str], in_windows: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """`in-windows`: every list with `q`, `participant` or `tag` is read matches first in windows
+    (as the service reads one expecting thousands of matches): 5,000 expected matches cut a
+    dozen activities' span into four windows of 0.2%, 1%, 4% and the rest."""
+    windowed: list[ListPlan] = []
+    if in_windows:
+        monkeypatch.setattr(PlannedList, "from_plan", classmethod(lambda cls, plan: cls(True, 5000.0)))
+        real_plan = PlannedList.plan
+
+        def noted_plan(self: PlannedList, rows: int, prefix_index: bool) -> ListPlan:
+            windowed.append(real_plan(self, rows, prefix_index))
+            return windowed[-1]
+
+        monkeypatch.setattr(PlannedList, "plan", noted_plan)
     loop = asyncio.get_running_loop()
 
     @HYPOTHESIS
@@ -246,6 +262,8 @@ async def test_list_equals_python_filter_and_paging_visits_each_match_once(
         asyncio.run_coroutine_threadsafe(example(), loop).result(timeout=60)
 
     await run_examples(runtime, check)
+    if in_windows:  # the lists that filter by an indexed match were read in windows
+        assert sum(1 for plan in windowed if len(plan.windows) >= 2) >= 10, windowed[:5]
 
 
 @pytest.mark.timeout(240)
