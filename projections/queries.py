@@ -341,7 +341,7 @@ MATCHES_FIRST_FILTERS: Final = ("q", "participant", "tag")
 _MATCH_CONDITIONS: Final = ("search @@", "participant_ids @>", "tags @>")
 
 
-WINDOW_PAGES: Final = 2
+WINDOW_PAGES: Final = 1.5
 """A list read in windows (ListPlan.windows) makes its first window wide enough to hold this many
 pages of matches, were they spread evenly over the scope's sort values."""
 

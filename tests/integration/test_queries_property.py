@@ -215,7 +215,7 @@ async def test_list_equals_python_filter_and_paging_visits_each_match_once(
 ) -> None:
     """`in-windows`: every list with `q`, `participant` or `tag` is read matches first in windows
     (as the service reads one expecting thousands of matches): 5,000 expected matches cut a
-    dozen activities' span into four windows of 0.2%, 1%, 4% and the rest."""
+    dozen activities' span into four windows: 0.2%, 0.7% and 3% of it, and the rest."""
     windowed: list[ListPlan] = []
     if in_windows:
         monkeypatch.setattr(PlannedList, "from_plan", classmethod(lambda cls, plan: cls(True, 5000.0)))

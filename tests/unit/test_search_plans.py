@@ -183,7 +183,7 @@ OLDEST = NEWEST - timedelta(days=1000)
 
 
 def test_windows_are_sized_from_the_expected_matches_and_the_span() -> None:
-    # 5,100 matches over 1,000 days: the first window holds two pages (102 rows) if spread evenly
+    # 5,100 matches over 1,000 days: the first window holds 1.5 pages (77 rows) if spread evenly
     ends = sort_windows(NEWEST, OLDEST, 5100.0, 51)
     first_share = WINDOW_PAGES * 51 / 5100
     assert ends[0] == timedelta(days=1000) * first_share
@@ -193,7 +193,7 @@ def test_windows_are_sized_from_the_expected_matches_and_the_span() -> None:
     # too few matches (their heap pages cost what a window would), no span, or a page too big
     assert sort_windows(NEWEST, OLDEST, WINDOWS_MIN_MATCHES - 1.0, 51) == ()
     assert sort_windows(None, None, 5100.0, 51) == ()
-    assert sort_windows(NEWEST, OLDEST, 5100.0, 300) == ()  # the first window would span 12% of the values
+    assert sort_windows(NEWEST, OLDEST, 5100.0, 400) == ()  # the first window would span 12% of the values
 
 
 def test_a_planned_list_needs_the_span_only_for_windows() -> None:
