@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -43,6 +42,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -62,12 +62,16 @@ PUBLISH_IN_FLIGHT = 1024  # JetStream publishes awaiting their ack (an async pub
 
 class ResultWatcher:
     """Receives the tenant's results (a core NATS subscription on the results subject) and notes
-    when each key's result arrived."""
+    when each key's result arrived. `wait_for` returns once each key it waits for has one: the
+    keys still missing are counted off as results arrive. (Until 2026-12-07 every result woke the
+    waiter, which listed the keys still missing again: quadratic in a round's 40,000 commands,
+    seconds of the client's CPU taken from the service on the same two cores.)"""
 
     def __init__(self) -> None:
         self.arrived: dict[str, float] = {}
         self.errors: dict[str, int] = {}
-        self.changed = asyncio.Event()
+        self._missing: set[str] = set()
+        self._complete = asyncio.Event()
 
     def on_message(self, head: bytes, body: bytes) -> None:
         start = head.find(b"Idempotency-Key: ") + len(b"Idempotency-Key: ")
@@ -76,43 +80,59 @@ class ResultWatcher:
         if b'"error"' in body[:20]:
             code = str(orjson.loads(body)["error"]["code"])
             self.errors[code] = self.errors.get(code, 0) + 1
-        self.changed.set()
+        if self._missing:
+            self._missing.discard(key)
+            if not self._missing:
+                self._complete.set()
 
     async def wait_for(self, keys: list[str], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        missing = [k for k in keys if k not in self.arrived]
-        while missing and time.monotonic() < deadline:
-            self.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), 1.0)
-            missing = [k for k in missing if k not in self.arrived]
-        if missing:
-            raise RuntimeError(f"{len(missing)} results never arrived (first: {missing[0]})")
+        self._missing = {k for k in keys if k not in self.arrived}
+        if not self._missing:
+            return
+        self._complete.clear()
+        try:
+            await asyncio.wait_for(self._complete.wait(), timeout)
+        except TimeoutError:
+            missing = sorted(self._missing)
+            raise RuntimeError(f"{len(missing)} results never arrived (first: {missing[0]})") from None
 
 
-def inbox_head(key: str) -> bytes:
-    return encode_headers({**headers(), "Idempotency-Key": key, "Nats-Msg-Id": key})
+def inbox_heads() -> Callable[[str], bytes]:
+    """The NATS headers of an inbox command by its key, with one token for the whole phase, as a
+    publisher keeps its token (and as the request/reply baseline does, bench/run.py's
+    `keyed_headers`). Until 2026-12-07 a token was minted per command: a quarter of the
+    publisher's CPU, taken from the service on the same two cores."""
+    authorization = headers()
+    return lambda key: encode_headers({**authorization, "Idempotency-Key": key, "Nats-Msg-Id": key})
+
+
+async def publish_all(client: LeanNatsClient, keys: list[str]) -> int:
+    """JetStream-publish a create per key, PUBLISH_IN_FLIGHT awaiting their ack at a time (worker
+    loops, as bench/load.py's closed loop); returns how many the stream refused."""
+    head = inbox_heads()
+    numbers = iter(range(len(keys)))
+    refused = 0
+
+    async def worker() -> None:
+        nonlocal refused
+        for i in numbers:
+            reply = await client.start_request(INBOX_SUBJECT, orjson.dumps(create_body(i)), head(keys[i]), 30)
+            if b'"error"' in reply.data:
+                refused += 1
+
+    await asyncio.gather(*(worker() for _ in range(PUBLISH_IN_FLIGHT)))
+    return refused
 
 
 async def inbox_throughput(nats_url: str, count: int, tag: str) -> dict[str, Any]:
-    """Publish `count` creates (IN_FLIGHT at a time) and time them to the last result."""
+    """Publish `count` creates (PUBLISH_IN_FLIGHT at a time) and time them to the last result."""
     watcher = ResultWatcher()
     receiver = await LeanNatsClient.connect(nats_url)
     await receiver.subscribe(RESULTS_SUBJECT, watcher.on_message)
     client = await LeanNatsClient.connect(nats_url)
     keys = [f"{tag}-{i}" for i in range(count)]
-    slots = asyncio.Semaphore(PUBLISH_IN_FLIGHT)
-    publish_errors = 0
-
-    async def publish(i: int) -> None:
-        nonlocal publish_errors
-        async with slots:
-            reply = await client.start_request(INBOX_SUBJECT, orjson.dumps(create_body(i)), inbox_head(keys[i]), 30)
-            if b'"error"' in reply.data:
-                publish_errors += 1
-
     started = time.perf_counter()
-    await asyncio.gather(*(publish(i) for i in range(count)))
+    publish_errors = await publish_all(client, keys)
     published = time.perf_counter()
     await watcher.wait_for(keys, timeout=300)
     finished = max(watcher.arrived[k] for k in keys)
@@ -136,15 +156,9 @@ async def backlog_drain(nats_url: str, pid: int, count: int, tag: str) -> dict[s
     await receiver.subscribe(RESULTS_SUBJECT, watcher.on_message)
     client = await LeanNatsClient.connect(nats_url)
     keys = [f"{tag}-{i}" for i in range(count)]
-    slots = asyncio.Semaphore(PUBLISH_IN_FLIGHT)
-
-    async def publish(i: int) -> None:
-        async with slots:
-            await client.start_request(INBOX_SUBJECT, orjson.dumps(create_body(i)), inbox_head(keys[i]), 30)
-
     os.kill(pid, signal.SIGSTOP)
     try:
-        await asyncio.gather(*(publish(i) for i in range(count)))
+        await publish_all(client, keys)
     finally:
         os.kill(pid, signal.SIGCONT)
     resumed = time.perf_counter()
@@ -164,6 +178,7 @@ async def inbox_latency(nats_url: str, rate: float, seconds: float, tag: str) ->
     client = await LeanNatsClient.connect(nats_url)
     total = int(rate * seconds)
     keys = [f"{tag}-{i}" for i in range(total)]
+    head = inbox_heads()
     sent: dict[str, float] = {}
     acks: list[asyncio.Future[Any]] = []
     started = time.perf_counter()
@@ -172,7 +187,7 @@ async def inbox_latency(nats_url: str, rate: float, seconds: float, tag: str) ->
         if delay > 0:
             await asyncio.sleep(delay)
         sent[keys[i]] = time.perf_counter()
-        acks.append(client.start_request(INBOX_SUBJECT, orjson.dumps(create_body(i)), inbox_head(keys[i]), 30))
+        acks.append(client.start_request(INBOX_SUBJECT, orjson.dumps(create_body(i)), head(keys[i]), 30))
     await asyncio.gather(*acks)
     await watcher.wait_for(keys, timeout=120)
     stats = Stats(sent=total, ok=total, elapsed_s=time.perf_counter() - started)
