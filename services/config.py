@@ -103,4 +103,4 @@ class Settings(BaseSettings):
     inbox_backoff_max_s: float = Field(
         default=120.0, description="longest wait between two tries of an inbox command (doubling), s"
     )
-    inbox_concurrency: int = Field(default=512, description="inbox commands in hand at once in the active inbox")
+    inbox_concurrency: int = Field(default=1024, description="inbox commands in hand at once in the active inbox")

@@ -381,7 +381,7 @@ class InboxOptions:
     max_deliver: int = 10
     backoff_s: float = 1.0
     backoff_max_s: float = 120.0
-    concurrency: int = 512
+    concurrency: int = 1024
     fetch_batch: int = 256
     ack_wait_s: float = 30.0
     leader_retry_s: float = 1.0
