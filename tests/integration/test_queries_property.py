@@ -250,6 +250,8 @@ async def test_list_equals_python_filter_and_paging_visits_each_match_once(
                 app,
             )
             q = dict(query)
+            if in_windows and not {"q", "participant", "tag"} & set(q):
+                q["tag"] = ["hot"]  # a filter of an exact index: the lists read in windows
             if since_index is not None:
                 q["updated_since"] = sorted(d["updated_at"] for d in docs)[since_index % len(docs)]
             caller_app = app if as_app else None
@@ -262,8 +264,8 @@ async def test_list_equals_python_filter_and_paging_visits_each_match_once(
         asyncio.run_coroutine_threadsafe(example(), loop).result(timeout=60)
 
     await run_examples(runtime, check)
-    if in_windows:  # the lists that filter by an indexed match were read in windows
-        assert sum(1 for plan in windowed if len(plan.windows) >= 2) >= 10, windowed[:5]
+    if in_windows:  # lists that filter by an indexed match were read in windows (pages of 25 examples)
+        assert sum(1 for plan in windowed if len(plan.windows) >= 2 and plan.windows[0]) >= 8, windowed[:5]
 
 
 @pytest.mark.timeout(240)
