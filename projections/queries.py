@@ -512,7 +512,11 @@ def search_conditions(words: Sequence[str], prefix_index: bool) -> tuple[list[sq
         terms.append(sql.SQL("activities_search_prefixes(search) @@ (SELECT to_tsquery('simple', %s))"))
         params.append(" & ".join(lexemes))
     if inexact:
-        terms.append(sql.SQL("search @@ to_tsquery('simple', %s)"))
+        # With lexemes, a filter of the rows they find (`IS TRUE` is no index condition): for a long
+        # word, the search index would union the postings of every word its prefix begins (9 ms
+        # for `representation:*` on 1,000,000 rows) to cut 573 rows the prefix index found.
+        condition = "(search @@ to_tsquery('simple', %s)) IS TRUE" if lexemes else "search @@ to_tsquery('simple', %s)"
+        terms.append(sql.SQL(condition))
         params.append(search_query(inexact))
     return terms, params
 

@@ -64,9 +64,12 @@ def test_search_conditions_keep_the_vector_condition_for_the_words_the_index_doe
     terms, params = search_conditions(("pric", "snake_case", "budget", "representations"), prefix_index=True)
     assert [text(term) for term in terms] == [
         "activities_search_prefixes(search) @@ (SELECT to_tsquery('simple', %s))",
-        "search @@ to_tsquery('simple', %s)",
+        "(search @@ to_tsquery('simple', %s)) IS TRUE",  # a filter of the prefix index's rows, no index scan
     ]
     assert params == ["pric & snake & case & budget & representati", "snake_case:* & representations:*"]
+    # words without a lexeme (only `_`): the search vector's condition alone, which its index serves
+    only_vector, _ = search_conditions(("___",), prefix_index=True)
+    assert [text(term) for term in only_vector] == ["search @@ to_tsquery('simple', %s)"]
 
     terms, params = search_conditions(("pric", "budget"), prefix_index=False)
     assert [text(term) for term in terms] == ["search @@ to_tsquery('simple', %s)"]
