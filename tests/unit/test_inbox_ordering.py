@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import orjson
+from nats.aio.msg import Msg
 
-from services.inbox import Ordering, Sequencer, ordering_of
+from services.inbox import Ordering, Sequencer, ordering_of, stream_sequence
 
 
 def body(value: object) -> bytes:
@@ -60,3 +61,14 @@ async def test_upserts_and_id_commands_wait_for_each_other_and_barriers_for_all(
         done.set_result(None)
     await asyncio.sleep(0)
     assert sequencer.admit(ordering_of("patch", body({"id": "A"})))[0] == []
+
+
+def test_the_stream_sequence_of_a_command_is_read_from_its_ack_subject() -> None:
+    plain = Msg(None, reply="$JS.ACK.CRM_ACTIVITIES_COMMANDS.activities-inbox.1.42.7.1733560000000000000.3")  # type: ignore[arg-type]
+    assert stream_sequence(plain) == 42 == plain.metadata.sequence.stream
+    # with a domain and an account hash: nats-py's reading
+    domain = Msg(
+        None,  # type: ignore[arg-type]
+        reply="$JS.ACK.hub.ACCHASH.CRM_ACTIVITIES_COMMANDS.activities-inbox.1.77.7.1733560000000000000.3.tok",
+    )
+    assert stream_sequence(domain) == 77 == domain.metadata.sequence.stream
