@@ -64,7 +64,6 @@ from projections.queries import (
     READ_MODEL_TABLE,
     ListPlan,
     PlannedList,
-    Sort,
     build_list_sql,
     build_sort_span_sql,
     build_stats_sql,
@@ -413,7 +412,8 @@ def service_plan(conn: psycopg.Connection[Any], name: str, params: dict[str, str
     planned = PlannedList.from_plan(row[0] if row else None)
     if planned.needs_span:
         caller = Caller(TENANT, "usr-bench")
-        span = conn.execute(*build_sort_span_sql(scoped_view(READ_MODEL_TABLE, caller), Sort(), caller)).fetchone()
+        sort = parse_list_query(params_from_pairs(params.items())).sort
+        span = conn.execute(*build_sort_span_sql(scoped_view(READ_MODEL_TABLE, caller), sort, caller)).fetchone()
         planned = planned.with_span(*span) if span else planned
     return planned.plan(PAGE + 1, bool(words) and searches_by_prefix_index(words or ()))
 

@@ -871,8 +871,11 @@ def _windows(sort: Sort, plan: ListPlan, keyset: Keyset | None) -> list[tuple[sq
     between each two, and the rest, rows without a value included. The edges are counted from
     the keyset's value, or for a first page from the scope's first value (a row written since
     is before it: the first window is open on that side). The rest is written so that no index
-    can serve it (`IS NOT TRUE`), as its span is wide: it is read as a list without windows is."""
-    start = parse_datetime(keyset.value) if keyset is not None and keyset.value is not None else plan.window_start
+    can serve it (`IS NOT TRUE`), as its span is wide: it is read as a list without windows is.
+    After a row without a value only such rows are left: no windows."""
+    if keyset is not None and keyset.value is None:
+        return []
+    start = parse_datetime(keyset.value) if keyset is not None else plan.window_start
     if start is None or not plan.windows:
         return []
     edges = [start - end if sort.descending else start + end for end in plan.windows]
@@ -923,7 +926,7 @@ def build_list_sql(
     if after is not None:
         ranges = [([condition], values) for condition, values in _after(query.sort, after)]
     windows = _windows(query.sort, plan, after) if plan.matches_first else []
-    windowed = bool(windows) and (after is None or after.value is not None)
+    windowed = bool(windows)
     if windowed:  # the first range (the values after the keyset) cut in windows
         (conditions, values), rest = ranges[0], ranges[1:]
         ranges = [([*conditions, window], [*values, *window_params]) for window, window_params in windows] + rest
