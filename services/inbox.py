@@ -222,6 +222,77 @@ def _expire(acked: asyncio.Future[PubAck]) -> None:
         acked.set_exception(NatsTimeoutError())
 
 
+PULL_EXPIRES_S: Final = 1.0
+"""How long one pull request of the inbox stays open on the server, delivering commands as they
+are published (a lingering pull: a command published to an idle inbox is taken at once)."""
+
+PULL_GRACE_S: Final = 1.0
+"""How long past its expiry a pull request is waited for before it is taken for lost (the server
+answers an expired one with a 408; a connection lost meanwhile answers nothing)."""
+
+
+class PullFeed:
+    """A pull consumer's messages handed to a callback as they arrive, one request open at a time.
+
+    nats-py's `PullSubscription.fetch` waits for each message with `next_msg`: a uuid4 from the
+    operating system, a task and an `asyncio.wait_for` (one more task on Python 3.11) per message.
+    Here the pull request is published as `fetch` publishes it and its messages come to a plain
+    subscription's callback; only the request is waited for (filled, or ended by the server's
+    status: 408 expired, 409 ended; a 409 for a deleted consumer raises NotFoundError)."""
+
+    def __init__(self, nc: NatsClient, stream: str, consumer: str, on_message: Callable[[Msg], None]) -> None:
+        self._nc = nc
+        self._next = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._deliver = nc.new_inbox()
+        self._on_message = on_message
+        self._subscription: Subscription | None = None
+        self._open = 0  # messages the open request may still deliver
+        self._over = asyncio.Event()
+        self._gone: str | None = None  # why the server ended the consumer
+
+    async def start(self) -> PullFeed:
+        self._subscription = await self._nc.subscribe(self._deliver, cb=self._on_delivery)
+        return self
+
+    async def stop(self) -> None:
+        if self._subscription is not None:
+            with contextlib.suppress(Exception):
+                await self._subscription.unsubscribe()
+
+    async def pull(self, batch: int, expires_s: float = PULL_EXPIRES_S) -> None:
+        """Ask for up to `batch` messages and return once the request is over (they all came, it
+        expired, or the server ended it); every message that comes goes to the callback, also one
+        of a request taken for lost."""
+        self._open = batch
+        self._over.clear()
+        request = {"batch": batch, "expires": int(expires_s * 1_000_000_000)}
+        await self._nc.publish(self._next, orjson.dumps(request), reply=self._deliver)
+        try:
+            await asyncio.wait_for(self._over.wait(), expires_s + PULL_GRACE_S)
+        except TimeoutError:
+            pass  # no answer (a connection lost meanwhile): ask again
+        finally:
+            self._open = 0
+        if self._gone is not None:
+            raise NotFoundError(description=self._gone)
+
+    async def _on_delivery(self, message: Msg) -> None:
+        if message.reply:  # a stream's message (its ack subject)
+            self._open -= 1
+            if self._open <= 0:
+                self._over.set()
+            self._on_message(message)
+            return
+        headers = message.headers or {}
+        status = headers.get("Status")
+        if status == "100":  # an idle heartbeat
+            return
+        description = headers.get("Description", "")
+        if status == "409" and "deleted" in description.lower():
+            self._gone = description
+        self._over.set()
+
+
 async def publish_result(
     js: Publishes,
     subjects: Subjects,
@@ -586,9 +657,15 @@ class Inbox:
         nc = self._connection()
         js = nc.jetstream()
         await ensure_inbox_streams(js, self.streams)
-        subscription = await self._fresh_consumer(js)
+        await self._fresh_consumer(js)
         self._results = await StreamAcks(nc).start()  # stopped by _wind_down, after the commands in hand
         sequencer = Sequencer()
+
+        def take(message: Msg) -> None:
+            if not self._halt.is_set():  # the term is ending: left unacked for the next one
+                self._take(js, sequencer, message)
+
+        feed = await PullFeed(nc, self.streams.inbox, INBOX_CONSUMER, take).start()
         keepalive = asyncio.get_running_loop().create_task(self._keep_in_progress(), name="inbox-keepalive")
         backoff = Backoff(0.1, 2.0)
         try:
@@ -602,35 +679,20 @@ class Inbox:
                     await self._room.wait()
                     continue
                 try:
-                    messages = await self._fetch(subscription, min(free, self.options.fetch_batch))
+                    await feed.pull(min(free, self.options.fetch_batch))
                     backoff.reset()
-                except (TimeoutError, NatsTimeoutError):
-                    messages = []
                 except NotFoundError:
                     raise  # the consumer is gone: end the term, the next one creates it afresh
                 except Exception as exc:  # disconnected: nats-py reconnects; try again
                     self.stats.last_error = describe(exc)
-                    messages = []
                     await asyncio.sleep(backoff.next())
-                for message in messages:
-                    self._take(js, sequencer, message)
         finally:
             keepalive.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keepalive
-            with contextlib.suppress(Exception):  # a pull subscription left open holds up the connection's drain
-                await subscription.unsubscribe()
+            await feed.stop()  # a subscription left open holds up the connection's drain
 
-    async def _fetch(self, subscription: JetStreamContext.PullSubscription, free: int) -> list[Msg]:
-        """Up to `free` commands: what is there at once; when nothing is, wait for the first one.
-
-        nats-py's `fetch(n)` long-polls until all n arrive or the timeout passes, which at a
-        modest rate kept commands waiting for a batch to fill; so the long poll asks for one."""
-        with contextlib.suppress(TimeoutError, NatsTimeoutError):
-            return await subscription.fetch(free, timeout=0.01)
-        return await subscription.fetch(1, timeout=1.0)
-
-    async def _fresh_consumer(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
+    async def _fresh_consumer(self, js: JetStreamContext) -> None:
         """The durable pull consumer, created anew: every unacked command, in stream order."""
         with contextlib.suppress(NotFoundError):
             await js.delete_consumer(self.streams.inbox, INBOX_CONSUMER)
@@ -644,7 +706,6 @@ class Inbox:
             filter_subject=self.subjects.all_inbox,
         )
         await js.add_consumer(self.streams.inbox, config)
-        return await js.pull_subscribe_bind(durable=INBOX_CONSUMER, stream=self.streams.inbox)
 
     async def _keep_in_progress(self) -> None:
         """Commands in hand (waiting for their turn or backing off) are not redelivered meanwhile."""
