@@ -33,6 +33,7 @@ spend their tries). After `max_deliver` tries the command goes to the DLQ with i
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -172,16 +173,22 @@ class StreamAcks:
         self._prefix = nc.new_inbox()
         self._tokens = itertools.count()
         self._waiting: dict[str, asyncio.Future[PubAck]] = {}
+        self._deadlines: collections.deque[tuple[float, asyncio.Future[PubAck]]] = collections.deque()
         self._subscription: Subscription | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> StreamAcks:
         self._subscription = await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_ack)
+        self._sweeper = asyncio.get_running_loop().create_task(self._expire_late())
         return self
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for waiting in self._waiting.values():
             waiting.cancel()
         self._waiting.clear()
+        self._deadlines.clear()
         if self._subscription is not None:
             with contextlib.suppress(Exception):
                 await self._subscription.unsubscribe()
@@ -192,13 +199,24 @@ class StreamAcks:
         loop = asyncio.get_running_loop()
         acked: asyncio.Future[PubAck] = loop.create_future()
         self._waiting[token] = acked
-        timer = loop.call_later(self._timeout_s, _expire, acked)
+        self._deadlines.append((loop.time() + self._timeout_s, acked))
         try:
             await self._nc.publish(subject, payload, reply=f"{self._prefix}.{token}", headers=headers)
             return await acked
         finally:
-            timer.cancel()
             self._waiting.pop(token, None)
+
+    async def _expire_late(self) -> None:
+        """Fail the publishes whose ack is late, a few times per timeout: one task for all of them
+        rather than a timer per publish (deadlines come in publish order, so the oldest is first)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._timeout_s / 4)
+            now = loop.time()
+            while self._deadlines and self._deadlines[0][0] <= now:
+                _expire(self._deadlines.popleft()[1])
+            while self._deadlines and self._deadlines[0][1].done():  # answered: forget them too
+                self._deadlines.popleft()
 
     async def _on_ack(self, message: Msg) -> None:
         acked = self._waiting.get(message.subject.rsplit(".", 1)[-1])
@@ -211,8 +229,9 @@ class StreamAcks:
             response = orjson.loads(message.data)
             if "error" in response:
                 acked.set_exception(APIError.from_error(response["error"]))
-            else:
-                acked.set_result(PubAck.from_response(response))
+            else:  # the fields the inbox reads, without PubAck.from_response's walk of every field
+                acked.set_result(PubAck(stream=response["stream"], seq=response["seq"],
+                                        domain=response.get("domain"), duplicate=response.get("duplicate")))
         except Exception as exc:  # not an ack: fail this publish, not the subscription
             acked.set_exception(exc)
 
