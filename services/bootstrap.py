@@ -38,7 +38,7 @@ from projections.streams import nats_servers
 from services.application import ActivitiesApplication, CommandBatcher, CommandService, application_env
 from services.asyncapi import add_asyncapi_route
 from services.auth import JwksKeys, TokenVerifier, jwks_file_loader, jwks_url_loader
-from services.config import Settings
+from services.config import Settings, default_read_pool_size
 from services.embedded import EmbeddedNats, EmbeddedPostgres
 from services.erasure import ContactEraser
 from services.gateway import CommandGateway
@@ -350,7 +350,8 @@ class Runtime:
         assert self.app is not None and self.servers is not None
         settings = self.settings
         database_url = self.servers.database_url
-        read_model = ReadModel(settings.read_database_url or database_url, settings.db_pool_size, self.app.name)
+        read_pool_size = settings.read_pool_size or default_read_pool_size()
+        read_model = ReadModel(settings.read_database_url or database_url, read_pool_size, self.app.name)
         return QueryGateway(
             verifier,
             read_model,
