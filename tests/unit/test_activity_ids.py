@@ -1,0 +1,52 @@
+"""New activity ids: `act_` and a ULID whose 80 random bits come from the operating system's
+generator, read in chunks (activities_client/document.py, _RandomBits)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from activities_client.document import _random_bits, is_activity_id, new_activity_id
+from events.activity import activity_uuid
+
+
+def test_ids_are_valid_distinct_and_ordered_by_their_millisecond() -> None:
+    ids = [new_activity_id() for _ in range(3 * 1024 + 7)]  # past several chunks of random bits
+    assert all(is_activity_id(i) for i in ids)
+    assert len(set(ids)) == len(ids)
+    assert len({i[-16:] for i in ids}) == len(ids)  # the random parts too
+    before = new_activity_id()
+    time.sleep(0.002)
+    assert new_activity_id()[4:14] > before[4:14]  # the timestamp leads
+    activity_uuid(ids[0])  # each one is a UUID's 128 bits
+
+
+def test_threads_never_get_the_same_bits() -> None:
+    found: list[list[int]] = [[] for _ in range(4)]
+
+    def draw(into: list[int]) -> None:
+        into.extend(_random_bits.next80() for _ in range(5000))
+
+    threads = [threading.Thread(target=draw, args=(into,)) for into in found]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    drawn = [value for into in found for value in into]
+    assert len(set(drawn)) == len(drawn) == 20_000
+
+
+def test_a_forked_child_draws_other_bits_than_its_parent() -> None:
+    _random_bits.next80()  # a chunk is in hand when the process forks
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next bits, to the parent
+        os.close(read)
+        os.write(write, _random_bits.next80().to_bytes(10, "big"))
+        os._exit(0)
+    os.close(write)
+    child = int.from_bytes(os.read(read, 10), "big")
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child != _random_bits.next80()
