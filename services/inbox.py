@@ -26,7 +26,7 @@ know waits for everything before it and everything after waits for it.
 Retries. `unavailable` and `internal` are tried again in place with a doubling back-off, the
 command kept in hand (and its successors on the same activity waiting behind it), because a NAK'd
 command would come back after later commands of its activity. While a command waits after
-`unavailable` the inbox takes no new commands (a backing service is down: taking more would only
+`unavailable` the inbox asks for no new commands (a backing service is down: taking more would only
 spend their tries). After `max_deliver` tries the command goes to the DLQ with its last error.
 """
 
@@ -581,7 +581,7 @@ class Inbox:
         self._supervisor: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._held: dict[int, Msg] = {}  # taken and not yet acked, by stream sequence
-        self._waiting_unavailable = 0  # commands backing off after `unavailable`: take no new ones
+        self._waiting_unavailable = 0  # commands backing off after `unavailable`: ask for no new ones
         self._in_hand = 0  # commands taken and not finished (the term's `concurrency` bounds it)
         self._room = asyncio.Event()  # set when enough commands finished to fetch another batch
         self._results: StreamAcks | None = None  # the active term's publisher of results
