@@ -121,7 +121,7 @@ def default_read_pool_size() -> int:
     them, and each takes as many times its own time as there are reads beside it; waiting their
     turn instead, a slow read runs at full speed once it starts. Measured side by side on 2 cores,
     4 HTTP reads in flight (bench.search_reads, 2026-12-07): searches of two words p99 25.4-27.8 ms
-    with 8 connections, 23.0 with 3, 20.9-22.5 with 2; two connections also cost the quick reads a
-    sixth of their rate (they leave PostgreSQL idle while the service handles their rows), three
-    cost nothing measurable."""
+    with 8 connections, 23.0-25.2 with 3, 20.9-24.0 with 2; two connections also slowed the quick
+    reads (786-806/s against 914-937 in most runs with 3 or 8: PostgreSQL idles while the service
+    handles their rows)."""
     return (os.cpu_count() or 1) + 1
