@@ -9,8 +9,10 @@ so tests never see each other's data, even on a shared NATS server.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -148,6 +150,21 @@ async def runtime(make_settings: Callable[..., Settings]) -> AsyncIterator[Runti
     await service.start()
     yield service
     await service.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest_asyncio.fixture
+async def own_nats(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
+    """A nats-server this test may stop and start again, on one fixed port, keeping its store."""
+    server = EmbeddedNats(tmp_path / "own-nats", port=free_port())
+    await asyncio.to_thread(server.start)
+    yield server
+    await asyncio.to_thread(server.stop)
 
 
 @pytest_asyncio.fixture

@@ -25,6 +25,7 @@ from events.commands import COMMANDS
 from services.asyncapi import _ref_name, asyncapi_document
 from services.bootstrap import Runtime, inbox_streams
 from services.config import Settings
+from services.embedded import EmbeddedNats
 from services.inbox import dlq_drop, dlq_list, dlq_redrive
 from tests.e2e.processes import ACTIVITIES, settings_env
 
@@ -230,6 +231,49 @@ async def test_patches_keep_their_order_with_two_inbox_instances(
     finally:
         for runtime in running:
             await runtime.stop()
+
+
+async def test_nats_restarted_while_the_inbox_works_leaves_each_command_one_result(
+    own_nats: EmbeddedNats, make_settings: Callable[..., Settings], token: Callable[..., str]
+) -> None:
+    """NATS stopped while the inbox carries out 600 creates, and started again: its pull request,
+    result publishes and acks in flight are lost; each command is still carried out once, with one
+    result (a redelivered command replays its reply under the same result id)."""
+    assert own_nats.url is not None
+    settings = make_settings(nats_url=own_nats.url, inbox_concurrency=16, batch_max_size=8)
+    runtime = Runtime(settings, ("commands", "inbox"))
+    await runtime.start()
+    client = await nats.connect(own_nats.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    count = 600
+    try:
+        await until(lambda: _any_active(runtime))
+        for start in range(0, count, 100):
+            await asyncio.gather(*(
+                publish(client, settings, "create", {"account_id": f"acc_{i}"}, token(), f"restart-{i}")
+                for i in range(start, start + 100)
+            ))
+        inbox = runtime.inbox
+        assert inbox is not None
+
+        async def some_results() -> bool:
+            return inbox.stats.results >= 50
+
+        await until(some_results)
+        await asyncio.to_thread(own_nats.stop)
+        assert inbox.stats.results < count, "the inbox finished before NATS stopped: nothing was tested"
+        await asyncio.sleep(1.5)
+        await asyncio.to_thread(own_nats.start)
+        messages = await collect(client, f"{settings.subject_prefix}.results.acme", count, timeout=60)
+        keys = [m.headers["Idempotency-Key"] for m in messages if m.headers]
+        assert sorted(keys) == sorted(f"restart-{i}" for i in range(count))  # each one result
+        await asyncio.sleep(1.0)  # a command whose ack was lost comes back after its ack wait (30 s): its
+        # result is then published under the same id, which the results stream drops
+        assert await stream_messages(client, inbox_streams(settings).results) == count  # none twice
+        assert all("data" in orjson.loads(m.data) for m in messages)
+        assert len(events_of(settings.database_url or "")) == count  # each carried out once
+    finally:
+        await client.close()
+        await runtime.stop()
 
 
 async def _any_active(*runtimes: Runtime) -> bool:

@@ -7,10 +7,9 @@ import contextlib
 import dataclasses
 import os
 import signal
-import socket
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,21 +241,6 @@ async def test_stream_has_the_contract_configuration(
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest_asyncio.fixture
-async def own_nats(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
-    """A nats-server this test may stop and start again, on one fixed port, keeping its store."""
-    server = EmbeddedNats(tmp_path / "own-nats", port=free_port())
-    await asyncio.to_thread(server.start)
-    yield server
-    await asyncio.to_thread(server.stop)
 
 
 async def test_nats_outage_loses_repeats_and_reorders_nothing(
