@@ -12,7 +12,6 @@ events, so a retry after a crash never appends twice.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import itertools
@@ -54,6 +53,7 @@ from projections.database import URL_KEY, conninfo, datastore_url
 from projections.errors import describe
 from projections.queries import READ_MODEL_TABLE, build_upsert_sql
 from services.cache import SizedLRUCache, estimated_size
+from services.deadlines import Deadlines
 from services.domain import Activity, Caller, decide
 from services.logs import correlation_id
 
@@ -1092,44 +1092,25 @@ class CommandBatcher:
         self.commands = 0
         self.refused = 0  # refused because the queue was full
         self.expired = 0  # dropped from the queue: past their deadline, or their caller gone
-        self._deadlines: collections.deque[Waiting] = collections.deque()  # in the order submitted
-        self._sweeper: asyncio.Task[None] | None = None
+        # a command past its deadline is answered `unavailable`; its batch, if not begun, skips it
+        self._deadlines = Deadlines(
+            min(DEADLINE_SWEEP_S, timeout_s / 10), lambda future: future.set_result(self._timed_out())
+        )
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="command-batcher")
-        self._watch_deadlines()
-
-    def _watch_deadlines(self) -> None:
-        if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.get_running_loop().create_task(self._answer_late(), name="command-deadlines")
-
-    async def _answer_late(self) -> None:
-        """Answer `unavailable` to the commands whose deadline passed, every DEADLINE_SWEEP_S (a
-        tenth of the timeout at most): one task for all of them, where a timeout per command (a
-        timer and a cancel scope each) cost 4% of the CPU of a create. Deadlines come nearly in
-        the order submitted (receipt plus the same timeout), so the oldest wait at the front."""
-        loop = asyncio.get_running_loop()
-        interval = min(DEADLINE_SWEEP_S, self._timeout_s / 10)
-        while True:
-            await asyncio.sleep(interval)
-            now = loop.time()
-            deadlines = self._deadlines
-            while deadlines and (deadlines[0].future.done() or deadlines[0].deadline <= now):
-                waiting = deadlines.popleft()
-                if not waiting.future.done():  # its batch, if not begun, skips it (still_wanted)
-                    waiting.future.set_result(self._timed_out())
 
     async def stop(self) -> None:
         """Finish what is queued and the batch being saved, then stop."""
         while not self._queue.empty() or self._saving or self._held is not None:
             await asyncio.sleep(0.01)
-        for task in (self._task, self._sweeper):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._task = self._sweeper = None
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._deadlines.stop()
 
     def has_room(self) -> bool:
         """Whether a command submitted now would be queued (the NATS adapter refuses early, before
@@ -1147,14 +1128,12 @@ class CommandBatcher:
         loop = asyncio.get_running_loop()
         deadline = (loop.time() if received is None else received) + self._timeout_s
         future: asyncio.Future[Outcome] = loop.create_future()
-        waiting = Waiting(request, future, deadline)
         try:
-            self._queue.put_nowait(waiting)
+            self._queue.put_nowait(Waiting(request, future, deadline))
         except asyncio.QueueFull:
             self.refused += 1
             return Unavailable("the service is at capacity; retry shortly with the same Idempotency-Key")
-        self._deadlines.append(waiting)  # past its deadline it is answered (_answer_late)
-        self._watch_deadlines()
+        self._deadlines.add(deadline, future)
         return await future
 
     async def submit_group(self, requests: Sequence[CommandRequest], received: float | None = None) -> list[Outcome]:
@@ -1166,15 +1145,13 @@ class CommandBatcher:
         loop = asyncio.get_running_loop()
         deadline = (loop.time() if received is None else received) + self._timeout_s
         future: asyncio.Future[Any] = loop.create_future()
-        waiting = Waiting(requests[0], future, deadline, tuple(requests))
         try:
-            self._queue.put_nowait(waiting)
+            self._queue.put_nowait(Waiting(requests[0], future, deadline, tuple(requests)))
         except asyncio.QueueFull:
             self.refused += 1
             error = Unavailable("the service is at capacity; retry shortly with the same Idempotency-Key")
             return [error for _ in requests]
-        self._deadlines.append(waiting)
-        self._watch_deadlines()
+        self._deadlines.add(deadline, future)
         outcome = await future
         if isinstance(outcome, list):
             return outcome

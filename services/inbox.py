@@ -33,7 +33,6 @@ spend their tries). After `max_deliver` tries the command goes to the DLQ with i
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 import json
@@ -75,6 +74,7 @@ from projections.errors import describe
 from projections.relay import MIN_DUPLICATE_WINDOW_S
 from projections.streams import ensure_stream
 from services.auth import TokenVerifier
+from services.deadlines import Deadlines
 from services.gateway import check_idempotency_key, header
 
 log = logging.getLogger("activities.inbox")
@@ -173,22 +173,18 @@ class StreamAcks:
         self._prefix = nc.new_inbox()
         self._tokens = itertools.count()
         self._waiting: dict[str, asyncio.Future[PubAck]] = {}
-        self._deadlines: collections.deque[tuple[float, asyncio.Future[PubAck]]] = collections.deque()
+        self._late = Deadlines(timeout_s / 4, _expire)  # one task for every ack's deadline
         self._subscription: Subscription | None = None
-        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> StreamAcks:
         self._subscription = await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_ack)
-        self._sweeper = asyncio.get_running_loop().create_task(self._expire_late())
         return self
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        await self._late.stop()
         for waiting in self._waiting.values():
             waiting.cancel()
         self._waiting.clear()
-        self._deadlines.clear()
         if self._subscription is not None:
             with contextlib.suppress(Exception):
                 await self._subscription.unsubscribe()
@@ -199,24 +195,12 @@ class StreamAcks:
         loop = asyncio.get_running_loop()
         acked: asyncio.Future[PubAck] = loop.create_future()
         self._waiting[token] = acked
-        self._deadlines.append((loop.time() + self._timeout_s, acked))
+        self._late.add(loop.time() + self._timeout_s, acked)
         try:
             await self._nc.publish(subject, payload, reply=f"{self._prefix}.{token}", headers=headers)
             return await acked
         finally:
             self._waiting.pop(token, None)
-
-    async def _expire_late(self) -> None:
-        """Fail the publishes whose ack is late, a few times per timeout: one task for all of them
-        rather than a timer per publish (deadlines come in publish order, so the oldest is first)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self._timeout_s / 4)
-            now = loop.time()
-            while self._deadlines and self._deadlines[0][0] <= now:
-                _expire(self._deadlines.popleft()[1])
-            while self._deadlines and self._deadlines[0][1].done():  # answered: forget them too
-                self._deadlines.popleft()
 
     async def _on_ack(self, message: Msg) -> None:
         acked = self._waiting.get(message.subject.rsplit(".", 1)[-1])
@@ -236,7 +220,7 @@ class StreamAcks:
             acked.set_exception(exc)
 
 
-def _expire(acked: asyncio.Future[PubAck]) -> None:
+def _expire(acked: asyncio.Future[Any]) -> None:
     if not acked.done():
         acked.set_exception(NatsTimeoutError())
 
