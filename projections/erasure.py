@@ -65,14 +65,15 @@ def _table(schema: str, name: str) -> Composed:
 
 
 def remember_published_sql(schema: str) -> Composed:
-    """Remember published messages holding activity content (params: stream, seqs as bigint[],
-    activity ids as uuid[], the stream's sequence they were scanned through); any of their
+    """Remember published messages holding activity content (params: stream, seqs and activity
+    ids as array literals, the stream's sequence they were scanned through); any of their
     activities already erased becomes pending again. Run it in the transaction that records the
     publisher's progress, so a recorded publish is always remembered."""
     return SQL(
         "WITH remembered AS ("
         " INSERT INTO {published} (stream, seq, activity_id) SELECT %(stream)s, s, a "
-        " FROM unnest(%(seqs)s::bigint[], %(ids)s::uuid[]) AS m(s, a) ON CONFLICT DO NOTHING RETURNING activity_id), "
+        " FROM unnest(%(seqs)s::text::bigint[], %(ids)s::text::uuid[]) AS m(s, a) ON CONFLICT DO NOTHING "
+        " RETURNING activity_id), "
         "scanned AS ("  # a data-modifying WITH runs whether or not it is read
         " INSERT INTO {scan} AS t (stream, through_seq) VALUES (%(stream)s, %(through)s) ON CONFLICT (stream) "
         " DO UPDATE SET through_seq = GREATEST(t.through_seq, EXCLUDED.through_seq) RETURNING 1) "
@@ -86,20 +87,25 @@ def remember_published_sql(schema: str) -> Composed:
 
 
 def remember_published_params(
-    stream: str, messages: Sequence[tuple[int, UUID]], through_seq: int | None = None
+    stream: str, messages: Sequence[tuple[int, UUID | str]], through_seq: int | None = None
 ) -> dict[str, Any]:
-    """The parameters of `remember_published_sql`: (sequence, activity) pairs of one stream."""
+    """The parameters of `remember_published_sql`: (sequence, activity) pairs of one stream, an
+    activity as its UUID or the UUID's 32 hex digits (`events.activity.activity_uuid_hex`).
+
+    The arrays go as one text literal each, read by PostgreSQL's array input: psycopg's dumping of
+    a list, element by element in Python, took three times as long (5.2 against 1.8 us a message,
+    measured with groups of 250)."""
     seqs = [seq for seq, _ in messages]
     return {
         "stream": stream,
-        "seqs": seqs,
-        "ids": [activity for _, activity in messages],
+        "seqs": "{" + ",".join(map(str, seqs)) + "}",
+        "ids": "{" + ",".join(a if isinstance(a, str) else a.hex for _, a in messages) + "}",
         "through": through_seq if through_seq is not None else max(seqs, default=0),
     }
 
 
 def remember_published(
-    conn: psycopg.Connection[Any], schema: str, stream: str, messages: Sequence[tuple[int, UUID]]
+    conn: psycopg.Connection[Any], schema: str, stream: str, messages: Sequence[tuple[int, UUID | str]]
 ) -> None:
     """`remember_published(stream, seq, activity_id)` for many messages, on a caller's connection
     (inside the caller's transaction): the hook for any publisher of activity content."""

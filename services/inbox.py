@@ -42,7 +42,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
-from uuid import UUID
 
 import orjson
 import psycopg
@@ -65,7 +64,7 @@ from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 from activities_client.document import is_activity_id
 from activities_client.errors import ActivitiesError, ValidationError, field_error
 from activities_client.subjects import Subjects
-from events.activity import activity_uuid
+from events.activity import activity_uuid_hex
 from events.commands import COMMANDS
 from projections.consumer import Backoff, lock_key
 from projections.database import conninfo
@@ -319,12 +318,13 @@ async def publish_result(
     return await js.publish(subjects.results(tenant_id), orjson.dumps(envelope), headers=headers)
 
 
-def activities_of(envelope: dict[str, Any]) -> list[UUID]:
-    """The activities whose content a result carries (a batch's: each item's), for erasure."""
+def activities_of(envelope: dict[str, Any]) -> list[str]:
+    """The activities whose content a result carries (a batch's: each item's), for erasure: their
+    UUIDs' hex digits, as the statement remembering them takes them."""
     data = envelope.get("data")
     items = [item.get("data") for item in data if isinstance(item, dict)] if isinstance(data, list) else [data]
     return [
-        activity_uuid(item["id"])
+        activity_uuid_hex(item["id"])
         for item in items
         if isinstance(item, dict) and isinstance(item.get("id"), str) and is_activity_id(item["id"])
     ]
@@ -490,7 +490,7 @@ class StopTerm(Exception):
     """The term ends (stop, lost lock, or a NATS failure): leave the command unacked."""
 
 
-Remembered = tuple[int, UUID]  # a result's stream sequence and an activity it names
+Remembered = tuple[int, str]  # a result's stream sequence and an activity it names (its UUID in hex)
 
 
 class GroupedWrites:

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from ulid import ULID
 
 from activities_client.document import is_activity_id, new_activity_id
 from activities_client.errors import Gone, NotFound, ValidationError, VersionConflict
@@ -16,8 +17,8 @@ from events.activity import (
     ActivityRestored,
     activity_id_of,
     activity_uuid,
+    activity_uuid_hex,
 )
-from activities_client.errors import Gone, NotFound, ValidationError, VersionConflict
 from events.commands import parse_create, parse_delete, parse_patch, parse_restore, reject_server_and_unknown_fields
 from services.domain import Activity, Caller, Decision, decide, merge_patch
 
@@ -372,6 +373,31 @@ def test_activity_ids_map_to_store_uuids_and_back() -> None:
     activity_id = new_activity_id()
     assert activity_id.startswith("act_") and len(activity_id) == 30 and activity_id[4:].isupper()
     assert activity_id_of(activity_uuid(activity_id)) == activity_id
+
+
+@pytest.mark.parametrize("activity_id", [new_activity_id() for _ in range(5)] + ["act_7ZZZZZZZZZZZZZZZZZZZZZZZZZ"])
+def test_an_activity_uuid_is_the_ulids_bits_also_as_hex(activity_id: str) -> None:
+    expected = ULID.from_str(activity_id[4:]).to_uuid()  # the ULID package's own decoder
+    assert activity_uuid(activity_id) == expected
+    assert activity_uuid_hex(activity_id) == expected.hex
+    assert activity_uuid(activity_id.lower()) == expected  # Crockford's digits are case-free
+
+
+@pytest.mark.parametrize(
+    "activity_id",
+    [
+        "act_01KB000000000000000000000",  # 25 characters
+        "act_81KB0000000000000000000000",  # above 128 bits
+        "act_01KB000000000000000000000U",  # a letter Crockford leaves out
+        "act_01KB00000000000000000000_0",  # int() would read "_" between digits
+        "act_01KB00000000000000000000 0",
+        "act_01KB00000000000000000000é0",
+    ],
+)
+def test_a_malformed_activity_id_has_no_uuid(activity_id: str) -> None:
+    for convert in (activity_uuid, activity_uuid_hex):
+        with pytest.raises(ValueError, match="act_ followed by a 26-character ULID"):
+            convert(activity_id)
 
 
 def test_event_history_rebuilds_the_document() -> None:
