@@ -41,6 +41,7 @@ from activities_client.filters import (
 from events.caller import Caller
 from events.recurrence import RecurrenceError, parse_series
 from projections.queries import (
+    UPCAST_DOCUMENT,
     ListQuery,
     Params,
     _check_names,
@@ -53,7 +54,6 @@ from projections.queries import (
     parse_bool,
     parse_filters,
     table_identifier,
-    upcast_sql,
 )
 
 log = logging.getLogger("activities.occurrences")
@@ -189,7 +189,7 @@ def build_documents_sql(table: str, ids: Sequence[str], caller: Caller) -> tuple
     statement = sql.SQL(
         "SELECT id, version, {document}::text AS document FROM {table} WHERE id = ANY(%s) AND {where}"
     ).format(
-        document=upcast_sql(sql.Identifier("document")),
+        document=UPCAST_DOCUMENT,
         table=table_identifier(table),
         where=sql.SQL(" AND ").join(where),
     )

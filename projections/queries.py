@@ -612,7 +612,7 @@ def build_get_by_key_sql(table: str, external_key: str, caller: Caller) -> tuple
     statement = sql.SQL(
         "SELECT {document} AS document FROM {table} WHERE external_key = %s AND {where} LIMIT 1"
     ).format(
-        document=upcast_sql(sql.Identifier("document")),
+        document=UPCAST_DOCUMENT,
         table=table_identifier(table),
         where=sql.SQL(" AND ").join(where),
     )
@@ -936,35 +936,36 @@ def build_list_sql(
         if plan.matches_first
         else "SELECT id, {sort} AS sort_value FROM {table} WHERE {where} ORDER BY {order} LIMIT %s"
     )
+    # what every page (window or range) shares, composed once: psycopg's `format` parses its
+    # template on every call, and a search read in windows has up to six pages
+    shared = {
+        "sort": sql.Identifier(query.sort.field),
+        "table": table_identifier(table),
+        "order": _order(query.sort),
+        "sorted": _order(query.sort, sql.Identifier("sort_value")),
+    }
+    page_template = sql.SQL(page)
     pages = [
-        sql.SQL(page).format(
-            sort=sql.Identifier(query.sort.field),
-            table=table_identifier(table),
-            where=sql.SQL(" AND ").join([*where, *conditions]),
-            order=_order(query.sort),
-            sorted=_order(query.sort, sql.Identifier("sort_value")),
-        )
+        page_template.format(where=sql.SQL(" AND ").join([*where, *conditions]), **shared)
         for conditions, _ in ranges
     ]
     page_params = [[*params, *range_params, rows] for _, range_params in ranges]
     keys, key_params = pages[0], page_params[0]
     if len(pages) > 1:
-        union = sql.SQL(" UNION ALL ").join(sql.SQL("({})").format(page) for page in pages)
+        union = sql.SQL(" UNION ALL ").join(sql.Composed([sql.SQL("("), page, sql.SQL(")")]) for page in pages)
         keys = (
             sql.SQL("SELECT * FROM ({}) AS windows LIMIT %s").format(union)
             if windowed
-            else sql.SQL("SELECT * FROM ({}) AS ranges ORDER BY {} LIMIT %s").format(
-                union, _order(query.sort, sql.Identifier("sort_value"))
-            )
+            else sql.SQL("SELECT * FROM ({}) AS ranges ORDER BY {} LIMIT %s").format(union, shared["sorted"])
         )
         key_params = [value for page_values in page_params for value in page_values] + [rows]
     statement = sql.SQL(
         "SELECT id, page.sort_value, {document}::text AS document FROM ({keys}) AS page JOIN {table} USING (id) "
         "ORDER BY {order}"
     ).format(
-        document=upcast_sql(sql.Identifier("document")),
+        document=UPCAST_DOCUMENT,
         keys=keys,
-        table=table_identifier(table),
+        table=shared["table"],
         order=_order(query.sort, sql.SQL("page.sort_value")),
     )
     return statement, key_params
@@ -1015,11 +1016,15 @@ def upcast_sql(document: sql.Composable) -> sql.Composable:
     )
 
 
+UPCAST_DOCUMENT: Final = upcast_sql(sql.Identifier("document"))
+"""The read model's `document` column in the current schema (composed once: every read needs it)."""
+
+
 def build_get_sql(table: str, activity_id: str, caller: Caller) -> tuple[sql.Composed, list[Any]]:
     """The current document of one activity visible to the caller (no row: not found)."""
     where, params = _scope(caller)
     statement = sql.SQL("SELECT {document} AS document FROM {table} WHERE id = %s AND {where}").format(
-        document=upcast_sql(sql.Identifier("document")),
+        document=UPCAST_DOCUMENT,
         table=table_identifier(table),
         where=sql.SQL(" AND ").join(where),
     )
