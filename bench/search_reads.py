@@ -35,6 +35,7 @@ import argparse
 import ast
 import asyncio
 import json
+import logging
 import os
 import queue
 import random
@@ -827,6 +828,34 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+class MigrationProgress(logging.Handler):
+    """The read-model migrations' own log records (projections/migrations.py) as progress lines:
+    each migration applied, and its backfill every 100,000 rows changed (migration 4 in place
+    takes minutes on 1,000,000 rows, which printed nothing until 2026-12-07)."""
+
+    EVERY: Final = 100_000
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self._shown: dict[Any, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        version = getattr(record, "version", None)
+        if record.getMessage() == "read-model backfill":
+            steps = int(getattr(record, "changed", 0)) // self.EVERY
+            if steps > self._shown.get(version, 0):
+                self._shown[version] = steps
+                progress(f"  migration {version}: backfilled {steps * self.EVERY:,} rows")
+        elif record.getMessage() == "read-model migration applied":
+            progress(f"  migration {version} applied")
+
+
+def show_migration_progress() -> None:
+    logger = logging.getLogger("activities.migrations")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(MigrationProgress())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -840,6 +869,7 @@ def main(argv: list[str] | None = None) -> int:
                              "read model (an earlier --keep run), skip seeding and migrating (steps 1-3)")
     parser.add_argument("--out", default=None, help="results directory name (default <date-time>-search)")
     args = parser.parse_args(argv)
+    show_migration_progress()
     started = datetime.now(UTC)
     directory = RESULTS / (args.out or started.strftime("%Y-%m-%d-%H%M") + "-search")
     directory.mkdir(parents=True, exist_ok=True)
