@@ -74,6 +74,7 @@ from projections.queries import (
     parse_stats_query,
     scoped_view,
     search_words,
+    searches_by_month_index,
     searches_by_prefix_index,
 )
 from projections.read_model import READER_ROLE, grant_reader
@@ -411,12 +412,14 @@ def service_plan(conn: psycopg.Connection[Any], name: str, params: dict[str, str
     query, values = statement(name, params)
     row = conn.execute(f"EXPLAIN (FORMAT JSON) {psycopg.ClientCursor(conn).mogrify(query, values)}").fetchone()
     planned = PlannedList.from_plan(row[0] if row else None)
-    if planned.needs_span:
+    list_query = parse_list_query(params_from_pairs(params.items()))
+    month_index = searches_by_month_index(list_query)  # every migration is applied: both prefix indexes
+    if planned.needs_span(month_index):
         caller = Caller(TENANT, "usr-bench")
-        sort = parse_list_query(params_from_pairs(params.items())).sort
-        span = conn.execute(*build_sort_span_sql(scoped_view(READ_MODEL_TABLE, caller), sort, caller)).fetchone()
+        span = conn.execute(*build_sort_span_sql(scoped_view(READ_MODEL_TABLE, caller), list_query.sort,
+                                                 caller)).fetchone()
         planned = planned.with_span(*span) if span else planned
-    return planned.plan(PAGE + 1, bool(words) and searches_by_prefix_index(words or ()))
+    return planned.plan(PAGE + 1, bool(words) and searches_by_prefix_index(words or ()), month_index)
 
 
 def matches(database_url: str, name: str, params: dict[str, str]) -> int:

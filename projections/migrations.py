@@ -34,6 +34,7 @@ from psycopg import sql
 from projections.database import conninfo
 from projections.queries import (
     READ_MODEL_TABLE,
+    SEARCH_MONTH_PREFIXES_SQL,
     SEARCH_PREFIXES_SQL,
     TRACKING_TABLE,
     render_statement,
@@ -330,6 +331,20 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             "(tenant_id, activity_date DESC NULLS LAST, id DESC) "
             "INCLUDE (app_id, is_deleted, is_erased, participant_ids)",
         ),
+    ),
+    Migration(
+        13,
+        "the month prefix index (the prefix index's lexemes tagged with the month of activity_date), "
+        "for `q` read in windows of activity_date",
+        # Beside the prefix index, not instead: a read over all time would ask every month's lexemes
+        # (24 months: 75 ms against 10-15). Reads use it once it is valid, as the prefix index.
+        ddl=(SEARCH_MONTH_PREFIXES_SQL.strip(),),
+        concurrent=(
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {table}_search_month_prefixes ON {table} "
+            "USING gin (activities_search_month_prefixes(search, activity_date))",
+        ),
+        # no statistics of the expression, as for the prefix index (ANALYZE would compute it)
+        after_indexes=("ALTER INDEX {table}_search_month_prefixes ALTER COLUMN 1 SET STATISTICS 0",),
     ),
 )
 """Every migration, in order. Append; never edit one that has shipped."""

@@ -16,7 +16,7 @@ import hmac
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import orjson
@@ -297,13 +297,17 @@ def prefix_lexemes(word: str) -> tuple[list[str], bool]:
     return parts, parts == [word]
 
 
+_EVERY_PREFIX: Final = f"""unnest(tsvector_to_array(words)) AS word,
+            generate_series(1, least(length(word), {SEARCH_PREFIX_CHARS})) AS n"""
+"""The rows of the prefixes of a search vector's lexemes (`left(word, n)`): one definition for
+both prefix indexes."""
+
 SEARCH_PREFIXES_SQL: Final = f"""
 CREATE OR REPLACE FUNCTION activities_search_prefixes(words tsvector) RETURNS tsvector
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE COST 1000 AS $prefixes$
     SELECT array_to_tsvector(ARRAY(
         SELECT left(word, n)
-        FROM unnest(tsvector_to_array(words)) AS word,
-            generate_series(1, least(length(word), {SEARCH_PREFIX_CHARS})) AS n
+        FROM {_EVERY_PREFIX}
     ))
 $prefixes$
 """
@@ -316,9 +320,70 @@ index rather than check it on that index's rows, and build_list_sql keeps it out
 walks. A higher COST made the planner start parallel workers for every search (3-4 ms each)."""
 
 
+SEARCH_MONTH_PREFIXES_SQL: Final = f"""
+CREATE OR REPLACE FUNCTION activities_search_month_prefixes(words tsvector, at timestamptz) RETURNS tsvector
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE COST 1000 AS $prefixes$
+    SELECT array_to_tsvector(ARRAY(
+        SELECT month || left(word, n)
+        FROM (SELECT to_char(at AT TIME ZONE 'UTC', 'YYYYMM/') AS month) AS tag,
+            {_EVERY_PREFIX}
+    ))
+$prefixes$
+"""
+"""The lexemes of the month prefix index (read-model migration 13): the prefix index's lexemes,
+each tagged with the month (UTC) of the row's `activity_date` (`202111/pric`). A two-word search
+read in windows of `activity_date` then asks each window for its months' lexemes
+(search_conditions): their posting lists hold those months' rows only, where the prefix index's
+hold every row of all time, intersected for each window (two thirds of a two-word search's
+time on 1,000,000 activities). Rows without an `activity_date` have no lexemes (STRICT)."""
+
+SEARCH_MONTH_FORMAT: Final = "%Y%m/"
+"""A month's tag in Python (`month_tags`), as `to_char(..., 'YYYYMM/')` writes it."""
+
+MONTH_WINDOW_MAX_MONTHS: Final = 6
+"""A window of more months (wider than MONTH_WINDOW_MAX_WIDTH) is read by the prefix index and its
+span of the date index: each month is one more branch of the month index's query, whose check
+grows with their number (a read of 24 months took 75 ms where the prefix index took 10-15,
+measured 2026-12-07)."""
+
+
+MONTH_INDEX_SORT: Final = "activity_date"
+"""The sort whose windows the month prefix index serves: its months are those of this field."""
+
+
+def month_tags(near: datetime, far: datetime) -> tuple[str, ...]:
+    """The tags of the months (UTC) from the earlier to the later of two instants, both included."""
+    low, high = sorted((near.astimezone(UTC), far.astimezone(UTC)))
+    tags: list[str] = []
+    year, month = low.year, low.month
+    while (year, month) <= (high.year, high.month):
+        tags.append(datetime(year, month, 1).strftime(SEARCH_MONTH_FORMAT))
+        year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+    return tuple(tags)
+
+
+def next_month_start(at: datetime) -> datetime:
+    """The first instant (UTC) of the month after `at`'s."""
+    at = at.astimezone(UTC)
+    return datetime(at.year + 1, 1, 1, tzinfo=UTC) if at.month == 12 else datetime(at.year, at.month + 1, 1, tzinfo=UTC)
+
+
+def month_start(at: datetime) -> datetime:
+    """The first instant (UTC) of `at`'s month."""
+    at = at.astimezone(UTC)
+    return datetime(at.year, at.month, 1, tzinfo=UTC)
+
+
 def searches_by_prefix_index(words: Sequence[str]) -> bool:
     """Whether the prefix index could serve a search of these words (one of them at least)."""
     return any(prefix_lexemes(word)[0] for word in words)
+
+
+def searches_by_month_index(query: ListQuery) -> bool:
+    """Whether the month prefix index could serve the windows of this list: `q` that the prefix
+    index serves, sorted by MONTH_INDEX_SORT."""
+    words = query.filters.get("q")
+    return bool(words and searches_by_prefix_index(words)) and query.sort.field == MONTH_INDEX_SORT
 
 
 MATCHES_FIRST_ROWS: Final = 8000
@@ -358,6 +423,15 @@ WINDOWS_MIN_MATCHES: Final = 2000
 """Fewer expected matches are read in one go: their heap pages (1.6 µs each alone) cost about what
 the bitmap of a first window would (on 1,000,000 activities, 2,000 matches: a window of 5%)."""
 
+MONTH_WINDOWS_MIN_MATCHES: Final = 300
+"""With the month prefix index, a window costs no span of the sort index: from this many expected
+matches a list is read in windows, if its first window fits MONTH_WINDOW_MAX_WIDTH (on 1,000,000
+activities over two years, from about 470)."""
+
+MONTH_WINDOW_MAX_WIDTH: Final = timedelta(days=120)
+"""The widest window the month prefix index serves alone (sort_windows): 120 days touch at most
+5 months (MONTH_WINDOW_MAX_MONTHS)."""
+
 
 @dataclass(frozen=True)
 class ListPlan:
@@ -366,12 +440,15 @@ class ListPlan:
     (with `matches_first` only): `q` by the prefix index (search_conditions); `windows` (with
     `matches_first` only): how far from the page's start (`window_start`, the scope's first sort
     value, or the value of the keyset the page follows) each window of the sort value ends, the
-    windows read one after the other until the page is full (sort_windows)."""
+    windows read one after the other until the page is full (sort_windows); `month_index` (with
+    `prefix_index`, sorted by `activity_date`): `q` of windows of few months by the month prefix
+    index (_windows)."""
 
     matches_first: bool = False
     prefix_index: bool = False
     windows: tuple[timedelta, ...] = ()
     window_start: datetime | None = None
+    month_index: bool = False
 
 
 def expected_matches(plan: Any) -> float | None:
@@ -389,9 +466,10 @@ def expected_matches(plan: Any) -> float | None:
     return None
 
 
-def reads_in_windows(expected: float | None) -> bool:
-    """Whether a list read matches first, expecting that many matches, is read in windows."""
-    return expected is not None and expected >= WINDOWS_MIN_MATCHES
+def reads_in_windows(expected: float | None, month_index: bool = False) -> bool:
+    """Whether a list read matches first, expecting that many matches, is read in windows
+    (`month_index`: windows of few months may read the month prefix index)."""
+    return expected is not None and expected >= (MONTH_WINDOWS_MIN_MATCHES if month_index else WINDOWS_MIN_MATCHES)
 
 
 def build_sort_span_sql(table: str, sort: Sort, caller: Caller) -> tuple[sql.Composed, list[Any]]:
@@ -407,7 +485,7 @@ def build_sort_span_sql(table: str, sort: Sort, caller: Caller) -> tuple[sql.Com
 
 
 def sort_windows(
-    first: datetime | None, last: datetime | None, expected: float | None, rows: int
+    first: datetime | None, last: datetime | None, expected: float | None, rows: int, month_index: bool = False
 ) -> tuple[timedelta, ...]:
     """How far from a page's start each of its windows ends (ListPlan.windows), for a page of
     `rows` among `expected` matches whose sort values lie between `first` and `last`.
@@ -418,13 +496,18 @@ def sort_windows(
     first, and the next windows are read only if it holds fewer than a page. The first window is
     sized for WINDOW_PAGES pages of evenly spread matches, each next one is WINDOW_GROWTH times
     wider up to WINDOW_MAX_SHARE of the span, and the last is the rest, read as without windows.
-    Wrong guesses cost time, never rows: the windows cover every value."""
-    if not reads_in_windows(expected) or expected is None or first is None or last is None:
+    Wrong guesses cost time, never rows: the windows cover every value.
+
+    With `month_index` (the month prefix index serves `q`'s windows of few months, which cost no
+    span of the sort index), lists are read in windows from MONTH_WINDOWS_MIN_MATCHES expected
+    matches, and a window may be as wide as MONTH_WINDOW_MAX_WIDTH."""
+    if not reads_in_windows(expected, month_index) or expected is None or first is None or last is None:
         return ()
     span = abs(last - first)
+    widest = max(span * WINDOW_MAX_SHARE, MONTH_WINDOW_MAX_WIDTH) if month_index else span * WINDOW_MAX_SHARE
     share = WINDOW_PAGES * rows / expected
     ends: list[timedelta] = []
-    while share <= WINDOW_MAX_SHARE:
+    while span * share <= widest:
         ends.append(span * share)
         share *= WINDOW_GROWTH
     return tuple(ends)
@@ -471,26 +554,45 @@ class PlannedList:
             return cls(False)
         return cls(True, expected_matches(plan))
 
-    @property
-    def needs_span(self) -> bool:
-        """Whether the windows need the scope's first and last sort values."""
-        return self.matches_first and reads_in_windows(self.expected)
+    def needs_span(self, month_index: bool = False) -> bool:
+        """Whether the windows need the scope's first and last sort values (`month_index`: the
+        month prefix index may serve them)."""
+        return self.matches_first and reads_in_windows(self.expected, month_index)
 
     def with_span(self, first: datetime | None, last: datetime | None) -> PlannedList:
         return PlannedList(self.matches_first, self.expected, first, last)
 
-    def plan(self, rows: int, prefix_index: bool) -> ListPlan:
-        """How a page of `rows` rows is read (`prefix_index`: `q` may read the prefix index)."""
+    def plan(self, rows: int, prefix_index: bool, month_index: bool = False) -> ListPlan:
+        """How a page of `rows` rows is read (`prefix_index`: `q` may read the prefix index;
+        `month_index`: its windows may read the month prefix index)."""
         if not self.matches_first:
             return ListPlan()
-        return ListPlan(True, prefix_index, sort_windows(self.first, self.last, self.expected, rows), self.first)
+        month_index = prefix_index and month_index
+        windows = sort_windows(self.first, self.last, self.expected, rows, month_index)
+        return ListPlan(True, prefix_index, windows, self.first, month_index)
 
 
-def search_conditions(words: Sequence[str], prefix_index: bool) -> tuple[list[sql.Composable], list[Any]]:
+MONTH_PREFIXES_MATCH: Final = sql.SQL(
+    "activities_search_month_prefixes(search, activity_date) @@ "
+    "(SELECT string_agg('(' || tagged || ')', ' | ')::tsquery "
+    "FROM (SELECT string_agg(quote_literal(month || lexeme), ' & ') AS tagged "
+    "FROM unnest(%s::text[]) AS month, unnest(tsvector_to_array(to_tsvector('simple', %s))) AS lexeme "
+    "GROUP BY month) AS months)"
+)
+"""The month prefix index's condition for some months (a text array of month_tags) and lexemes
+(separated by spaces): `('202111/a' & '202111/b') | ('202110/a' & '202110/b')`, composed in SQL
+so that the lexemes are normalised by the same parser and dictionary as the index's (`simple`)."""
+
+
+def search_conditions(
+    words: Sequence[str], prefix_index: bool, months: Sequence[str] = ()
+) -> tuple[list[sql.Composable], list[Any]]:
     """The WHERE terms of `q`: `search @@ 'w1:* & w2:*'`, the search vector's own condition, which
     the planner can also check row by row while walking a sort index (a common word: 51 matches
     are met soon); or, with `prefix_index`, the prefix index's lexemes of every word, and that
-    condition only for the words the lexemes do not find exactly (prefix_lexemes)."""
+    condition only for the words the lexemes do not find exactly (prefix_lexemes). With `months`
+    (month_tags, and `prefix_index`), the lexemes are asked of the month prefix index for those
+    months only: rows of other months (or without an `activity_date`) do not match."""
     if not prefix_index:
         return [sql.SQL("search @@ to_tsquery('simple', %s)")], [search_query(words)]
     lexemes: dict[str, None] = {}
@@ -509,8 +611,12 @@ def search_conditions(words: Sequence[str], prefix_index: bool) -> tuple[list[sq
         # rows of 1,000,000 for two common words that share 3,800: it then reads every match
         # rather than combine the index with a window's span of the sort index (two words'
         # class p99 34.4 against 30.2 ms with this, 2026-12-07).
-        terms.append(sql.SQL("activities_search_prefixes(search) @@ (SELECT to_tsquery('simple', %s))"))
-        params.append(" & ".join(lexemes))
+        if months:
+            terms.append(MONTH_PREFIXES_MATCH)
+            params += [list(months), " ".join(lexemes)]
+        else:
+            terms.append(sql.SQL("activities_search_prefixes(search) @@ (SELECT to_tsquery('simple', %s))"))
+            params.append(" & ".join(lexemes))
     if inexact:
         # With lexemes, a filter of the rows they find (`IS TRUE` is no index condition): for a long
         # word, the search index would union the postings of every word its prefix begins (9 ms
@@ -846,16 +952,18 @@ def _conjunction(terms: list[sql.Composable], params: list[Any]) -> tuple[sql.Co
     return sql.SQL("({})").format(sql.SQL(" AND ").join(terms)), params
 
 
-def list_filters(query: ListQuery, prefix_index: bool = False) -> tuple[list[sql.Composable], list[Any]]:
+def list_filters(
+    query: ListQuery, prefix_index: bool = False, months: Sequence[str] = ()
+) -> tuple[list[sql.Composable], list[Any]]:
     """The WHERE terms of the list filters (without scope and keyset); `q` by the prefix index
-    with `prefix_index` (search_conditions)."""
+    with `prefix_index`, and by the month prefix index for `months` (search_conditions)."""
     where: list[sql.Composable] = []
     params: list[Any] = []
     for spec in LIST_FILTERS:
         value = query.filters.get(spec.name)
         if value is not None:
             if spec.name == "q":
-                condition, values = _conjunction(*search_conditions(value, prefix_index))
+                condition, values = _conjunction(*search_conditions(value, prefix_index, months))
             else:
                 condition, values = FILTER_SQL[spec.name](value)
             where.append(condition)
@@ -866,13 +974,29 @@ def list_filters(query: ListQuery, prefix_index: bool = False) -> tuple[list[sql
     return where, params
 
 
-def _windows(sort: Sort, plan: ListPlan, keyset: Keyset | None) -> list[tuple[sql.Composable, list[Any]]]:
-    """The window conditions of a page (ListPlan.windows), in sort order: up to the first edge,
-    between each two, and the rest, rows without a value included. The edges are counted from
-    the keyset's value, or for a first page from the scope's first value (a row written since
-    is before it: the first window is open on that side). The rest is written so that no index
-    can serve it (`IS NOT TRUE`), as its span is wide: it is read as a list without windows is.
-    After a row without a value only such rows are left: no windows."""
+@dataclass(frozen=True)
+class Window:
+    """One window of a page read in windows: its condition on the sort value, and with the month
+    prefix index the months (month_tags) whose lexemes `q` asks for instead of the prefix index's."""
+
+    condition: sql.Composable
+    params: list[Any]
+    months: tuple[str, ...] = ()
+
+
+def _windows(sort: Sort, plan: ListPlan, keyset: Keyset | None) -> list[Window]:
+    """The windows of a page (ListPlan.windows), in sort order: up to the first edge, between
+    each two, and the rest, rows without a value included. The edges are counted from the
+    keyset's value, or for a first page from the scope's first value (a row written since is
+    before it: the first window is open on that side). The rest is written so that no index can
+    serve it (`IS NOT TRUE`), as its span is wide: it is read as a list without windows is.
+    After a row without a value only such rows are left: no windows.
+
+    With `plan.month_index` a window of at most MONTH_WINDOW_MAX_MONTHS months finds `q`'s
+    matches in the month prefix index for its months, its condition written so that no index
+    serves it (`IS TRUE`: the months already bound the rows the index finds). A first page's
+    open side is then a window of its own before the first: the rows beyond the month of the
+    scope's first value, found through the sort's index (normally none)."""
     if keyset is not None and keyset.value is None:
         return []
     start = parse_datetime(keyset.value) if keyset is not None else plan.window_start
@@ -881,17 +1005,26 @@ def _windows(sort: Sort, plan: ListPlan, keyset: Keyset | None) -> list[tuple[sq
     edges = [start - end if sort.descending else start + end for end in plan.windows]
     column = sql.Identifier(sort.field)
     before = sql.SQL(">" if sort.descending else "<")
-    windows: list[tuple[sql.Composable, list[Any]]] = []
+    windows: list[Window] = []
     previous: datetime | None = None
     for edge in edges:
+        months = month_tags(previous or start, edge) if plan.month_index and sort.field == MONTH_INDEX_SORT else ()
+        months = months if len(months) <= MONTH_WINDOW_MAX_MONTHS else ()
         if previous is None:
-            windows.append((sql.SQL("{} {} %s").format(column, before), [edge]))
+            condition, params = sql.SQL("{} {} %s").format(column, before), [edge]
         else:
-            windows.append((sql.SQL("{} {} %s AND NOT {} {} %s").format(column, before, column, before),
-                            [edge, previous]))
+            condition = sql.SQL("{} {} %s AND NOT {} {} %s").format(column, before, column, before)
+            params = [edge, previous]
+        if months:
+            if previous is None and keyset is None:
+                beyond = next_month_start(start) if sort.descending else month_start(start)
+                windows.append(Window(sql.SQL("{} {} %s").format(column, sql.SQL(">=" if sort.descending else "<")),
+                                      [beyond]))
+            condition = sql.SQL("({}) IS TRUE").format(condition)
+        windows.append(Window(condition, params, months))
         previous = edge
     if previous is not None:
-        windows.append((sql.SQL("({} {} %s) IS NOT TRUE").format(column, before), [previous]))
+        windows.append(Window(sql.SQL("({} {} %s) IS NOT TRUE").format(column, before), [previous]))
     return windows
 
 
@@ -917,19 +1050,25 @@ def build_list_sql(
     rows (an Append runs its branches in order; readers plan without parallel workers, which
     could interleave them).
     """
-    where, params = _scope(caller)
-    filters, filter_params = list_filters(query, plan.matches_first and plan.prefix_index)
-    where += filters
-    params += filter_params
+    scope, scope_params = _scope(caller)
+    prefix_index = plan.matches_first and plan.prefix_index
+
+    def where(months: tuple[str, ...] = ()) -> tuple[list[sql.Composable], list[Any]]:
+        filters, filter_params = list_filters(query, prefix_index, months)
+        return [*scope, *filters], [*scope_params, *filter_params]
+
     rows = query.limit + 1
-    ranges: list[tuple[list[sql.Composable], list[Any]]] = [([], [])]
+    # each range: its conditions, their parameters, and the months of `q` by the month prefix index
+    ranges: list[tuple[list[sql.Composable], list[Any], tuple[str, ...]]] = [([], [], ())]
     if after is not None:
-        ranges = [([condition], values) for condition, values in _after(query.sort, after)]
+        ranges = [([condition], values, ()) for condition, values in _after(query.sort, after)]
     windows = _windows(query.sort, plan, after) if plan.matches_first else []
     windowed = bool(windows)
     if windowed:  # the first range (the values after the keyset) cut in windows
-        (conditions, values), rest = ranges[0], ranges[1:]
-        ranges = [([*conditions, window], [*values, *window_params]) for window, window_params in windows] + rest
+        (conditions, values, _), rest = ranges[0], ranges[1:]
+        ranges = [
+            ([*conditions, window.condition], [*values, *window.params], window.months) for window in windows
+        ] + rest
     page = (
         "SELECT id, sort_value FROM (SELECT id, {sort} AS sort_value FROM {table} WHERE {where} OFFSET 0) AS matches "
         "ORDER BY {sorted} LIMIT %s"
@@ -945,11 +1084,12 @@ def build_list_sql(
         "sorted": _order(query.sort, sql.Identifier("sort_value")),
     }
     page_template = sql.SQL(page)
+    wheres = {months: where(months) for _, _, months in ranges}
     pages = [
-        page_template.format(where=sql.SQL(" AND ").join([*where, *conditions]), **shared)
-        for conditions, _ in ranges
+        page_template.format(where=sql.SQL(" AND ").join([*wheres[months][0], *conditions]), **shared)
+        for conditions, _, months in ranges
     ]
-    page_params = [[*params, *range_params, rows] for _, range_params in ranges]
+    page_params = [[*wheres[months][1], *range_params, rows] for _, range_params, months in ranges]
     keys, key_params = pages[0], page_params[0]
     if len(pages) > 1:
         union = sql.SQL(" UNION ALL ").join(sql.Composed([sql.SQL("("), page, sql.SQL(")")]) for page in pages)

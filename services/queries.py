@@ -65,6 +65,7 @@ from projections.queries import (
     parse_list_query,
     parse_stats_query,
     scoped_view,
+    searches_by_month_index,
     searches_by_prefix_index,
 )
 from projections.read_model import READER_ROLE
@@ -82,6 +83,8 @@ READ_LOCK_TIMEOUT: Final = "100ms"
 READ_LOCK_WAITS: Final = 8
 READ_LOCK_PAUSE_S: Final = 0.02
 SEARCH_PLAN_TTL_S: Final = 60.0
+PREFIX_INDEX: Final = "search_prefixes"  # read-model migration 11
+MONTH_PREFIX_INDEX: Final = "search_month_prefixes"  # read-model migration 13
 SEARCH_PLANS_KEPT: Final = 4096
 
 
@@ -153,7 +156,7 @@ class ReadModel:
         self._poller: asyncio.Task[None] | None = None
         self._waiters = 0
         self._list_plans = ListPlans()
-        self._prefix_index_checked = (-float("inf"), False)  # (when, whether the prefix index is usable)
+        self._indexes_checked: dict[str, tuple[float, bool]] = {}  # index suffix: (when, whether usable)
 
     @staticmethod
     async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -333,44 +336,43 @@ class ReadModel:
         if not any(name in query.filters for name in MATCHES_FIRST_FILTERS):
             return ListPlan()
         key = (caller.tenant_id, caller.app_id, orjson.dumps(query.binding(), option=orjson.OPT_SORT_KEYS))
+        words = query.filters.get("q")
+        prefix_index = bool(words and searches_by_prefix_index(words)) and await self._index_usable(PREFIX_INDEX)
+        month_index = prefix_index and searches_by_month_index(query) and await self._index_usable(MONTH_PREFIX_INDEX)
         planned = self._list_plans.get(key)
         if planned is None:
-            planned = await self._plan_list(view, query, caller)
+            planned = await self._plan_list(view, query, caller, month_index)
             self._list_plans.put(key, planned)
-        words = query.filters.get("q")
-        prefix_index = bool(
-            planned.matches_first and words and searches_by_prefix_index(words) and await self._prefix_index_usable()
-        )
-        return planned.plan(query.limit + 1, prefix_index)
+        return planned.plan(query.limit + 1, prefix_index, month_index)
 
-    async def _plan_list(self, view: str, query: ListQuery, caller: Caller) -> PlannedList:
+    async def _plan_list(self, view: str, query: ListQuery, caller: Caller, month_index: bool) -> PlannedList:
         statement, params = build_list_sql(view, query, caller)
         _, rows = await self._fetch(sql.SQL("EXPLAIN (FORMAT JSON) {}").format(statement), params, caller)
         planned = PlannedList.from_plan(rows[0]["QUERY PLAN"] if rows else None)
-        if not planned.needs_span:
+        if not planned.needs_span(month_index):
             return planned
         span_sql, span_params = build_sort_span_sql(view, query.sort, caller)
         _, span = await self._fetch(span_sql, span_params, caller)
         return planned.with_span(span[0]["first"], span[0]["last"]) if span else planned
 
-    async def _prefix_index_usable(self) -> bool:
-        """Whether the prefix index exists and is built (read-model migration 11 applied; not while
-        another process builds it), looked up once a minute."""
-        checked_at, usable = self._prefix_index_checked
+    async def _index_usable(self, suffix: str) -> bool:
+        """Whether the table's index `<table>_<suffix>` exists and is built (its read-model
+        migration applied; not while another process builds it), looked up once a minute."""
+        checked_at, usable = self._indexes_checked.get(suffix, (-float("inf"), False))
         if time.monotonic() - checked_at < SEARCH_PLAN_TTL_S:
             return usable
         _, rows = await self._fetch(
             "SELECT i.indisvalid AS usable FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
             "WHERE c.relname = %s",
-            [f"{self.table}_search_prefixes"],
+            [f"{self.table}_{suffix}"],
         )
         usable = bool(rows) and bool(rows[0]["usable"])
-        self._prefix_index_checked = (time.monotonic(), usable)
+        self._indexes_checked[suffix] = (time.monotonic(), usable)
         return usable
 
     async def stats(self, query: StatsQuery, caller: Caller) -> tuple[int, list[dict[str, Any]]]:
         """(position, counts): `{"key", "count"}` rows, largest count first."""
-        prefix_index = "q" in query.filters and await self._prefix_index_usable()
+        prefix_index = "q" in query.filters and await self._index_usable(PREFIX_INDEX)
         statement, params = build_stats_sql(scoped_view(self.table, caller), query, caller, prefix_index)
         position, rows = await self._fetch(statement, params, caller)
         return position, [{"key": row["key"], "count": int(row["count"])} for row in rows]

@@ -197,10 +197,12 @@ async def write_mix(request_command: Send, count: int, tenant_token: str | None 
 
 def statistics_targets(conn: Any) -> dict[str, int]:
     """The statistics targets set on the read model's columns and index expressions (read-model
-    migration 11: finer for `search`, none for the prefix index's expression)."""
+    migration 11: finer for `search`, none for the prefix index's expression; 13: none for the month
+    prefix index's)."""
     rows = conn.execute(
         "SELECT c.relname || '.' || a.attname AS name, a.attstattarget AS target FROM pg_attribute a "
-        "JOIN pg_class c ON c.oid = a.attrelid WHERE c.relname IN ('activities', 'activities_search_prefixes') "
+        "JOIN pg_class c ON c.oid = a.attrelid WHERE c.relname IN ('activities', 'activities_search_prefixes', "
+        "'activities_search_month_prefixes') "
         "AND a.attnum > 0 AND a.attstattarget IS NOT NULL AND a.attstattarget >= 0"
     ).fetchall()
     return {row["name"]: row["target"] for row in rows}
@@ -218,7 +220,11 @@ async def test_rebuild_equals_live_row_for_row(
             r["indexname"] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'activities'")
         }
         statistics_before = statistics_targets(conn)
-    assert statistics_before == {"activities.search": 400, "activities_search_prefixes.activities_search_prefixes": 0}
+    assert statistics_before == {
+        "activities.search": 400,
+        "activities_search_prefixes.activities_search_prefixes": 0,
+        "activities_search_month_prefixes.activities_search_month_prefixes": 0,
+    }
     monkeypatch.setenv("ACTIVITIES_DATABASE_URL", runtime.servers.database_url)
     code = await asyncio.get_running_loop().run_in_executor(None, main, ["projections", "rebuild"])
     assert code == 0

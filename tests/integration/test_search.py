@@ -75,11 +75,12 @@ async def test_every_word_must_match_by_prefix_ignoring_case(request_command: Se
     assert refused["error"]["code"] == "validation_error" and refused["error"]["details"][0]["field"] == "q"
 
 
-def reader_plan(conn: psycopg.Connection[Any], filters: dict[str, Any]) -> str:
+def reader_plan(conn: psycopg.Connection[Any], filters: dict[str, Any], plan: ListPlan = ListPlan()) -> str:
     """The plan of a list page exactly as the service reads it: the reader role, the caller's scope
     set in the transaction, through the caller-scoped view (row-level security still on the table)."""
     caller = Caller("acme", "usr-1")
-    statement, params = build_list_sql(scoped_view("activities", caller), ListQuery(filters=filters), caller)
+    statement, params = build_list_sql(scoped_view("activities", caller), ListQuery(filters=filters), caller,
+                                       plan=plan)
     with conn.transaction():
         conn.execute("SET LOCAL activities.reader = 'on'")
         conn.execute("SET LOCAL ROLE activities_reader")
@@ -126,7 +127,11 @@ async def test_search_and_the_new_filters_use_their_indexes_as_the_service_reads
                 "priority": {"priority": "high"},
             }.items()
         }
+        # a window of this month read by the month prefix index (read-model migration 13)
+        month_window = ListPlan(True, True, (timedelta(days=20),), datetime.now(UTC), month_index=True)
+        by_month = reader_plan(conn, {"q": ("pric", "fill")}, month_window)
     assert "activities_search" in plans["search"], plans["search"]
+    assert "Bitmap Index Scan on activities_search_month_prefixes" in by_month, by_month
     assert "activities_participants" in plans["participant"], plans["participant"]
     assert "activities_priority" in plans["priority"], plans["priority"]
 
@@ -241,9 +246,10 @@ def every_page(conn: psycopg.Connection[Any], query: ListQuery, plan: ListPlan) 
 async def test_a_list_read_in_windows_finds_every_match_once_in_order(runtime: Runtime, request_command: Send) -> None:
     """Windows only cut the reading (sort_windows): every sort, direction and window size gives
     the same pages as the usual statement, rows without a value (due_date) last, a row newer than
-    the plan's start (written after it was made) first."""
+    the plan's start (written after it was made) first; and so do windows by the month prefix
+    index (read-model migration 13), with rows in months beyond the plan's start's."""
     assert runtime.servers is not None
-    start = datetime(2026, 6, 1, tzinfo=UTC)
+    start = datetime(2026, 6, 3, 6, tzinfo=UTC)  # activity dates from 5 May to 3 June
     commands = [
         {"op": "create", "account_id": "acc_1", "subject": f"pricing {i}" if i % 3 else f"other {i}",
          "activity_date": (start - timedelta(hours=7 * i + i % 5)).isoformat(),
@@ -262,9 +268,11 @@ async def test_a_list_read_in_windows_finds_every_match_once_in_order(runtime: R
             assert len(expected) == 60, wire  # the test reads many pages
             first, _ = as_reader(conn, *build_sort_span_sql(scoped_view("activities", caller), sort, caller))[0]
             later = first - timedelta(days=2) if sort.descending else first + timedelta(days=2)
+            other_month = first - timedelta(days=25) if sort.descending else first + timedelta(days=25)
             for ends in [(timedelta(hours=5),), (timedelta(hours=1), timedelta(hours=4), timedelta(hours=16)),
-                         (timedelta(days=30),)]:
-                for window_start in (first, later):
-                    plan = ListPlan(True, True, ends, window_start)
-                    assert every_page(conn, query, plan) == expected, (wire, ends, window_start)
+                         (timedelta(days=30),), (timedelta(days=3), timedelta(days=12))]:
+                for window_start in (first, later, other_month):
+                    for month_index in (False, True):
+                        plan = ListPlan(True, True, ends, window_start, month_index)
+                        assert every_page(conn, query, plan) == expected, (wire, ends, window_start, month_index)
 

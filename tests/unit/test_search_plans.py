@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from psycopg import sql
 
 from projections.queries import (
+    MONTH_WINDOW_MAX_WIDTH,
+    MONTH_WINDOWS_MIN_MATCHES,
     SEARCH_PREFIX_CHARS,
     WINDOW_GROWTH,
     WINDOW_MAX_SHARE,
@@ -24,6 +26,9 @@ from projections.queries import (
     build_sort_span_sql,
     build_stats_sql,
     expected_matches,
+    month_start,
+    month_tags,
+    next_month_start,
     plan_prefers_matches_first,
     prefix_lexemes,
     search_conditions,
@@ -197,13 +202,23 @@ def test_windows_are_sized_from_the_expected_matches_and_the_span() -> None:
     assert sort_windows(NEWEST, OLDEST, WINDOWS_MIN_MATCHES - 1.0, 51) == ()
     assert sort_windows(None, None, 5100.0, 51) == ()
     assert sort_windows(NEWEST, OLDEST, 5100.0, 400) == ()  # the first window would span 12% of the values
+    # with the month prefix index: from fewer matches, and windows up to MONTH_WINDOW_MAX_WIDTH
+    assert sort_windows(NEWEST, OLDEST, 900.0, 51) == ()
+    monthly = sort_windows(NEWEST, OLDEST, 900.0, 51, month_index=True)
+    assert monthly == (timedelta(days=1000) * (WINDOW_PAGES * 51 / 900),)  # 85 days; the next 340 too wide
+    assert all(end <= MONTH_WINDOW_MAX_WIDTH for end in monthly)
+    assert sort_windows(NEWEST, OLDEST, 5100.0, 51, month_index=True) == ends  # 10% of the span is wider
+    assert sort_windows(NEWEST, OLDEST, MONTH_WINDOWS_MIN_MATCHES - 1.0, 51, month_index=True) == ()
 
 
 def test_a_planned_list_needs_the_span_only_for_windows() -> None:
     assert PlannedList.from_plan([WALK]) == PlannedList(False)
     assert PlannedList.from_plan(None) == PlannedList(False)
     many = PlannedList(True, 5100.0)
-    assert many.needs_span and not PlannedList(True, 900.0).needs_span and not PlannedList(False).needs_span
+    assert many.needs_span() and not PlannedList(True, 900.0).needs_span() and not PlannedList(False).needs_span()
+    # the month prefix index's windows cost no span of the date index: from fewer matches
+    assert PlannedList(True, 900.0).needs_span(month_index=True)
+    assert not PlannedList(True, MONTH_WINDOWS_MIN_MATCHES - 1.0).needs_span(month_index=True)
     plan = many.with_span(NEWEST, OLDEST).plan(51, True)
     assert plan == ListPlan(True, True, sort_windows(NEWEST, OLDEST, 5100.0, 51), NEWEST)
     assert PlannedList(False).plan(51, True) == ListPlan()
@@ -252,3 +267,59 @@ def test_a_list_in_windows_reads_them_in_sort_order_and_stops_at_its_limit() -> 
     # windows are read matches first only
     assert "AS windows" not in text(build_list_sql("activities", query, ACME, plan=ListPlan(False, False, ends,
                                                                                             NEWEST))[0])
+
+
+def test_month_tags_are_the_utc_months_from_the_earlier_to_the_later_instant() -> None:
+    assert month_tags(datetime(2021, 11, 20, tzinfo=UTC), datetime(2021, 11, 2, tzinfo=UTC)) == ("202111/",)
+    assert month_tags(datetime(2021, 11, 30, tzinfo=UTC), datetime(2022, 2, 1, tzinfo=UTC)) == (
+        "202111/", "202112/", "202201/", "202202/",
+    )
+    # months are UTC's: 23:30 on 31 December at UTC-2 is January in UTC
+    late = datetime(2021, 12, 31, 23, 30, tzinfo=timezone(timedelta(hours=-2)))
+    assert month_tags(late, late) == ("202201/",)
+    assert next_month_start(datetime(2021, 12, 31, 23, 59, tzinfo=UTC)) == datetime(2022, 1, 1, tzinfo=UTC)
+    assert next_month_start(late) == datetime(2022, 2, 1, tzinfo=UTC)
+    assert month_start(datetime(2021, 12, 31, 23, 59, tzinfo=UTC)) == datetime(2021, 12, 1, tzinfo=UTC)
+
+
+def month_windows(statement: sql.Composable) -> int:
+    return text(statement).count("activities_search_month_prefixes(search, activity_date) @@")
+
+
+def test_windows_of_few_months_ask_the_month_prefix_index_for_their_months() -> None:
+    query = ListQuery(filters={"q": ("pric", "call")})
+    start = datetime(2021, 12, 20, tzinfo=UTC)
+    ends = (timedelta(days=30), timedelta(days=120), timedelta(days=480))
+    plan = ListPlan(True, True, ends, start, month_index=True)
+    statement, params = build_list_sql("activities", query, ACME, plan=plan)
+    sql_text = text(statement)
+    # the first two windows (2 and 4 months) by the month index, their date conditions no index's;
+    # the third (13 months) and the rest as without it
+    assert month_windows(statement) == 2 and sql_text.count("activities_search_prefixes(search) @@") == 3
+    assert '("activity_date" > %s) IS TRUE' in sql_text
+    assert '("activity_date" > %s AND NOT "activity_date" > %s) IS TRUE' in sql_text
+    month_lists = [value for value in params if isinstance(value, list)]
+    assert month_lists == [["202111/", "202112/"], ["202108/", "202109/", "202110/", "202111/"]]
+    assert params.count("pric call") == 2 and params.count("pric & call") == 3
+    # the open side of a first page: the rows from the month after the start's, through the date index
+    assert '"activity_date" >= %s' in sql_text and datetime(2022, 1, 1, tzinfo=UTC) in params
+    # a next page is bounded by its keyset: no open side
+    after = Keyset(start.isoformat(), "act_x")
+    next_statement, _ = build_list_sql("activities", query, ACME, after, plan)
+    assert month_windows(next_statement) == 2 and '"activity_date" >= %s' not in text(next_statement)
+    # ascending: the open side is before the start's month
+    up = ListQuery(filters={"q": ("pric",)}, sort=Sort("activity_date", descending=False))
+    up_statement, up_params = build_list_sql("activities", up, ACME, plan=plan)
+    assert month_windows(up_statement) == 2 and '"activity_date" < %s' in text(up_statement)
+    assert datetime(2021, 12, 1, tzinfo=UTC) in up_params
+    # other sorts, plans without the month index, and words the prefix index does not serve alone
+    by_due = ListQuery(filters={"q": ("pric",)}, sort=Sort("due_date", descending=True))
+    assert month_windows(build_list_sql("activities", by_due, ACME, plan=plan)[0]) == 0
+    without = ListPlan(True, True, ends, start)
+    assert month_windows(build_list_sql("activities", query, ACME, plan=without)[0]) == 0
+    assert PlannedList(True, 5100.0, NEWEST, OLDEST).plan(51, False, True).month_index is False
+    assert PlannedList(True, 5100.0, NEWEST, OLDEST).plan(51, True, True).month_index is True
+    long_word = ListQuery(filters={"q": ("representations",)})
+    long_text = text(build_list_sql("activities", long_word, ACME, plan=plan)[0])
+    assert month_windows(build_list_sql("activities", long_word, ACME, plan=plan)[0]) == 2
+    assert long_text.count("(search @@ to_tsquery('simple', %s)) IS TRUE") == 5  # checked on every window's rows
