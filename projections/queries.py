@@ -504,10 +504,12 @@ def sort_windows(
     if not reads_in_windows(expected, month_index) or expected is None or first is None or last is None:
         return ()
     span = abs(last - first)
-    widest = max(span * WINDOW_MAX_SHARE, MONTH_WINDOW_MAX_WIDTH) if month_index else span * WINDOW_MAX_SHARE
+    widest = WINDOW_MAX_SHARE
+    if month_index and span:  # up to MONTH_WINDOW_MAX_WIDTH, never past the span (the rest holds that)
+        widest = min(max(WINDOW_MAX_SHARE, MONTH_WINDOW_MAX_WIDTH / span), 1.0)
     share = WINDOW_PAGES * rows / expected
     ends: list[timedelta] = []
-    while span * share <= widest:
+    while share <= widest:
         ends.append(span * share)
         share *= WINDOW_GROWTH
     return tuple(ends)

@@ -215,14 +215,16 @@ async def test_list_equals_python_filter_and_paging_visits_each_match_once(
 ) -> None:
     """`in-windows`: every list with `q`, `participant` or `tag` is read matches first in windows
     (as the service reads one expecting thousands of matches): 5,000 expected matches cut a
-    dozen activities' span into four windows: 0.2%, 0.7% and 3% of it, and the rest."""
+    dozen activities' span into four windows: 0.2%, 0.7% and 3% of it, and the rest; a list with
+    `q` sorted by `activity_date` into windows up to the whole span, read by the month prefix index
+    (read-model migration 13)."""
     windowed: list[ListPlan] = []
     if in_windows:
         monkeypatch.setattr(PlannedList, "from_plan", classmethod(lambda cls, plan: cls(True, 5000.0)))
         real_plan = PlannedList.plan
 
-        def noted_plan(self: PlannedList, rows: int, prefix_index: bool) -> ListPlan:
-            windowed.append(real_plan(self, rows, prefix_index))
+        def noted_plan(self: PlannedList, rows: int, prefix_index: bool, month_index: bool = False) -> ListPlan:
+            windowed.append(real_plan(self, rows, prefix_index, month_index))
             return windowed[-1]
 
         monkeypatch.setattr(PlannedList, "plan", noted_plan)
@@ -266,6 +268,7 @@ async def test_list_equals_python_filter_and_paging_visits_each_match_once(
     await run_examples(runtime, check)
     if in_windows:  # lists that filter by an indexed match were read in windows (pages of 25 examples)
         assert any(len(plan.windows) >= 2 and plan.windows[0] for plan in windowed), windowed[:5]
+        assert any(plan.month_index and plan.windows for plan in windowed), windowed[:5]
 
 
 @pytest.mark.timeout(240)

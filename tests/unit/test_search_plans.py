@@ -209,6 +209,10 @@ def test_windows_are_sized_from_the_expected_matches_and_the_span() -> None:
     assert all(end <= MONTH_WINDOW_MAX_WIDTH for end in monthly)
     assert sort_windows(NEWEST, OLDEST, 5100.0, 51, month_index=True) == ends  # 10% of the span is wider
     assert sort_windows(NEWEST, OLDEST, MONTH_WINDOWS_MIN_MATCHES - 1.0, 51, month_index=True) == ()
+    # a span shorter than MONTH_WINDOW_MAX_WIDTH: windows up to the span, none past it
+    short = sort_windows(NEWEST, NEWEST - timedelta(days=10), 5100.0, 51, month_index=True)
+    assert len(short) == 4 and all(end <= timedelta(days=10) for end in short)
+    assert sort_windows(NEWEST, NEWEST, 5100.0, 51, month_index=True) == sort_windows(NEWEST, NEWEST, 5100.0, 51)
 
 
 def test_a_planned_list_needs_the_span_only_for_windows() -> None:
