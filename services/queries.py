@@ -98,9 +98,11 @@ class ListPlans:
     for rare ones). `projections.queries.plan_prefers_matches_first` corrects its choice where it
     walks though it expects few matches, and reads `q` by the prefix index (read-model migration
     11) where it would read the search index, which finds the same rows more slowly. Matches
-    first, a list of a thousand matches or more is read in windows of its sort value
+    first, a list of 2,000 expected matches or more is read in windows of its sort value
     (sort_windows), sized from the planner's expected matches and the scope's span of values,
-    which a new activity may pass within the minute: the last window is open."""
+    which a new activity may pass within the minute: the first window is open on that side. `q`
+    sorted by `activity_date` reads windows of a few months by the month prefix index (read-model
+    migration 13), and from 300 expected matches."""
 
     def __init__(self, ttl_s: float = SEARCH_PLAN_TTL_S, kept: int = SEARCH_PLANS_KEPT) -> None:
         self._ttl_s = ttl_s
@@ -332,7 +334,8 @@ class ReadModel:
     async def _list_plan(self, view: str, query: ListQuery, caller: Caller) -> ListPlan:
         """How a list is read (ListPlans): matches first when the planner's plan for it says so
         (plan_prefers_matches_first), then `q` by the prefix index when it is built, and in windows
-        of the sort value when it expects many matches."""
+        of the sort value when it expects many matches, by the month prefix index when it is built
+        and serves the list (searches_by_month_index)."""
         if not any(name in query.filters for name in MATCHES_FIRST_FILTERS):
             return ListPlan()
         key = (caller.tenant_id, caller.app_id, orjson.dumps(query.binding(), option=orjson.OPT_SORT_KEYS))
