@@ -194,7 +194,19 @@ async def inbox_latency(nats_url: str, rate: float, seconds: float, tag: str) ->
     stats.latencies_ms = [(watcher.arrived[k] - sent[k]) * 1000 for k in keys]
     await client.close()
     await receiver.close()
-    return {"target_rate": rate, **stats.summary(), "error_results": watcher.errors}
+    return {"target_rate": rate, **stats.summary(), "error_results": watcher.errors,
+            "slowest": slowest_share([sent[k] - started for k in keys], stats.latencies_ms)}
+
+
+def slowest_share(offsets_s: list[float], latencies_ms: list[float], share: float = 0.01) -> dict[str, Any]:
+    """When in a phase its `share` slowest commands were sent (seconds from its start), and how slow
+    they were: one stall shows as a short span of send times, a steady tail as the whole phase."""
+    count = max(1, int(len(latencies_ms) * share))
+    slowest = sorted(range(len(latencies_ms)), key=latencies_ms.__getitem__)[-count:]
+    sent = sorted(offsets_s[i] for i in slowest)
+    return {"count": count, "sent_from_s": round(sent[0], 3), "sent_to_s": round(sent[-1], 3),
+            "min_ms": round(min(latencies_ms[i] for i in slowest), 2),
+            "max_ms": round(max(latencies_ms[i] for i in slowest), 2)}
 
 
 async def request_latency(nats_url: str, rate: float, seconds: float) -> dict[str, Any]:
@@ -310,6 +322,13 @@ def write_report(results: dict[str, Any]) -> Path:
         "",
         "Aim: inbox p99 <= 100 ms.",
     ]
+    if "slowest" in inbox:
+        slow = inbox["slowest"]
+        lines += [
+            "",
+            f"The inbox's {slow['count']} slowest commands ({slow['min_ms']}-{slow['max_ms']} ms) were published "
+            f"{slow['sent_from_s']}-{slow['sent_to_s']} s into the phase.",
+        ]
     (directory / "inbox.md").write_text("\n".join(lines) + "\n")
     return directory / "inbox.md"
 
