@@ -21,6 +21,7 @@ from activities_client.document import (
     client_fields,
     format_datetime,
     is_activity_id,
+    new_activity_id_bits,
     parse_datetime,
     skeleton,
     upcast_document,
@@ -48,6 +49,12 @@ def _ulid_int(activity_id: str) -> int:
 def activity_uuid(activity_id: str) -> UUID:
     """The event store's originator id (a UUID) of an `act_<ULID>` id: the ULID's 128 bits."""
     return UUID(int=_ulid_int(activity_id))
+
+
+def new_activity_ref() -> tuple[str, UUID]:
+    """A fresh `act_<ULID>` id and its originator id (`activity_uuid` of it)."""
+    activity_id, bits = new_activity_id_bits()
+    return activity_id, UUID(int=bits)
 
 
 def activity_uuid_hex(activity_id: str) -> str:

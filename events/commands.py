@@ -194,8 +194,33 @@ def parse_json_object(body: bytes | str | dict[str, Any], max_bytes: int = MAX_B
         raise field_error("body", "is not valid UTF-8 JSON") from None
     if not isinstance(data, dict):
         raise field_error("body", "must be a JSON object")
-    check_storable(data)
+    if not plainly_storable(body, data):
+        check_storable(data)
     return data
+
+
+def plainly_storable(body: bytes | str, data: dict[str, Any]) -> bool:
+    """Whether `check_storable` would pass, cheaply: JSON can write a NUL only as the escape
+    `\\u0000` (orjson refuses a raw one), so a body without that escape holds none, and then only the
+    depth of its containers is walked, level by level. False means "not known": `check_storable`
+    then decides and names the field (an escaped backslash before `u0000` is no NUL, say)."""
+    escape = b"\\u0000" if isinstance(body, bytes) else "\\u0000"
+    if escape in body:  # type: ignore[operator]
+        return False
+    containers = (dict, list)  # `data` is orjson's: exactly these types, never subclasses
+    level: list[Any] = [value for value in data.values() if type(value) in containers]
+    depth = 1
+    while level:
+        if depth >= MAX_BODY_DEPTH:
+            return False
+        below: list[Any] = []
+        for container in level:
+            for value in container.values() if type(container) is dict else container:
+                if type(value) in containers:
+                    below.append(value)
+        level = below
+        depth += 1
+    return True
 
 
 MAX_BODY_DEPTH = MAX_CUSTOM_FIELDS_DEPTH + 8

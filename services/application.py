@@ -43,9 +43,15 @@ from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastor
 from eventsourcing.utils import Environment, retry
 from psycopg.sql import SQL, Identifier, Literal
 
-from activities_client.document import new_activity_id
 from activities_client.errors import ActivitiesError, Gone, IdempotencyConflict, InternalError, NotFound, Unavailable
-from events.activity import ActivityErased, ActivityEvent, activity_id_of, activity_uuid, erased_copy
+from events.activity import (
+    ActivityErased,
+    ActivityEvent,
+    activity_id_of,
+    activity_uuid,
+    erased_copy,
+    new_activity_ref,
+)
 from events.commands import Command, CreateActivity, UpsertActivity, target_id
 from projections import erasure as erasure_tables
 from projections.consumer import lock_key, schema_lock
@@ -912,11 +918,7 @@ class CommandService:
         if isinstance(command, UpsertActivity):
             activity, wrote = self._decide_upsert(request, command, i, pending, now)
         elif isinstance(command, CreateActivity):
-            activity_id = new_activity_id()
-            decision = decide(None, command, request.caller, now, activity_id)
-            assert decision is not None
-            activity = Activity.log(activity_uuid(activity_id), decision, now, request.traceparent)
-            wrote = True
+            activity, wrote = _log_new(request, command, now), True
         else:
             target = target_id(command)
             if target is None:  # an erasure by contact: carried out one activity at a time (services/erasure.py)
@@ -942,10 +944,7 @@ class CommandService:
         key = external_key_of(request)
         originator_id = pending.keyed.get(i) or pending.new_keys.get(key)
         if originator_id is None:
-            activity_id = new_activity_id()
-            decision = decide(None, command, request.caller, now, activity_id)
-            assert decision is not None
-            activity = Activity.log(activity_uuid(activity_id), decision, now, request.traceparent)
+            activity = _log_new(request, command, now)
             pending.new_keys[key] = activity.id
             pending.created.add(i)
             return activity, True
@@ -966,6 +965,14 @@ class CommandService:
             pending.keys.append(
                 (request.caller.tenant_id, request.idempotency_key, request.fingerprint, activity.id, activity.version)
             )
+
+
+def _log_new(request: CommandRequest, command: CreateActivity | UpsertActivity, now: datetime) -> Activity:
+    """A new activity, with a fresh id, from a create or from an upsert of a key not yet taken."""
+    activity_id, originator_id = new_activity_ref()
+    decision = decide(None, command, request.caller, now, activity_id)
+    assert decision is not None
+    return Activity.log(originator_id, decision, now, request.traceparent)
 
 
 class _Conflict(Exception):

@@ -8,7 +8,7 @@ import threading
 import time
 
 from activities_client.document import _random_bits, is_activity_id, new_activity_id
-from events.activity import activity_uuid
+from events.activity import activity_id_of, activity_uuid, new_activity_ref
 
 
 def test_ids_are_valid_distinct_and_ordered_by_their_millisecond() -> None:
@@ -20,6 +20,14 @@ def test_ids_are_valid_distinct_and_ordered_by_their_millisecond() -> None:
     time.sleep(0.002)
     assert new_activity_id()[4:14] > before[4:14]  # the timestamp leads
     activity_uuid(ids[0])  # each one is a UUID's 128 bits
+
+
+def test_a_new_ref_is_an_id_and_its_own_originator_id() -> None:
+    refs = [new_activity_ref() for _ in range(2 * 1024 + 3)]
+    assert all(is_activity_id(activity_id) for activity_id, _ in refs)
+    assert all(activity_uuid(activity_id) == originator_id for activity_id, originator_id in refs)
+    assert all(activity_id_of(originator_id) == activity_id for activity_id, originator_id in refs)
+    assert len({originator_id for _, originator_id in refs}) == len(refs)
 
 
 def test_threads_never_get_the_same_bits() -> None:

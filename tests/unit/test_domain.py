@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from hypothesis import given as given_examples
+from hypothesis import strategies as st
 from ulid import ULID
 
-from activities_client.document import is_activity_id, new_activity_id
+from activities_client.document import (
+    DATETIME_FIELDS,
+    ActivityFields,
+    format_datetime,
+    is_activity_id,
+    new_activity_id,
+)
 from activities_client.errors import Gone, NotFound, ValidationError, VersionConflict
 from events.activity import (
     ActivityDeleted,
@@ -19,7 +27,14 @@ from events.activity import (
     activity_uuid,
     activity_uuid_hex,
 )
-from events.commands import parse_create, parse_delete, parse_patch, parse_restore, reject_server_and_unknown_fields
+from events.commands import (
+    parse_create,
+    parse_delete,
+    parse_patch,
+    parse_restore,
+    reject_server_and_unknown_fields,
+    validate_fields,
+)
 from services.domain import Activity, Caller, Decision, decide, merge_patch
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -428,3 +443,57 @@ def test_unknown_and_server_fields_are_refused_by_name() -> None:
             reject_server_and_unknown_fields(body)
         assert raised.value.details[0]["field"] == field
     reject_server_and_unknown_fields({"subject": "x", "tags": []})  # client fields pass
+
+
+# The JSON form of validated fields (what a create stores) -----------------------------------
+
+_OFFSETS = st.integers(min_value=-23 * 60 - 59, max_value=23 * 60 + 59).map(lambda m: timezone(timedelta(minutes=m)))
+_AWARE = st.datetimes(min_value=datetime(2, 1, 1), max_value=datetime(9998, 12, 31), timezones=_OFFSETS)
+
+
+@given_examples(st.sampled_from(DATETIME_FIELDS), _AWARE)
+def test_fields_json_writes_every_date_time_as_format_datetime_does(name: str, when: datetime) -> None:
+    """`to_json` (pydantic's JSON mode) writes a date-time exactly as `format_datetime`: UTC, `Z`,
+    microseconds only when present, whatever offset it was given in."""
+    fields = validate_fields({"account_id": "acc-1", name: when.isoformat()})
+    assert fields.to_json()[name] == format_datetime(when)
+    assert fields.to_json()[name] == when.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def test_fields_json_is_plain_json_values() -> None:
+    body = {
+        "contact_id": "c-1",
+        "participants": [{"type": "contact", "id": "c-1", "extra": {"x": [1, 2.5, None, True]}}],
+        "custom_fields": {"a": {"b": 1.0e300, "c": 12345678901234567890}},
+        "tags": ["x", "y"],
+        "completed_at": "2026-01-01T00:00:00.5+02:00",
+    }
+    data = validate_fields(body).to_json()
+    assert data["participants"] == body["participants"]
+    assert data["custom_fields"] == body["custom_fields"]
+    assert data["completed_at"] == "2025-12-31T22:00:00.500000Z"
+    assert set(data) == set(ActivityFields.model_fields)
+
+
+@pytest.mark.parametrize("traceparent", [None, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"])
+def test_log_builds_what_the_librarys_create_builds(traceparent: str | None) -> None:
+    """`Activity.log` skips the library's generic `_create`; the activity and its pending event
+    are the same as `_create` makes them."""
+    originator_id = activity_uuid(new_activity_id())
+    decision = decide(None, parse_create({"account_id": "acc-1", "subject": "s"}), ALICE, NOW, new_activity_id())
+    assert decision is not None
+    ours = Activity.log(originator_id, decision, NOW, traceparent)
+    library = Activity._create(
+        ActivityLogged,
+        id=originator_id,
+        timestamp=NOW,
+        document=decision.document,
+        actor=decision.actor,
+        schema_version=decision.document["schema_version"],
+        traceparent=traceparent,
+    )
+    assert type(ours) is Activity
+    assert vars(ours) == vars(library)
+    assert ours.pending_events == library.pending_events
+    assert (ours.id, ours.version, ours.created_on, ours.modified_on) == (originator_id, 1, NOW, NOW)
+    assert ours.overdue_for is None
