@@ -22,9 +22,11 @@ from pydantic import BaseModel
 from activities_client.document import (
     MAX_BODY_BYTES,
     MAX_CUSTOM_FIELDS_DEPTH,
+    MAX_KEY_LENGTH,
     SERVER_FIELDS,
     ActivityFields,
     is_activity_id,
+    is_key_text,
 )
 from activities_client.errors import ValidationError, field_error
 from activities_client.wire import (
@@ -335,16 +337,12 @@ def parse_restore(body: bytes | str | dict[str, Any]) -> RestoreActivity:
     return RestoreActivity(_activity_id(data), _expected_version(data))
 
 
-MAX_EXTERNAL_KEY_LENGTH: Final = 200
+MAX_EXTERNAL_KEY_LENGTH: Final = MAX_KEY_LENGTH
 
 
 def check_external_key(value: Any, field: str = "external_key") -> str:
     """1-200 printable ASCII characters (as an Idempotency-Key)."""
-    if (
-        not isinstance(value, str)
-        or not 1 <= len(value) <= MAX_EXTERNAL_KEY_LENGTH
-        or not all(" " <= ch <= "~" for ch in value)
-    ):
+    if not is_key_text(value):
         raise field_error(field, f"must be 1-{MAX_EXTERNAL_KEY_LENGTH} printable ASCII characters")
     return value
 
@@ -388,9 +386,7 @@ def _batch_item(index: int, item: Any) -> BatchItem:
         if op not in BATCH_OPS:
             raise field_error("op", f"must be one of {', '.join(BATCH_OPS)}")
         key = item.get("idempotency_key")
-        if key is not None and (
-            not isinstance(key, str) or not 1 <= len(key) <= 200 or not all(" " <= ch <= "~" for ch in key)
-        ):
+        if key is not None and not is_key_text(key):
             raise field_error("idempotency_key", "must be 1-200 printable ASCII characters")
         body = {name: value for name, value in item.items() if name not in ("op", "idempotency_key")}
         command = COMMANDS[str(op)].parse(body)

@@ -27,6 +27,7 @@ from activities_client.document import (
     SCHEMA_VERSION,
     format_datetime,
     is_activity_id,
+    is_key_text,
     parse_datetime,
 )
 from activities_client.errors import field_error
@@ -701,7 +702,7 @@ def parse_get_by_key_query(params: Params) -> GetByKeyQuery:
     """Validated get-by-key parameters (`external_key`, `include_deleted`, `min_position`)."""
     _check_names(params, GET_BY_KEY_PARAMS)
     key = _single(params, "external_key")
-    if not isinstance(key, str) or not 1 <= len(key) <= 200 or not all(" " <= ch <= "~" for ch in key):
+    if not is_key_text(key):
         raise field_error("external_key", "must be 1-200 printable ASCII characters")
     return GetByKeyQuery(
         external_key=key,

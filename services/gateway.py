@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Any
 
+from activities_client.document import is_key_text
 from activities_client.errors import ActivitiesError, Unavailable, field_error
 from events.activity import valid_traceparent
 from events.caller import Caller
@@ -37,7 +38,7 @@ def check_idempotency_key(key: str | None) -> str | None:
     """1-200 printable ASCII characters, or absent."""
     if key is None or key == "":
         return None
-    if len(key) > 200 or not all(" " <= ch <= "~" for ch in key):
+    if not is_key_text(key):
         raise field_error("Idempotency-Key", "must be 1-200 printable ASCII characters")
     return key
 

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, TypeGuard
 
 from pydantic import (
     BaseModel,
@@ -337,6 +337,16 @@ def _ulid_text(value: int) -> str:
 def _ulid() -> str:
     """A new ULID."""
     return _ulid_text(_ulid_bits())
+
+
+MAX_KEY_LENGTH: Final = 200
+
+
+def is_key_text(value: Any) -> TypeGuard[str]:
+    """Whether `value` is 1-MAX_KEY_LENGTH (200) printable ASCII characters: what an Idempotency-Key and an
+    external key may be. (`isascii` and `isprintable` are C loops; a generator over the
+    characters was 3% of an inbox command's CPU, checked twice.)"""
+    return isinstance(value, str) and 1 <= len(value) <= MAX_KEY_LENGTH and value.isascii() and value.isprintable()
 
 
 def new_activity_id() -> str:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from activities_client.document import is_key_text
 from activities_client.errors import ValidationError
 from events.commands import MAX_BODY_DEPTH, check_storable, parse_batch, parse_json_object, plainly_storable
 
@@ -83,3 +84,21 @@ def test_a_batch_with_a_nul_in_one_item_is_refused_whole() -> None:
     items = [{"op": "create", "account_id": "acc-1"}, {"op": "create", "account_id": "acc-\x00"}]
     with pytest.raises(ValidationError, match="commands.1.account_id: holds a NUL character"):
         parse_batch(orjson.dumps({"commands": items}))
+
+
+@settings(max_examples=500)
+@given(st.one_of(st.text(max_size=210), st.text(st.characters(max_codepoint=0x80), max_size=210), st.integers(), st.none()))
+def test_key_text_is_one_to_200_printable_ascii_characters(value: Any) -> None:
+    """`is_key_text` (Idempotency-Keys, external keys) is the rule as written in the contract."""
+    expected = isinstance(value, str) and 1 <= len(value) <= 200 and all(" " <= ch <= "~" for ch in value)
+    assert is_key_text(value) == expected
+
+
+@pytest.mark.parametrize("value", ["a", " ", "~", "k" * 200, "a b~!"])
+def test_key_text_accepts(value: str) -> None:
+    assert is_key_text(value)
+
+
+@pytest.mark.parametrize("value", ["", "k" * 201, "\x7f", "a\x00", "é", "tab\t", "\u00a0", "new\nline"])
+def test_key_text_refuses(value: str) -> None:
+    assert not is_key_text(value)
