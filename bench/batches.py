@@ -8,16 +8,28 @@ embedded PostgreSQL (fsync on) and NATS:
    stored state of one create, as the service encodes it) into a scratch table (bench/run.py's
    `raw_insert_limit`): no service, no NATS, no JSON parsing; what PostgreSQL itself takes;
 2. **single creates**: `cmd.create` requests, 64 in flight, for a fixed time;
-3. **batches**: `cmd.batch` requests of 100 creates each, a few in flight, for the same time.
+3. **batches**: `cmd.batch` requests of 100 creates each, 4 in flight, for the same time;
+4. 2 and 3 again against `--processes` (default 2) command processes of the service sharing one
+   database and the command subjects' queue group, as docs/operations.md scales commands out (here
+   on the machine's two cores, beside PostgreSQL, NATS and the load): 64 single creates and 8
+   batches in flight per process (a process waits for its batch's append about a third of the
+   time; 8 batches each keep both cores busy).
 
-Activities per second of 2 and 3 are reported as ratios to 1 (aim: batches at least 0.5x of the
-raw limit) and to each other. Then the service's CPU per create, from the service process's own
-CPU time (bench/cpu_per_create.py's `process_cpu_s` and `measure_load`, not a copy) over fixed
-loads: `--cpu-batches` batches of 100 creates (aim: at most 80 us per create), and the same number
+Activities per second of 2-4 are reported as ratios to 1 (aim: batches at least 0.5x of the
+raw limit) and to single creates. The service appends one batch at a time (an advisory lock keeps
+notification ids in commit order), so the one-connection raw limit is the event store's own
+ceiling for any number of command processes. The batches' bodies are encoded once before the
+run (64 of them, sent in turn; creates carry no keys, so a repeated body is another activity): the
+load generator shares the machine, and what it spends is not the service's.
+
+Then the service's CPU per create, from one service process's own CPU time
+(bench/cpu_per_create.py's `process_cpu_s` and `measure_load`, not a copy) over fixed loads:
+`--cpu-batches` batches of 100 creates (aim: at most 80 us per create), and the same number
 of single creates offered at 1,000/s (cpu_per_create's paced load) for comparison.
 
 The service is one `activities serve --role commands` process of this tree (cpu_per_create's
-`start`, which checks it imports this tree's code). The machine's load average and busy share
+`start`, which checks it imports this tree's code), and for phase 4 `--processes` more on a
+database of their own (`start_beside`). The machine's load average and busy share
 are recorded with each phase: on a shared machine the absolute numbers move, the ratios less.
 
     .venv/bin/python -m bench.batches            # about 2 minutes
@@ -30,6 +42,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import functools
 import itertools
 import json
 import shutil
@@ -56,6 +70,7 @@ from bench.cpu_per_create import (
     measure_load,
     process_cpu_s,
     start,
+    start_beside,
     stop,
     transaction_ids,
 )
@@ -85,14 +100,27 @@ class Plan:
     raw_rows: int = 10_000  # per round and way
     cpu_batches: int = 200  # the fixed load of the CPU measure: 200 batches of 100 creates
     warmup_batches: int = 20
+    processes: int = 2  # command processes of phase 4 (scaled out)
+    batches_in_flight_scaled: int = 8  # per process in phase 4: the machine's two cores stay busy
 
 
 QUICK = Plan(rounds=1, seconds=3.0, raw_rows=5_000, cpu_batches=40, warmup_batches=5)
+BODIES = 64
 
 
 def batch_body(i: int) -> dict[str, Any]:
     """A batch of 100 creates (the bodies of the single-create phase)."""
     return {"commands": [{"op": "create", **create_body(i * BATCH_SIZE + j)} for j in range(BATCH_SIZE)]}
+
+
+@functools.cache
+def _encoded_batches() -> tuple[bytes, ...]:
+    return tuple(orjson.dumps(batch_body(i)) for i in range(BODIES))
+
+
+def encoded_batch(i: int) -> bytes:
+    """The i-th batch's body as sent: one of `BODIES` batches encoded once."""
+    return _encoded_batches()[i % BODIES]
 
 
 class ItemCount:
@@ -113,7 +141,7 @@ class ItemCount:
 async def closed_batches(nats_url: str, subject: str, in_flight: int, seconds: float, items: ItemCount) -> Stats:
     client = await LeanNatsClient.connect(nats_url)
     try:
-        return await closed_loop(client, subject, batch_body, headers(), in_flight, seconds, items)
+        return await closed_loop(client, subject, encoded_batch, headers(), in_flight, seconds, items)
     finally:
         await client.close()
 
@@ -137,7 +165,7 @@ async def fixed_batches(nats_url: str, subject: str, count: int, in_flight: int,
 
     async def worker() -> None:
         for _ in remaining:
-            await _one(client, subject, orjson.dumps(batch_body(next(numbers))), auth, stats, items)
+            await _one(client, subject, encoded_batch(next(numbers)), auth, stats, items)
 
     try:
         started = time.perf_counter()
@@ -196,43 +224,53 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         return round(statistics.median(values), 3)
 
     raw = [r["raw_limit"]["rows_per_s"] for r in rounds]
-    singles = [r["singles"]["activities_per_s"] for r in rounds]
-    batches = [r["batches"]["activities_per_s"] for r in rounds]
-    return {
+    summary: dict[str, Any] = {
         "raw_limit_per_s": median(raw),
         "raw_executemany_per_s": median([r["raw_limit"]["executemany"]["rows_per_s"] for r in rounds]),
         "raw_unnest_per_s": median([r["raw_limit"]["unnest"]["rows_per_s"] for r in rounds]),
-        "singles_per_s": median(singles),
-        "batches_per_s": median(batches),
-        "batches_to_raw": median([b / r for b, r in zip(batches, raw, strict=True)]),
-        "singles_to_raw": median([s / r for s, r in zip(singles, raw, strict=True)]),
-        "batches_to_singles": median([b / s for b, s in zip(batches, singles, strict=True)]),
-        "batches_to_raw_per_round": [round(b / r, 3) for b, r in zip(batches, raw, strict=True)],
-        "machine_busy_share": median([r["batches"]["machine_busy_share"] for r in rounds]),
-        "batch_p50_ms": median([r["batches"]["p50_ms"] for r in rounds]),
-        "batch_p99_ms": median([r["batches"]["p99_ms"] for r in rounds]),
-        "single_p50_ms": median([r["singles"]["p50_ms"] for r in rounds]),
-        "single_p99_ms": median([r["singles"]["p99_ms"] for r in rounds]),
     }
+    for deployment in ("one", "scaled"):
+        singles = [r[deployment]["singles"]["activities_per_s"] for r in rounds]
+        batches = [r[deployment]["batches"]["activities_per_s"] for r in rounds]
+        summary[deployment] = {
+            "singles_per_s": median(singles),
+            "batches_per_s": median(batches),
+            "batches_to_raw": median([b / r for b, r in zip(batches, raw, strict=True)]),
+            "singles_to_raw": median([s / r for s, r in zip(singles, raw, strict=True)]),
+            "batches_to_singles": median([b / s for b, s in zip(batches, singles, strict=True)]),
+            "batches_to_raw_per_round": [round(b / r, 3) for b, r in zip(batches, raw, strict=True)],
+            "machine_busy_share": median([r[deployment]["batches"]["machine_busy_share"] for r in rounds]),
+            "batch_p50_ms": median([r[deployment]["batches"]["p50_ms"] for r in rounds]),
+            "batch_p99_ms": median([r[deployment]["batches"]["p99_ms"] for r in rounds]),
+            "single_p50_ms": median([r[deployment]["singles"]["p50_ms"] for r in rounds]),
+            "single_p99_ms": median([r[deployment]["singles"]["p99_ms"] for r in rounds]),
+        }
+    return summary
 
 
-def throughput(running: Running, plan: Plan) -> dict[str, Any]:
+def throughput(running: Running, plan: Plan, processes: int = 1) -> dict[str, Any]:
+    """Single creates, then batches, for a fixed time each, against the command process(es) that
+    serve `running`'s subjects (scaled out: more processes, with more batches in flight each)."""
     batch_subject = running.subject.removesuffix(".create") + ".batch"
-    progress(f"  single creates, {plan.singles_in_flight} in flight, {plan.seconds:g} s; loadavg {loadavg()}")
+    singles_in_flight = plan.singles_in_flight * processes
+    batches_in_flight = plan.batches_in_flight if processes == 1 else plan.batches_in_flight_scaled * processes
+    serving = f"{processes} command process{'es' if processes > 1 else ''}"
+    progress(f"  {serving}: single creates, {singles_in_flight} in flight, {plan.seconds:g} s; loadavg {loadavg()}")
     with machine_meanwhile() as singles_machine:
-        singles = uvloop.run(closed_singles(running.nats_url, running.subject, plan.singles_in_flight, plan.seconds))
-    progress(f"  batches of {BATCH_SIZE} creates, {plan.batches_in_flight} in flight, {plan.seconds:g} s")
+        singles = uvloop.run(closed_singles(running.nats_url, running.subject, singles_in_flight, plan.seconds))
+    progress(f"  {serving}: batches of {BATCH_SIZE} creates, {batches_in_flight} in flight, {plan.seconds:g} s")
     items = ItemCount()
     with machine_meanwhile() as batches_machine:
-        batches = uvloop.run(closed_batches(running.nats_url, batch_subject, plan.batches_in_flight, plan.seconds,
-                                            items))
+        batches = uvloop.run(closed_batches(running.nats_url, batch_subject, batches_in_flight, plan.seconds, items))
     if singles.errors or batches.errors or items.failed:
         raise RuntimeError(f"failed: singles {singles.error_codes}, batches {batches.error_codes}, "
                            f"{items.failed} batch items")
     return {
-        "singles": {**singles.summary(), "activities_per_s": round(singles.rate, 1), **singles_machine},
+        "processes": processes,
+        "singles": {**singles.summary(), "activities_per_s": round(singles.rate, 1), "in_flight": singles_in_flight,
+                    **singles_machine},
         "batches": {**batches.summary(), "activities_per_s": round(items.ok / batches.elapsed_s, 1),
-                    "items_ok": items.ok, **batches_machine},
+                    "items_ok": items.ok, "in_flight": batches_in_flight, **batches_machine},
     }
 
 
@@ -266,35 +304,48 @@ def markdown(results: dict[str, Any]) -> str:
     summary = results["summary"]
     plan = results["plan"]
     cpu = results["cpu"]
+    one, scaled = summary["one"], summary["scaled"]
+    processes = plan["processes"]
+
+    def rows(label: str, found: dict[str, Any], singles_in_flight: int, batches_in_flight: int) -> list[str]:
+        return [
+            f"| {label}: single creates, {singles_in_flight} in flight | {found['singles_per_s']:,.0f} | "
+            f"{found['singles_to_raw']} | 1.00 | - |",
+            f"| {label}: batches of {BATCH_SIZE} creates, {batches_in_flight} in flight | "
+            f"{found['batches_per_s']:,.0f} | **{found['batches_to_raw']}** (rounds: "
+            f"{found['batches_to_raw_per_round']}) | **{found['batches_to_singles']}** | >= 0.5x raw |",
+        ]
+
     lines = [
         f"# Batches of creates: {results['date']}",
         "",
         f"{results['machine']}; load average at start {results['loadavg_start']}, at end {results['loadavg_end']}; "
-        f"the machine was {summary['machine_busy_share']:.0%} busy during the batches (median). "
+        f"the machine was {one['machine_busy_share']:.0%} busy during the batches against one command process "
+        f"and {scaled['machine_busy_share']:.0%} against {processes} (medians). "
         + ("A smoke run (--quick). " if results["quick"] else "")
         + "The machine is shared with other work: absolute rates move between runs, so each of "
-        f"{plan['rounds']} rounds measures all three within seconds; medians of the rates and of each round's ratios.",
+        f"{plan['rounds']} rounds measures the raw limit and every load within seconds; medians of the rates and "
+        "of each round's ratios. x single creates: against single creates to as many processes.",
         "",
         "| measure | activities/s (median) | x raw limit (median of rounds) | x single creates | aim |",
         "|---|---|---|---|---|",
         f"| raw limit: batched INSERT of the same event rows into a scratch table, {BATCH_SIZE} rows per "
-        f"transaction (faster of unnest {summary['raw_unnest_per_s']:,.0f}/s and executemany "
+        f"transaction, one connection (faster of unnest {summary['raw_unnest_per_s']:,.0f}/s and executemany "
         f"{summary['raw_executemany_per_s']:,.0f}/s) | {summary['raw_limit_per_s']:,.0f} | 1.00 | - | - |",
-        f"| single creates, {plan['singles_in_flight']} in flight | {summary['singles_per_s']:,.0f} | "
-        f"{summary['singles_to_raw']} | 1.00 | - |",
-        f"| batches of {BATCH_SIZE} creates, {plan['batches_in_flight']} in flight | {summary['batches_per_s']:,.0f} | "
-        f"**{summary['batches_to_raw']}** (rounds: {summary['batches_to_raw_per_round']}) | "
-        f"**{summary['batches_to_singles']}** | >= 0.5x raw |",
+        *rows("one command process", one, plan["singles_in_flight"], plan["batches_in_flight"]),
+        *rows(f"{processes} command processes", scaled, plan["singles_in_flight"] * processes,
+              plan["batches_in_flight_scaled"] * processes),
         "",
-        "| service CPU per create (the process's CPU time over a fixed load) | us | creates per commit | aim |",
+        "| service CPU per create (one process's CPU time over a fixed load) | us | creates per commit | aim |",
         "|---|---|---|---|",
         f"| {cpu['batches']['creates']} creates in batches of {BATCH_SIZE}, {plan['batches_in_flight']} in flight | "
         f"**{cpu['batches']['cpu_us_per_create']}** | {cpu['batches']['creates_per_commit']} | <= 80 us |",
         f"| {cpu['singles']['creates']} single creates offered at 1,000/s | {cpu['singles']['cpu_us_per_create']} | "
         f"{cpu['singles']['creates_per_commit']} | - |",
         "",
-        f"Batch replies: p50 {summary['batch_p50_ms']} ms, p99 {summary['batch_p99_ms']} ms per batch of "
-        f"{BATCH_SIZE}; single creates p50 {summary['single_p50_ms']} ms, p99 {summary['single_p99_ms']} ms.",
+        f"Batch replies (one process): p50 {one['batch_p50_ms']} ms, p99 {one['batch_p99_ms']} ms per batch of "
+        f"{BATCH_SIZE}; single creates p50 {one['single_p50_ms']} ms, p99 {one['single_p99_ms']} ms. "
+        f"With {processes} processes: batches p50 {scaled['batch_p50_ms']} ms, p99 {scaled['batch_p99_ms']} ms.",
         "",
         f"Command: `{results['command']}`",
     ]
@@ -308,10 +359,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches-in-flight", type=int, default=Plan.batches_in_flight)
     parser.add_argument("--cpu-batches", type=int, default=Plan.cpu_batches,
                         help="batches of 100 creates in the fixed load of the CPU measure")
+    parser.add_argument("--processes", type=int, default=Plan.processes,
+                        help="command processes of the scaled-out phases (sharing one database)")
     parser.add_argument("--quick", action="store_true", help="a smoke run")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan(rounds=args.rounds, seconds=args.seconds,
                                          batches_in_flight=args.batches_in_flight, cpu_batches=args.cpu_batches)
+    plan = dataclasses.replace(plan, processes=max(1, args.processes))
     started = datetime.now(UTC)
     results: dict[str, Any] = {
         "date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(), "quick": args.quick,
@@ -323,22 +377,29 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="activities-batches-"))
     try:
         with bench_servers(root) as servers:
-            running = start(source, servers, root, 1, 0)
+            processes: list[Running] = []
             try:
-                progress("warm-up")
-                warm = ItemCount()
-                batch_subject = running.subject.removesuffix(".create") + ".batch"
-                uvloop.run(fixed_batches(running.nats_url, batch_subject, plan.warmup_batches, 2, 10**7, warm))
-                uvloop.run(closed_singles(running.nats_url, running.subject, 8, 1))
+                processes.append(running := start(source, servers, root, 1, 0))
+                processes.append(scaled := start(source, servers, root, 1, 1))
+                processes.extend(start_beside(scaled, root, 1, 1 + k) for k in range(1, plan.processes))
+                progress(f"warm-up (one command process, and {plan.processes} on a database of their own)")
+                for serving, count in ((running, 1), (scaled, plan.processes)):
+                    batch_subject = serving.subject.removesuffix(".create") + ".batch"
+                    uvloop.run(fixed_batches(serving.nats_url, batch_subject, plan.warmup_batches * count, 2 * count,
+                                             10**7, ItemCount()))
+                    uvloop.run(closed_singles(serving.nats_url, serving.subject, 8 * count, 1))
                 rounds = []
                 for number in range(1, plan.rounds + 1):
                     progress(f"round {number}/{plan.rounds}: raw limit ({plan.raw_rows} rows in transactions of "
-                             f"{BATCH_SIZE}, two ways), single creates, batches")
-                    rounds.append({"raw_limit": raw_limit(servers, plan), **throughput(running, plan)})
+                             f"{BATCH_SIZE}, two ways), single creates and batches to 1 and {plan.processes} "
+                             "command processes")
+                    rounds.append({"raw_limit": raw_limit(servers, plan), "one": throughput(running, plan),
+                                   "scaled": throughput(scaled, plan, plan.processes)})
                 results["rounds"] = rounds
                 results["cpu"] = cpu_per_create(running, servers, plan, 2 * 10**7)
             finally:
-                stop(running)
+                for process in processes:
+                    stop(process)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     results["loadavg_end"] = loadavg()

@@ -215,6 +215,7 @@ class Running:
     subject: str
     data_dir: Path
     imported: dict[str, str]
+    database_url: str = ""
 
 
 def service_process(source: Source, database_url: str, nats_url: str, data_dir: Path,
@@ -242,10 +243,21 @@ def imported_from(log: Path, source: Source) -> dict[str, str]:
 
 def start(source: Source, servers: BenchServers, root: Path, round_: int, index: int) -> Running:
     """A fresh service process of `source` on a fresh database, serving its own subject prefix."""
+    return _launch(source, servers.fresh_database(), servers.nats_url, root, round_, index, f"cpu{index}.activities")
+
+
+def start_beside(first: Running, root: Path, round_: int, index: int) -> Running:
+    """One more service process of the same source, database and subject prefix as `first`: the
+    two share the command subjects' queue group, as command processes scaled out do."""
+    prefix = first.subject.removesuffix(".cmd.create")
+    return _launch(first.source, first.database_url, first.nats_url, root, round_, index, prefix)
+
+
+def _launch(source: Source, database_url: str, nats_url: str, root: Path, round_: int, index: int,
+            prefix: str) -> Running:
     root.mkdir(parents=True, exist_ok=True)
     data_dir = Path(tempfile.mkdtemp(prefix=f"svc-{round_}-{index}-", dir=root))  # never an earlier one's files
-    prefix = f"cpu{index}.activities"
-    process = service_process(source, servers.fresh_database(), servers.nats_url, data_dir, prefix)
+    process = service_process(source, database_url, nats_url, data_dir, prefix)
     endpoints_file = data_dir / "endpoints.json"
     deadline = time.monotonic() + 60
     while not endpoints_file.exists():
@@ -254,7 +266,7 @@ def start(source: Source, servers: BenchServers, root: Path, round_: int, index:
             raise RuntimeError(f"service did not start; see {data_dir / 'service.log'}")
         time.sleep(0.05)
     running = Running(source, process, json.loads(endpoints_file.read_text())["nats_url"], f"{prefix}.cmd.create",
-                      data_dir, {})
+                      data_dir, {}, database_url)
     try:
         running.imported = imported_from(data_dir / "service.log", source)
     except Exception:

@@ -48,13 +48,18 @@ class Stats:
         }
 
 
-BodyMaker = Callable[[int], Any]
+BodyMaker = Callable[[int], Any]  # a JSON body, or its bytes
 ReplyCheck = Callable[[dict[str, Any]], None]
 Headers = dict[str, str] | Callable[[int], dict[str, str]]  # the same for every request, or made for the i-th
 
 
 def headers_for(headers: Headers, i: int) -> dict[str, str]:
     return headers(i) if callable(headers) else headers
+
+
+def encoded(body: Any) -> bytes:
+    """A request's payload: a body as JSON, or bytes encoded beforehand (as they are sent)."""
+    return body if isinstance(body, bytes) else orjson.dumps(body)
 
 
 async def _one(nc: NatsClient, subject: str, payload: bytes, headers: dict[str, str], stats: Stats,
@@ -96,7 +101,7 @@ async def closed_loop(
     async def worker() -> None:
         while time.perf_counter() < deadline:
             i = next(counter)
-            await _one(nc, subject, orjson.dumps(make_body(i)), headers_for(headers, i), stats, on_reply)
+            await _one(nc, subject, encoded(make_body(i)), headers_for(headers, i), stats, on_reply)
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -124,7 +129,7 @@ async def open_loop(
         if delay > 0:
             await asyncio.sleep(delay)
         task = asyncio.create_task(
-            _one(nc, subject, orjson.dumps(make_body(i)), headers_for(headers, i), stats, on_reply)
+            _one(nc, subject, encoded(make_body(i)), headers_for(headers, i), stats, on_reply)
         )
         tasks.add(task)
         task.add_done_callback(tasks.discard)

@@ -225,7 +225,8 @@ def decide(
     match command:
         case CreateActivity(fields=fields):
             assert new_id is not None, "a create needs the new activity id"
-            fields = {**fields, **completion(fields, None, now)}
+            completed = completion(fields, None, now)
+            fields = {**fields, **completed} if completed else fields
             return Decision(ActivityLogged, new_document(new_id, fields, caller, now), fields, caller.sub)
         case PatchActivity() | DeleteActivity() | RestoreActivity():
             if document is None or not is_visible(document, caller):
