@@ -18,7 +18,9 @@ NATS, all on 127.0.0.1), then, alternating for `--rounds` rounds on the same pro
 - backlog: the service paused (SIGSTOP), as many creates published, the service resumed: the
   time from the resume to the last result (the inbox draining a backlog, as after an outage).
 
-The ratios to request/reply of each round are reported, and their medians (aim: >= 0.8).
+The ratios to request/reply of each round are reported, and their medians (aim: >= 0.8), with the
+service process's CPU time per command in each phase (bench/cpu_per_create.py's `process_cpu_s`)
+and their ratio: how much more the inbox does per command, a steadier figure than the rates.
 Then latency at a steady 500 commands/s for `--latency-seconds`: each command published at its
 scheduled time (open loop), its latency the time from the publish to its result message; and the
 request/reply creates at the same rate side by side. Both load generators speak the NATS protocol
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -42,7 +45,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,7 @@ from typing import Any
 import orjson
 import uvloop
 
+from bench.cpu_per_create import process_cpu_s
 from bench.load import Stats
 from bench.nats_client import LeanNatsClient, encode_headers
 from bench.run import RESULTS, bench_servers, create_body, drive, headers, keyed_headers, machine, progress, service
@@ -217,6 +221,25 @@ async def request_latency(nats_url: str, rate: float, seconds: float) -> dict[st
     return {"target_rate": rate, **stats.summary()}
 
 
+class ServiceCpu:
+    """The service process's CPU time (user + system, bench/cpu_per_create.py's `process_cpu_s`)
+    spent during a phase."""
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+
+    @contextlib.contextmanager
+    def phase(self) -> Iterator[list[float]]:
+        spent: list[float] = []
+        before = process_cpu_s(self._pid)
+        yield spent
+        spent.append(process_cpu_s(self._pid) - before)
+
+
+def per_command_us(spent: list[float], commands: int) -> float:
+    return round(spent[0] / max(1, commands) * 1e6, 1)
+
+
 def load_average() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]
 
@@ -246,21 +269,29 @@ def main(argv: list[str] | None = None) -> int:
             url = endpoints["nats_url"]
             uvloop.run(drive(url, "crm.activities.cmd.create", create_body, 8, 1))  # warm-up
             uvloop.run(inbox_throughput(url, 500, "warm"))
+            cpu = ServiceCpu(process.pid)
             for number in range(args.rounds):
                 progress(f"round {number + 1}: request/reply creates, {IN_FLIGHT} in flight, {args.seconds:g} s")
-                baseline = uvloop.run(drive(url, "crm.activities.cmd.create", create_body, IN_FLIGHT, args.seconds,
-                                            head=keyed_headers(f"rr-{number}-{uuid.uuid4().hex}")))
+                with cpu.phase() as rr_cpu:
+                    baseline = uvloop.run(drive(url, "crm.activities.cmd.create", create_body, IN_FLIGHT,
+                                                args.seconds, head=keyed_headers(f"rr-{number}-{uuid.uuid4().hex}")))
                 count = max(500, int(baseline.rate * args.seconds))
                 progress(f"round {number + 1}: {count} inbox creates, publish to last result")
-                inbox = uvloop.run(inbox_throughput(url, count, f"r{number}"))
+                with cpu.phase() as inbox_cpu:
+                    inbox = uvloop.run(inbox_throughput(url, count, f"r{number}"))
                 progress(f"round {number + 1}: {count} inbox creates published while the service is paused")
-                backlog = uvloop.run(backlog_drain(url, process.pid, count, f"b{number}"))
+                with cpu.phase() as backlog_cpu:
+                    backlog = uvloop.run(backlog_drain(url, process.pid, count, f"b{number}"))
+                rr_us = per_command_us(rr_cpu, baseline.ok + baseline.errors)
+                inbox_us, backlog_us = per_command_us(inbox_cpu, count), per_command_us(backlog_cpu, count)
                 results["rounds"].append({
-                    "request_reply": baseline.summary(),
-                    "inbox": inbox,
+                    "request_reply": {**baseline.summary(), "service_cpu_us_per_command": rr_us},
+                    "inbox": {**inbox, "service_cpu_us_per_command": inbox_us},
                     "ratio": round(inbox["rate_per_s"] / baseline.rate, 3) if baseline.rate else None,
-                    "backlog": backlog,
+                    "backlog": {**backlog, "service_cpu_us_per_command": backlog_us},
                     "backlog_ratio": round(backlog["rate_per_s"] / baseline.rate, 3) if baseline.rate else None,
+                    "cpu_ratio": round(rr_us / inbox_us, 3),
+                    "backlog_cpu_ratio": round(rr_us / backlog_us, 3),
                 })
             progress(f"latency: inbox at {args.rate:g}/s for {args.latency_seconds:g} s")
             results["latency_inbox"] = uvloop.run(inbox_latency(url, args.rate, args.latency_seconds, "lat"))
@@ -271,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     results["median_ratio"] = round(statistics.median(ratios), 3) if ratios else None
     backlog_ratios = [r["backlog_ratio"] for r in results["rounds"] if r["backlog_ratio"] is not None]
     results["median_backlog_ratio"] = round(statistics.median(backlog_ratios), 3) if backlog_ratios else None
+    results["median_cpu_ratio"] = round(statistics.median(r["cpu_ratio"] for r in results["rounds"]), 3)
+    results["median_backlog_cpu_ratio"] = round(statistics.median(r["backlog_cpu_ratio"] for r in results["rounds"]), 3)
     path = write_report(results)
     progress(f"report: {path}")
     print(path.read_text())
@@ -307,6 +340,24 @@ def write_report(results: dict[str, Any]) -> Path:
         f"a backlog drained (published while the service was paused): **{results['median_backlog_ratio']}**.",
         "The first includes publishing the commands (1,024 JetStream publishes in flight) on the same two "
         "cores while the inbox works; the second is the inbox alone, as after an outage.",
+        "",
+        "## The service's CPU per command (its process's CPU time over each phase)",
+        "",
+        "| round | request/reply create, us | inbox command, us | ratio | inbox command in a backlog, us | ratio |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {number} | {r['request_reply']['service_cpu_us_per_command']} | "
+            f"{r['inbox']['service_cpu_us_per_command']} | {r['cpu_ratio']} | "
+            f"{r['backlog']['service_cpu_us_per_command']} | {r['backlog_cpu_ratio']} |"
+            for number, r in enumerate(results["rounds"], 1)
+        ),
+        "",
+        "Median ratio of request/reply's CPU per create to the inbox's per command: "
+        f"**{results['median_cpu_ratio']}**, in a backlog **{results['median_backlog_cpu_ratio']}**. "
+        "The inbox does more per command than request/reply (the result's JetStream publish and its ack, taking "
+        "and acking the command, remembering the result for erasure); how much more is this ratio, which moves "
+        "less with the machine's swings than the rates do. The throughput ratio can be higher: request/reply "
+        "does not keep the service's process busy all the time.",
         "",
     ]
     inbox, request = results["latency_inbox"], results["latency_request_reply"]
