@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given as given_examples
 from hypothesis import strategies as st
@@ -473,6 +474,44 @@ def test_fields_json_is_plain_json_values() -> None:
     assert data["custom_fields"] == body["custom_fields"]
     assert data["completed_at"] == "2025-12-31T22:00:00.500000Z"
     assert set(data) == set(ActivityFields.model_fields)
+
+
+_RICH_BODIES = [
+    {"account_id": "acc-1"},
+    {
+        "contact_id": "c-1",
+        "contact_ids": ["c-1", "c-2"],
+        "participants": [
+            {"type": "contact", "id": "c-1", "extra": {"x": [1, 2.5, None, True]}},
+            {"type": "user", "id": "usr-2", "name": "Ann"},
+        ],
+        "custom_fields": {"a": {"b": 1.0e300, "c": 12345678901234567890, "d": [{"e": "f"}]}, "g": None},
+        "tags": ["x", "y"],
+        "attachment_refs": ["s3://a"],
+        "activity_date": "2026-03-29T01:30:00+01:00",
+        "due_date": "2026-04-01T00:00:00.000001Z",
+        "completed_at": "2026-01-01T00:00:00.5+02:00",
+        "occurred_at": "1999-12-31T23:59:59-05:30",
+        "remind_at": "2026-03-31T09:00:00z",
+        "recurrence": {"rrule": "FREQ=WEEKLY;COUNT=3", "exdates": ["2026-04-05T00:30:00Z", "2026-04-12T01:30:00+01:00"]},
+        "reminder_sent": True,
+        "status": "Completed",
+        "type": "meeting",
+        "owner_id": "usr-8f14e45f-ceea-467f-a2be-0e3e0b6c5b3a",
+        "source": "sync",
+        "source_type": "backend",
+        "subject": "é ✓",
+    },
+]
+
+
+@pytest.mark.parametrize("body", _RICH_BODIES)
+def test_fields_json_is_pydantics_json_mode(body: dict[str, Any]) -> None:
+    fields = validate_fields(body)
+    ours, pydantics = fields.to_json(), fields.model_dump(mode="json")
+    assert ours == pydantics
+    assert list(ours) == list(pydantics)  # the same order: the stored JSON is the same bytes
+    assert orjson.dumps(ours) == orjson.dumps(pydantics)
 
 
 @pytest.mark.parametrize("traceparent", [None, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"])
