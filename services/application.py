@@ -827,17 +827,21 @@ class CommandService:
             conflicting = await self._conflicting(requests, indexes, read)
             raise _Conflict(conflicting | await self._conflicting_upserts(upserts, keyed, read)) from None
         self.app.remember(pending.aggregates.values(), stored)
-        refs: list[tuple[UUID, int]] = [(cast(UUID, e.originator_id), e.originator_version) for e in stored]
-        written = dict(zip(refs, notification_ids, strict=True))
-        documents = dict(zip(refs, (event.document for event in events), strict=True))
+        written: dict[tuple[UUID, int], tuple[int, dict[str, Any]]] = {
+            (cast(UUID, saved.originator_id), saved.originator_version): (position, event.document)
+            for saved, position, event in zip(stored, notification_ids, events, strict=True)
+        }
         unwritten = [(ref[0], ref[1]) for ref in pending.refs.values() if (ref[0], ref[1]) not in written]
-        positions = {**await self.store.positions(unwritten), **written}
+        earlier = await self.store.positions(unwritten)  # no-ops: their activity's position as it is
         for i, (originator_id, version, wrote) in pending.refs.items():
-            document = documents.get((originator_id, version))
-            if document is None:
-                document = await self._document_at(pending, originator_id, version)
+            ref = (originator_id, version)
+            saved = written.get(ref)
+            if saved is not None:
+                position, document = saved
+            else:
+                position, document = earlier[ref], await self._document_at(pending, originator_id, version)
             created = (i in pending.created) if i in upserts else None
-            outcomes[i] = CommandResult(document, positions[(originator_id, version)], created=created, wrote=wrote)
+            outcomes[i] = CommandResult(document, position, created=created, wrote=wrote)
 
     async def _conflicting_upserts(
         self, upserts: dict[int, ExternalKey], keyed: dict[int, UUID], read: dict[UUID, int]
