@@ -206,8 +206,7 @@ def plainly_storable(body: bytes | str, data: dict[str, Any]) -> bool:
     `\\u0000` (orjson refuses a raw one), so a body without that escape holds none, and then only the
     depth of its containers is walked, level by level. False means "not known": `check_storable`
     then decides and names the field (an escaped backslash before `u0000` is no NUL, say)."""
-    escape = b"\\u0000" if isinstance(body, bytes) else "\\u0000"
-    if escape in body:  # type: ignore[operator]
+    if (b"\\u0000" in body) if isinstance(body, bytes) else ("\\u0000" in body):
         return False
     containers = (dict, list)  # `data` is orjson's: exactly these types, never subclasses
     level: list[Any] = [value for value in data.values() if type(value) in containers]

@@ -110,8 +110,7 @@ class Activity(Aggregate):
         )
         activity = cls.__new__(cls)
         activity.__base_init__(originator_id, cls.INITIAL_VERSION, now)
-        activity.__init__(decision.document)  # type: ignore[misc]
-        event.apply(activity)
+        event.apply(activity)  # what `__init__` would set: the document
         activity._pending_events.append(event)
         return activity
 

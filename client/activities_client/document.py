@@ -344,11 +344,6 @@ def _ulid_text(value: int) -> str:
     return "".join([_PAIRS[(value >> shift) & 1023] for shift in range(120, -1, -10)])
 
 
-def _ulid() -> str:
-    """A new ULID."""
-    return _ulid_text(_ulid_bits())
-
-
 MAX_KEY_LENGTH: Final = 200
 
 
@@ -361,7 +356,7 @@ def is_key_text(value: Any) -> TypeGuard[str]:
 
 def new_activity_id() -> str:
     """A fresh `act_<ULID>` id."""
-    return ID_PREFIX + _ulid()
+    return new_activity_id_bits()[0]
 
 
 def new_activity_id_bits() -> tuple[str, int]:
