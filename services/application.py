@@ -76,7 +76,7 @@ _BATCH_ATTEMPTS = 3
 _SOLO_ATTEMPTS = 12
 
 
-@dataclass(frozen=True)
+@dataclass  # never changed, yet not frozen: one per command, and a frozen __init__ costs 3.5x
 class CommandRequest:
     """One command from one caller, as received on NATS or HTTP."""
 
@@ -87,7 +87,7 @@ class CommandRequest:
     traceparent: str | None = None  # W3C trace context, stored on the event and published with it
 
 
-@dataclass(frozen=True)
+@dataclass  # never changed, yet not frozen: one per command, and a frozen __init__ costs 3.5x
 class CommandResult:
     """The activity after the command and the store position of its last event."""
 
@@ -545,8 +545,22 @@ class EventTranscoder(JSONTranscoder):
     is revived here. orjson also makes decoding about five times faster.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._last_encoded: tuple[Any, dict[str, Any]] = (None, {})
+
     def encode(self, obj: Any) -> bytes:
-        return orjson.dumps(obj, default=self._encode_obj, option=orjson.OPT_PASSTHROUGH_DATETIME)
+        return orjson.dumps(obj, default=self._encode_typed, option=orjson.OPT_PASSTHROUGH_DATETIME)
+
+    def _encode_typed(self, value: Any) -> dict[str, Any]:
+        """A typed value's transcoding, the last one remembered by identity: the events of a batch
+        share one time stamp object (the library's lookup and `isoformat` were 1.4 us an event).
+        The value is held, so its identity cannot pass to another object."""
+        last, encoded = self._last_encoded
+        if value is not last:
+            encoded = self._encode_obj(value)
+            self._last_encoded = (value, encoded)
+        return encoded
 
     def decode(self, data: bytes) -> Any:
         state = orjson.loads(data)
@@ -621,8 +635,11 @@ class ActivitiesApplication(Application[UUID]):
 
     def remember(self, activities: Iterable[Activity], saved: Sequence[StoredEvent]) -> None:
         """Cache the activities whose events were saved, sized by their latest saved event (the
-        others, unchanged, are cached as they were read)."""
-        latest = {event.originator_id: event.state for event in saved}  # in order: the last one wins
+        others, unchanged, are cached as they were read), but not those that were only created:
+        most activities are never changed after they are logged, and caching each new one cost
+        about a tenth of a create's CPU in batches (bench/ and docs/performance.md). The first
+        command on a new activity reads its one event and caches it then."""
+        latest = {event.originator_id: event.state for event in saved if event.originator_version > 1}
         for activity in activities:
             state = latest.get(activity.id)
             if state is not None:

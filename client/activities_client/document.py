@@ -333,15 +333,33 @@ class _RandomBits:
 _random_bits = _RandomBits()
 
 
-def _ulid_bits() -> int:
-    """A new ULID's 128 bits: 48 bits of milliseconds since the epoch, then 80 random bits."""
-    return (time.time_ns() // 1_000_000) << 80 | _random_bits.next80()
-
-
 def _ulid_text(value: int) -> str:
-    """A ULID's Crockford base32 (26 characters, ten bits at a time: a create's id is on every
-    create's path)."""
+    """A ULID's Crockford base32 (26 characters, ten bits at a time)."""
     return "".join([_PAIRS[(value >> shift) & 1023] for shift in range(120, -1, -10)])
+
+
+@functools.lru_cache(maxsize=4)
+def _time_text(milliseconds: int) -> str:
+    """The first ten characters of a ULID: its 48 bits of milliseconds (and two zero bits above
+    them). Cached: every ULID of the same millisecond starts with them."""
+    return _ulid_text(milliseconds << 80)[:10]
+
+
+def _new_ulid() -> tuple[str, int]:
+    """A new ULID: its Crockford base32 text and its 128 bits, 48 bits of milliseconds since the
+    epoch then 80 random bits. `_ulid_text` of the bits, in a third of its time (a create's id is
+    on every create's path): the time's characters come from `_time_text`, the random ones from
+    two halves of 40 bits (small integers, where shifting the 128-bit value made a new big one
+    for each pair of characters)."""
+    milliseconds = time.time_ns() // 1_000_000
+    random = _random_bits.next80()
+    high, low = random >> 40, random & 0xFF_FFFF_FFFF
+    text = (
+        _time_text(milliseconds)
+        + _PAIRS[high >> 30] + _PAIRS[high >> 20 & 1023] + _PAIRS[high >> 10 & 1023] + _PAIRS[high & 1023]
+        + _PAIRS[low >> 30] + _PAIRS[low >> 20 & 1023] + _PAIRS[low >> 10 & 1023] + _PAIRS[low & 1023]
+    )
+    return text, milliseconds << 80 | random
 
 
 MAX_KEY_LENGTH: Final = 200
@@ -362,8 +380,8 @@ def new_activity_id() -> str:
 def new_activity_id_bits() -> tuple[str, int]:
     """A fresh `act_<ULID>` id and its ULID's 128 bits (the event store's UUID, without decoding
     the id again)."""
-    value = _ulid_bits()
-    return ID_PREFIX + _ulid_text(value), value
+    text, value = _new_ulid()
+    return ID_PREFIX + text, value
 
 
 def is_activity_id(value: Any) -> bool:

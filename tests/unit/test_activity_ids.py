@@ -4,11 +4,19 @@ generator, read in chunks (activities_client/document.py, _RandomBits)."""
 from __future__ import annotations
 
 import os
+import pickle
 import threading
 import time
+from unittest.mock import patch
+from uuid import UUID
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from ulid import ULID
+
+from activities_client import document
 from activities_client.document import _random_bits, is_activity_id, new_activity_id
-from events.activity import activity_id_of, activity_uuid, new_activity_ref
+from events.activity import activity_id_of, activity_uuid, new_activity_ref, uuid_of_bits
 
 
 def test_ids_are_valid_distinct_and_ordered_by_their_millisecond() -> None:
@@ -58,3 +66,23 @@ def test_a_forked_child_draws_other_bits_than_its_parent() -> None:
     os.close(read)
     os.waitpid(pid, 0)
     assert child != _random_bits.next80()
+
+
+@settings(max_examples=300)
+@given(st.integers(min_value=0, max_value=2**128 - 1))
+def test_uuid_of_bits_is_the_uuid_of_that_int(bits: int) -> None:
+    made, reference = uuid_of_bits(bits), UUID(int=bits)
+    assert made == reference and hash(made) == hash(reference)
+    assert (made.bytes, made.hex, str(made), made.is_safe) == (reference.bytes, reference.hex, str(reference),
+                                                                reference.is_safe)
+    assert pickle.loads(pickle.dumps(made)) == reference
+
+
+@settings(max_examples=300)
+@given(st.integers(min_value=0, max_value=2**48 - 1), st.integers(min_value=0, max_value=2**80 - 1))
+def test_a_new_ulid_is_written_as_the_ulid_package_writes_its_bits(milliseconds: int, random: int) -> None:
+    with patch.object(document.time, "time_ns", return_value=milliseconds * 1_000_000 + 999_999), \
+            patch.object(document._random_bits, "next80", return_value=random):
+        text, bits = document._new_ulid()
+    assert bits == milliseconds << 80 | random
+    assert text == str(ULID.from_int(bits)) == document._ulid_text(bits)

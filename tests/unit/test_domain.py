@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -534,5 +535,9 @@ def test_log_builds_what_the_librarys_create_builds(traceparent: str | None) -> 
     assert type(ours) is Activity
     assert vars(ours) == vars(library)
     assert ours.pending_events == library.pending_events
+    (event,), (library_event,) = ours.pending_events, library.pending_events
+    assert vars(event) == vars(library_event)  # the same attributes, none more (built without `__init__`)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.actor = "someone else"  # type: ignore[misc]  # still a frozen event
     assert (ours.id, ours.version, ours.created_on, ours.modified_on) == (originator_id, 1, NOW, NOW)
     assert ours.overdue_for is None
