@@ -17,6 +17,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import psycopg
@@ -138,6 +139,18 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def nats_environment(environ: Mapping[str, str], cores: int | None) -> dict[str, str]:
+    """The embedded nats-server's environment: this one, with `GOMAXPROCS` at half the machine's
+    cores (at least one) unless it is set. The server shares the machine with the service's
+    processes and PostgreSQL, and Go's scheduler keeps a thread spinning for work on every core
+    it may use. On two cores, with both, NATS took about twice the CPU per command (request/reply
+    creates and inbox commands, runs alternated; docs/performance.md), CPU that the service's
+    processes then lacked."""
+    environment = dict(environ)
+    environment.setdefault("GOMAXPROCS", str(max(1, (cores or 1) // 2)))
+    return environment
+
+
 class EmbeddedNats:
     """A nats-server with JetStream whose store is `<dir>/jetstream`.
 
@@ -192,7 +205,9 @@ class EmbeddedNats:
             "--ports_file_dir", str(ports_dir),
             "-l", str(self.directory / "nats-server.log"),
         ]  # fmt: skip
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, start_new_session=True, env=nats_environment(os.environ, os.cpu_count())
+        )
         self.pid = self.process.pid
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
