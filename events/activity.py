@@ -57,17 +57,13 @@ def new_activity_ref() -> tuple[str, UUID]:
     return activity_id, uuid_of_bits(bits)
 
 
-_new_object = object.__new__
-_set_slot = object.__setattr__
-
-
 def uuid_of_bits(bits: int) -> UUID:
     """`UUID(int=bits)` for 128 bits known to be in range, at a third of its cost (every create
     makes one): the UUID's two slots set directly, as its constructor ends by doing.
     tests/unit/test_activity_ids.py compares the two."""
-    value = _new_object(UUID)
-    _set_slot(value, "int", bits)
-    _set_slot(value, "is_safe", SafeUUID.unknown)
+    value = object.__new__(UUID)
+    object.__setattr__(value, "int", bits)
+    object.__setattr__(value, "is_safe", SafeUUID.unknown)
     return value
 
 

@@ -100,7 +100,7 @@ class Activity(Aggregate):
         every create. The event's attributes are set as its frozen dataclass's `__init__` sets them,
         one by one through `object.__setattr__` (2.7 against 0.6 us); its `__post_init__` checks only
         that the originator id is a UUID, which `originator_id` is by its type."""
-        event = _new_object(ActivityLogged)
+        event = object.__new__(ActivityLogged)
         event.__dict__.update(
             originator_id=originator_id,
             originator_version=cls.INITIAL_VERSION,
@@ -139,7 +139,6 @@ class Activity(Aggregate):
 
 
 ACTIVITY_TOPIC: Final = get_topic(Activity)
-_new_object = object.__new__
 
 
 # ---------------------------------------------------------------------------------------------

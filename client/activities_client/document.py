@@ -352,14 +352,14 @@ def _new_ulid() -> tuple[str, int]:
     two halves of 40 bits (small integers, where shifting the 128-bit value made a new big one
     for each pair of characters)."""
     milliseconds = time.time_ns() // 1_000_000
-    random = _random_bits.next80()
-    high, low = random >> 40, random & 0xFF_FFFF_FFFF
+    random_bits = _random_bits.next80()
+    high, low = random_bits >> 40, random_bits & 0xFF_FFFF_FFFF
     text = (
         _time_text(milliseconds)
         + _PAIRS[high >> 30] + _PAIRS[high >> 20 & 1023] + _PAIRS[high >> 10 & 1023] + _PAIRS[high & 1023]
         + _PAIRS[low >> 30] + _PAIRS[low >> 20 & 1023] + _PAIRS[low >> 10 & 1023] + _PAIRS[low & 1023]
     )
-    return text, milliseconds << 80 | random
+    return text, milliseconds << 80 | random_bits
 
 
 MAX_KEY_LENGTH: Final = 200
