@@ -182,7 +182,9 @@ class ActivityFields(BaseModel):
     @field_validator("contact_ids", "attachment_refs", "tags")
     @classmethod
     def _unique(cls, values: list[str]) -> list[str]:
-        return _no_duplicates(values)
+        if len(set(values)) == len(values):  # strings are equal exactly when their reprs are: a C check first
+            return values
+        return _no_duplicates(values)  # names the duplicate
 
     @field_validator("participants")
     @classmethod

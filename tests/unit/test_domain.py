@@ -193,6 +193,18 @@ def test_lists_hold_no_duplicates(field: str) -> None:
     assert field_errors(caught.value) == {field}
 
 
+@given_examples(st.lists(st.sampled_from(["a", "b", "c", "A", "a ", "é"]), max_size=6))
+def test_a_list_is_refused_exactly_when_it_holds_a_duplicate(tags: list[str]) -> None:
+    """The set check before the named one (`_unique`) refuses what the named one refuses."""
+    has_duplicate = len(tags) != len(set(tags))
+    try:
+        parse_create({"account_id": "a", "tags": tags})
+    except ValidationError as error:
+        assert has_duplicate and field_errors(error) == {"tags"}
+    else:
+        assert not has_duplicate
+
+
 def test_participants_hold_no_duplicates_and_keep_extra_keys() -> None:
     with pytest.raises(ValidationError):
         parse_create({"account_id": "a", "participants": [{"type": "user", "id": "u"}, {"type": "user", "id": "u"}]})
