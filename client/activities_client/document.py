@@ -356,12 +356,13 @@ def _new_ulid() -> tuple[str, int]:
     milliseconds = time.time_ns() // 1_000_000
     random_bits = _random_bits.next80()
     high, low = random_bits >> 40, random_bits & 0xFF_FFFF_FFFF
-    text = (
-        _time_text(milliseconds)
-        + _PAIRS[high >> 30] + _PAIRS[high >> 20 & 1023] + _PAIRS[high >> 10 & 1023] + _PAIRS[high & 1023]
-        + _PAIRS[low >> 30] + _PAIRS[low >> 20 & 1023] + _PAIRS[low >> 10 & 1023] + _PAIRS[low & 1023]
-    )
+    text = _time_text(milliseconds) + _forty_bits_text(high) + _forty_bits_text(low)
     return text, milliseconds << 80 | random_bits
+
+
+def _forty_bits_text(value: int) -> str:
+    """Eight characters of Crockford base32 for 40 bits, ten bits at a time (as `_ulid_text`)."""
+    return _PAIRS[value >> 30] + _PAIRS[value >> 20 & 1023] + _PAIRS[value >> 10 & 1023] + _PAIRS[value & 1023]
 
 
 MAX_KEY_LENGTH: Final = 200
